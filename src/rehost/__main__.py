@@ -1,0 +1,3 @@
+from rehost.cli.app import main
+
+main()

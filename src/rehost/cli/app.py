@@ -1,0 +1,54 @@
+"""The `rehost` command: a thin typer layer over the library."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+import typer
+
+from rehost import __version__
+from rehost.cli import demo, image
+from rehost.cli.output import report_error, setup_logging
+
+app = typer.Typer(
+    name="rehost",
+    help="Move servers and disk images into a cloud or KVM fleet.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+app.add_typer(image.app, name="image")
+app.command(name="demo")(demo.demo)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"rehost {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True),
+) -> None:
+    """Errors exit 1 with `error: CODE: message` and a `hint:`; usage errors exit 2."""
+
+
+def main() -> None:
+    setup_logging()
+    try:
+        app(standalone_mode=False)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except click.exceptions.Abort:
+        sys.stderr.write("aborted\n")
+        sys.exit(130)
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted\n")
+        sys.exit(130)
+    except Exception as e:  # every failure leaves through report_error, typed
+        sys.exit(report_error(e))

@@ -1,0 +1,96 @@
+"""How the CLI speaks: errors as `error: CODE: message` plus a hint, progress on a TTY, JSON."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TaskProgressColumn,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+
+from rehost.errors import RehostError, SystemError_
+
+err_console = Console(stderr=True, highlight=False)
+out_console = Console(highlight=False)
+log = logging.getLogger("rehost")
+
+
+def state_dir() -> Path:
+    """Where rehost keeps its logs and local services: $REHOST_STATE_DIR or the XDG state dir."""
+    base = os.environ.get("REHOST_STATE_DIR") or os.path.join(
+        os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state"), "rehost"
+    )
+    return Path(base)
+
+
+def log_path() -> Path:
+    return state_dir() / "log" / "rehost.log"
+
+
+def setup_logging() -> None:
+    path = log_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handler: logging.Handler = logging.FileHandler(path)
+    except OSError:
+        handler = logging.NullHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+
+
+def report_error(exc: BaseException) -> int:
+    """Print a failure the documented way and return the exit status (1)."""
+    if not isinstance(exc, RehostError):
+        log.error("unexpected failure:\n%s", "".join(traceback.format_exception(exc)))
+        exc = SystemError_(f"{type(exc).__name__}: {exc} (details in {log_path()})")
+    else:
+        log.error("%s: %s", exc.code, exc)
+    sys.stderr.write(f"error: {exc.code}: {exc}\nhint: {exc.hint}\n")
+    return 1
+
+
+def emit_json(data: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+@contextmanager
+def progress_bar(description: str, total: int, enabled: bool) -> Iterator[Any]:
+    """Yield a callback taking a byte count; draws a bar with rate and ETA on a TTY only."""
+    if not enabled or not sys.stderr.isatty():
+        yield lambda n: None
+        return
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TaskProgressColumn(),
+        DownloadColumn(binary_units=True),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=err_console, transient=True) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda n: bar.advance(task, n)

@@ -1,0 +1,222 @@
+"""The interface every format driver implements, after qemu's block drivers.
+
+A driver turns a `RangeSource` into an ordered stream of `Extent`s (qemu's
+block-status idea: the converter learns where the zeros are without reading
+them) and reads any extent's guest bytes, verifying what its format allows.
+
+Driver contract:
+- `extents()` yields contiguous, non-overlapping extents in guest order that
+  cover exactly [0, virtual_size). It validates every table entry it walks
+  (inside the file, aligned, not overlapping headers or tables) and raises
+  `ImageMetadataError` instead of yielding anything doubtful.
+- DATA extents are host-contiguous: guest byte `offset + i` is file byte
+  `host_offset + i`, so a DATA extent may be split freely.
+- COMPRESSED extents are one cluster or grain each; `read` decompresses and
+  checks that the stream yields exactly `length` bytes.
+- Memory is bounded: tables are read lazily or in bounded slices, never sized
+  from an unchecked header field.
+- `read` is thread-safe and may run in worker threads while `extents()` is
+  being iterated.
+"""
+
+from __future__ import annotations
+
+import enum
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from rehost.blob.source import RangeSource
+from rehost.errors import ImageMetadataError
+
+MAX_VIRTUAL_SIZE = 64 << 40  # 64 TiB: anything larger is treated as hostile geometry
+
+
+class ExtentKind(enum.Enum):
+    DATA = "data"
+    ZERO = "zero"
+    COMPRESSED = "compressed"
+
+
+@dataclass(frozen=True, slots=True)
+class Extent:
+    offset: int
+    length: int
+    kind: ExtentKind
+    host_offset: int = 0
+    """DATA: file offset of the first guest byte. COMPRESSED: file offset of the stream."""
+    host_length: int = 0
+    """COMPRESSED: how many file bytes to read for the stream (may include slack)."""
+    codec: str = ""
+    """COMPRESSED: the stream's codec, one of "deflate" (raw), "zlib" or "zstd"."""
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.length
+
+    def split(self, max_length: int) -> Iterator[Extent]:
+        """Cut a DATA or ZERO extent into pieces of at most max_length bytes."""
+        if self.kind is ExtentKind.COMPRESSED or self.length <= max_length:
+            yield self
+            return
+        for start in range(0, self.length, max_length):
+            n = min(max_length, self.length - start)
+            host = self.host_offset + start if self.kind is ExtentKind.DATA else 0
+            yield Extent(self.offset + start, n, self.kind, host)
+
+
+ProgressFn = Callable[[int], None]
+"""Called with a count of guest bytes just processed."""
+
+
+@dataclass
+class CheckReport:
+    extents: int = 0
+    data_bytes: int = 0
+    compressed_bytes: int = 0
+    zero_bytes: int = 0
+    compressed_clusters: int = 0
+
+
+@dataclass
+class ImageInfo:
+    format: str
+    subformat: str
+    virtual_size: int
+    file_size: int
+    cluster_size: int
+    compression: str | None
+    checks: list[str] = field(default_factory=list)
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+class DiskImage(ABC):
+    format: ClassVar[str]
+
+    def __init__(self, src: RangeSource) -> None:
+        self.src = src
+        self.file_size = src.size
+        self.subformat = ""
+        self.virtual_size = 0
+        self.cluster_size = 0
+        """The allocation unit: cluster, block or grain size (0 where there is none)."""
+        self.compression: str | None = None
+        self.checks: list[str] = []
+        """Safety checks passed at open, named for `rehost image inspect`."""
+        self.details: dict[str, Any] = {}
+        """Format-specific facts for `inspect` (version, features, table sizes...)."""
+
+    # -- what drivers implement -------------------------------------------------
+
+    @abstractmethod
+    def extents(self) -> Iterator[Extent]: ...
+
+    def decompress(self, extent: Extent) -> bytes:
+        raise ImageMetadataError(f"{self.format} has no compressed extents", hint=None)
+
+    # -- shared behaviour -------------------------------------------------------
+
+    def read(self, extent: Extent) -> bytes:
+        if extent.kind is ExtentKind.ZERO:
+            return bytes(extent.length)
+        if extent.kind is ExtentKind.COMPRESSED:
+            return self.decompress(extent)
+        return self.read_exact(extent.host_offset, extent.length, "data")
+
+    def read_exact(self, offset: int, length: int, what: str) -> bytes:
+        """Read from the file, refusing as truncated if it ends early."""
+        if offset < 0 or offset + length > self.file_size:
+            raise ImageMetadataError(
+                f"{what} at offset {offset} (+{length} bytes) lies beyond the end of the "
+                f"{self.file_size}-byte file; the image is truncated or corrupt"
+            )
+        data = self.src.read(offset, length)
+        if len(data) != length:
+            raise ImageMetadataError(
+                f"{what} at offset {offset}: read {len(data)} of {length} bytes; the image is truncated"
+            )
+        return data
+
+    def check(self, progress: ProgressFn | None = None) -> CheckReport:
+        """Walk every table and decompress every compressed cluster."""
+        report = CheckReport()
+        for ext in self.extents():
+            report.extents += 1
+            if ext.kind is ExtentKind.COMPRESSED:
+                self.decompress(ext)
+                report.compressed_bytes += ext.length
+                report.compressed_clusters += 1
+            elif ext.kind is ExtentKind.DATA:
+                if ext.host_offset + ext.length > self.file_size:
+                    raise ImageMetadataError(f"data at guest offset {ext.offset} lies beyond EOF")
+                report.data_bytes += ext.length
+            else:
+                report.zero_bytes += ext.length
+            if progress:
+                progress(ext.length)
+        return report
+
+    def allocated_bytes(self) -> int:
+        """Guest bytes backed by data in the file (a metadata-only walk)."""
+        return sum(e.length for e in self.extents() if e.kind is not ExtentKind.ZERO)
+
+    def info(self) -> ImageInfo:
+        return ImageInfo(
+            format=self.format,
+            subformat=self.subformat,
+            virtual_size=self.virtual_size,
+            file_size=self.file_size,
+            cluster_size=self.cluster_size,
+            compression=self.compression,
+            checks=list(self.checks),
+            details=dict(self.details),
+        )
+
+    def close(self) -> None:
+        self.src.close()
+
+    def __enter__(self) -> DiskImage:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def require(condition: bool, reason: str, hint: str | None = None) -> None:
+    """Refuse the image with a specific reason unless condition holds."""
+    if not condition:
+        raise ImageMetadataError(reason, hint=hint)
+
+
+def check_virtual_size(size: int) -> None:
+    require(size > 0, f"virtual size {size} is not positive")
+    require(
+        size <= MAX_VIRTUAL_SIZE,
+        f"virtual size {size} exceeds the 64 TiB limit; the geometry is implausible",
+    )
+
+
+def merge_extents(extents: Iterator[Extent]) -> Iterator[Extent]:
+    """Coalesce neighbouring ZERO extents, and DATA extents that are host-contiguous."""
+    pending: Extent | None = None
+    for ext in extents:
+        if ext.length == 0:
+            continue
+        if pending is not None and pending.kind is ext.kind and pending.end == ext.offset:
+            if ext.kind is ExtentKind.ZERO:
+                pending = Extent(pending.offset, pending.length + ext.length, ExtentKind.ZERO)
+                continue
+            if (
+                ext.kind is ExtentKind.DATA
+                and pending.host_offset + pending.length == ext.host_offset
+            ):
+                pending = Extent(
+                    pending.offset, pending.length + ext.length, ExtentKind.DATA, pending.host_offset
+                )
+                continue
+        if pending is not None:
+            yield pending
+        pending = ext
+    if pending is not None:
+        yield pending

@@ -1,0 +1,15 @@
+"""vhdx driver (placeholder until the driver lands)."""
+
+from __future__ import annotations
+
+from rehost.blob.source import RangeSource
+from rehost.errors import ImageMetadataError
+from rehost.image.base import DiskImage
+
+
+def detect(head: bytes, tail: bytes) -> bool:
+    return head[:8] == b"vhdxfile"
+
+
+def open(src: RangeSource) -> DiskImage:
+    raise ImageMetadataError("vhdx is not implemented yet")

@@ -1,0 +1,61 @@
+"""Shared test helpers: qemu-img as the oracle, and generated guest content."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+from pathlib import Path
+
+from rehost.blob.source import LocalFile
+from rehost.disk.target import open_disk
+from rehost.image import open_image
+from rehost.image.convert import convert
+from rehost.sample import write_sample_disk
+
+MiB = 1 << 20
+
+
+def run(*args: str | os.PathLike[str]) -> str:
+    """Run a command, failing the test with its output if it fails."""
+    proc = subprocess.run([os.fspath(a) for a in args], capture_output=True, text=True)
+    assert proc.returncode == 0, f"{args} failed: {proc.stdout}{proc.stderr}"
+    return proc.stdout
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(4 * MiB):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def oracle_sha256(image: Path, tmp: Path, fmt: str | None = None) -> str:
+    """sha256 of `qemu-img convert -O raw` of the image."""
+    out = tmp / (image.name + ".oracle.raw")
+    args: list[str | os.PathLike[str]] = ["qemu-img", "convert"]
+    if fmt:
+        args += ["-f", fmt]
+    run(*args, "-O", "raw", image, out)
+    try:
+        return sha256_file(out)
+    finally:
+        out.unlink()
+
+
+def rehost_sha256(image: Path, tmp: Path) -> str:
+    """sha256 of rehost's conversion of the image to a fresh raw file."""
+    out = tmp / (image.name + ".rehost.raw")
+    with open_image(LocalFile(image)) as img:
+        with open_disk(out, create_size=img.virtual_size) as disk:
+            convert(img, disk)
+    try:
+        return sha256_file(out)
+    finally:
+        out.unlink()
+
+
+def write_guest(path: Path, size: int, seed: int = 1) -> None:
+    """A raw disk with mixed content (see rehost.sample)."""
+    write_sample_disk(path, size, seed)

@@ -1,0 +1,92 @@
+"""The converter: byte-exact, sparse, bounded, and never writing before it knows it can."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+from helpers import MiB, rehost_sha256, run, sha256_file
+
+from rehost.blob.source import LocalFile
+from rehost.disk.target import open_disk
+from rehost.errors import ImageVerificationError
+from rehost.image import open_image
+from rehost.image.convert import convert
+from rehost.image.digest import read_digest
+
+
+def test_raw_round_trip(guest_raw: Path, tmp_path: Path) -> None:
+    assert rehost_sha256(guest_raw, tmp_path) == sha256_file(guest_raw)
+
+
+def test_digest_matches_reread_and_is_format_independent(guest_raw: Path, tmp_path: Path) -> None:
+    qcow = tmp_path / "g.qcow2"
+    run("qemu-img", "convert", "-O", "qcow2", guest_raw, qcow)
+    digests = []
+    for src in (guest_raw, qcow):
+        out = tmp_path / (src.name + ".out")
+        with open_image(LocalFile(src)) as img, open_disk(out, create_size=img.virtual_size) as d:
+            result = convert(img, d)
+        with LocalFile(out) as landed:
+            assert read_digest(landed.read, result.virtual_size) == result.digest
+        digests.append(result.digest)
+    assert digests[0] == digests[1]
+
+
+def test_output_is_sparse(tmp_path: Path) -> None:
+    src = tmp_path / "sparse.raw"
+    with open(src, "wb") as f:
+        f.truncate(64 * MiB)
+        f.write(b"\x00" * 510 + b"\x55\xaa")
+        f.seek(40 * MiB)
+        f.write(os.urandom(MiB))
+    out = tmp_path / "out.raw"
+    with open_image(LocalFile(src)) as img, open_disk(out, create_size=img.virtual_size) as d:
+        result = convert(img, d)
+    assert sha256_file(out) == sha256_file(src)
+    assert out.stat().st_blocks * 512 <= 2 * MiB
+    assert result.written_bytes <= 2 * MiB
+
+
+def test_destination_too_small_fails_before_writing(guest_raw: Path, tmp_path: Path) -> None:
+    out = tmp_path / "small.raw"
+    size = guest_raw.stat().st_size - 1
+    out.write_bytes(b"\xaa" * size)
+    before = hashlib.sha256(out.read_bytes()).hexdigest()
+    with open_image(LocalFile(guest_raw)) as img, open_disk(out) as disk:
+        with pytest.raises(ImageVerificationError) as info:
+            convert(img, disk)
+    assert info.value.code == "IMAGE_VERIFICATION_FAILED"
+    assert "1 bytes short" in info.value.reason
+    assert hashlib.sha256(out.read_bytes()).hexdigest() == before
+
+
+def test_existing_destination_is_fully_overwritten(guest_raw: Path, tmp_path: Path) -> None:
+    """Zero regions must be zeroed on a disk that already holds data."""
+    out = tmp_path / "dirty.raw"
+    out.write_bytes(b"\xaa" * guest_raw.stat().st_size)
+    with open_image(LocalFile(guest_raw)) as img, open_disk(out) as disk:
+        convert(img, disk)
+    assert sha256_file(out) == sha256_file(guest_raw)
+
+
+def test_block_device_destination(
+    guest_raw: Path, tmp_path: Path, loop_device: tuple[Path, Path]
+) -> None:
+    dev, backing = loop_device
+    with open(dev, "r+b") as f:
+        f.write(b"\xaa" * (64 * MiB))
+    qcow = tmp_path / "g.qcow2"
+    run("qemu-img", "convert", "-O", "qcow2", guest_raw, qcow)
+    with open_image(LocalFile(qcow)) as img, open_disk(dev) as disk:
+        assert disk.is_block and disk.size == 64 * MiB
+        result = convert(img, disk)
+    n = guest_raw.stat().st_size
+    with open(dev, "rb") as f:
+        landed = f.read(n)
+        rest = f.read()
+    assert hashlib.sha256(landed).hexdigest() == sha256_file(guest_raw)
+    assert rest == b"\xaa" * len(rest)  # nothing past the image was touched
+    assert result.virtual_size == n
