@@ -47,9 +47,8 @@ def oracle_sha256(image: Path, tmp: Path, fmt: str | None = None) -> str:
 def rehost_sha256(image: Path, tmp: Path) -> str:
     """sha256 of rehost's conversion of the image to a fresh raw file."""
     out = tmp / (image.name + ".rehost.raw")
-    with open_image(LocalFile(image)) as img:
-        with open_disk(out, create_size=img.virtual_size) as disk:
-            convert(img, disk)
+    with open_image(LocalFile(image)) as img, open_disk(out, create_size=img.virtual_size) as disk:
+        convert(img, disk)
     try:
         return sha256_file(out)
     finally:

@@ -7,8 +7,8 @@ import os
 from pathlib import Path
 
 import pytest
-from helpers import MiB, rehost_sha256, run, sha256_file
 
+from helpers import MiB, rehost_sha256, run, sha256_file
 from rehost.blob.source import LocalFile
 from rehost.disk.target import open_disk
 from rehost.errors import ImageVerificationError
@@ -55,9 +55,12 @@ def test_destination_too_small_fails_before_writing(guest_raw: Path, tmp_path: P
     size = guest_raw.stat().st_size - 1
     out.write_bytes(b"\xaa" * size)
     before = hashlib.sha256(out.read_bytes()).hexdigest()
-    with open_image(LocalFile(guest_raw)) as img, open_disk(out) as disk:
-        with pytest.raises(ImageVerificationError) as info:
-            convert(img, disk)
+    with (
+        open_image(LocalFile(guest_raw)) as img,
+        open_disk(out) as disk,
+        pytest.raises(ImageVerificationError) as info,
+    ):
+        convert(img, disk)
     assert info.value.code == "IMAGE_VERIFICATION_FAILED"
     assert "1 bytes short" in info.value.reason
     assert hashlib.sha256(out.read_bytes()).hexdigest() == before
@@ -75,7 +78,7 @@ def test_existing_destination_is_fully_overwritten(guest_raw: Path, tmp_path: Pa
 def test_block_device_destination(
     guest_raw: Path, tmp_path: Path, loop_device: tuple[Path, Path]
 ) -> None:
-    dev, backing = loop_device
+    dev, _ = loop_device
     with open(dev, "r+b") as f:
         f.write(b"\xaa" * (64 * MiB))
     qcow = tmp_path / "g.qcow2"

@@ -6,8 +6,8 @@ import gzip
 from pathlib import Path
 
 import pytest
-from helpers import MiB, run
 
+from helpers import MiB, run
 from rehost.blob.source import LocalFile
 from rehost.errors import ImageMetadataError
 from rehost.image import detect_format, open_image

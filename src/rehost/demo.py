@@ -34,7 +34,9 @@ class DemoResult:
     steps: list[str]
 
 
-def run_demo(workdir: Path | None = None, *, size: int = 64 * MiB, say: Callable[[str], None] = print) -> DemoResult:
+def run_demo(
+    workdir: Path | None = None, *, size: int = 64 * MiB, say: Callable[[str], None] = print
+) -> DemoResult:
     """Run every step in `workdir` (a temporary directory, removed afterwards, by default)."""
     own = workdir is None
     work = Path(tempfile.mkdtemp(prefix="rehost-demo-")) if workdir is None else workdir
@@ -69,7 +71,10 @@ def run_demo(workdir: Path | None = None, *, size: int = 64 * MiB, say: Callable
         )
 
         dest = work / "destination.raw"
-        with open_image(LocalFile(packed)) as img, open_disk(dest, create_size=img.virtual_size) as disk:
+        with (
+            open_image(LocalFile(packed)) as img,
+            open_disk(dest, create_size=img.virtual_size) as disk,
+        ):
             result = convert(img, disk)
         step(
             f"4. converted it onto a destination disk in {result.elapsed:.2f}s: "

@@ -20,7 +20,12 @@ class RehostError(Exception):
         super().__init__(f"{self.message}: {reason}" if reason else self.message)
 
     def to_dict(self) -> dict[str, str]:
-        return {"code": self.code, "message": self.message, "reason": self.reason, "hint": self.hint}
+        return {
+            "code": self.code,
+            "message": self.message,
+            "reason": self.reason,
+            "hint": self.hint,
+        }
 
 
 class SystemError_(RehostError):
@@ -46,7 +51,9 @@ ENCRYPTED_HINT = "decrypt the image first, e.g. `qemu-img convert --object secre
 class ImageVerificationError(RehostError):
     code = "IMAGE_VERIFICATION_FAILED"
     message = "image file verification failed"
-    default_hint = "use a destination disk at least as large as the image's virtual size and file size"
+    default_hint = (
+        "use a destination disk at least as large as the image's virtual size and file size"
+    )
 
 
 class DestinationError(RehostError):
@@ -70,7 +77,9 @@ class SourceNotFound(RehostError):
 class AccessDenied(RehostError):
     code = "ACCESS_DENIED"
     message = "access to the source was denied"
-    default_hint = "check the credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY) or the link's expiry"
+    default_hint = (
+        "check the credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY) or the link's expiry"
+    )
 
 
 class SourceChanged(RehostError):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import sys
 
-import click
 import typer
 
 from rehost import __version__
@@ -38,15 +37,7 @@ def _root(
 def main() -> None:
     setup_logging()
     try:
-        app(standalone_mode=False)
-    except click.exceptions.Exit as e:
-        sys.exit(e.exit_code)
-    except click.ClickException as e:
-        e.show()
-        sys.exit(e.exit_code)
-    except click.exceptions.Abort:
-        sys.stderr.write("aborted\n")
-        sys.exit(130)
+        app()  # typer handles usage errors (exit 2) and --help itself
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
         sys.exit(130)

@@ -72,9 +72,8 @@ def inspect(src: Src, fmt: Fmt = None, json: Json = False) -> None:
 @app.command()
 def check(src: Src, fmt: Fmt = None, json: Json = False) -> None:
     """Validate every table and every compressed cluster; exit 0 only if all is consistent."""
-    with _open(src, fmt) as img:
-        with progress_bar("checking", img.virtual_size, not json) as advance:
-            report = img.check(advance)
+    with _open(src, fmt) as img, progress_bar("checking", img.virtual_size, not json) as advance:
+        report = img.check(advance)
     data = {"source": src, "consistent": True, **report.__dict__}
     if json:
         emit_json(data)
@@ -89,7 +88,9 @@ def check(src: Src, fmt: Fmt = None, json: Json = False) -> None:
 @app.command()
 def convert(
     src: Src,
-    dest: Annotated[Path, typer.Argument(help="Raw file (created sparse if missing) or block device.")],
+    dest: Annotated[
+        Path, typer.Argument(help="Raw file (created sparse if missing) or block device.")
+    ],
     fmt: Fmt = None,
     json: Json = False,
 ) -> None:
@@ -132,9 +133,8 @@ def pack(
     """
     if compression not in ("zstd", "zlib"):
         raise typer.BadParameter("must be zstd or zlib", param_hint="--compression")
-    with _open(src, fmt) as img:
-        with progress_bar("packing", img.virtual_size, not json) as advance:
-            result = pack_image(img, dest, compression=compression, progress=advance)
+    with _open(src, fmt) as img, progress_bar("packing", img.virtual_size, not json) as advance:
+        result = pack_image(img, dest, compression=compression, progress=advance)
     data = {"source": src, "destination": str(dest), "compression": compression, **result.__dict__}
     if json:
         emit_json(data)

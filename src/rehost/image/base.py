@@ -212,7 +212,10 @@ def merge_extents(extents: Iterator[Extent]) -> Iterator[Extent]:
                 and pending.host_offset + pending.length == ext.host_offset
             ):
                 pending = Extent(
-                    pending.offset, pending.length + ext.length, ExtentKind.DATA, pending.host_offset
+                    pending.offset,
+                    pending.length + ext.length,
+                    ExtentKind.DATA,
+                    pending.host_offset,
                 )
                 continue
         if pending is not None:

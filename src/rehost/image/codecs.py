@@ -16,6 +16,7 @@ from isal import isal_zlib
 
 from rehost.errors import ImageMetadataError
 
+_ISAL_ERROR: type[Exception] = isal_zlib.error  # type: ignore[assignment]  # stub says instance
 _WBITS = {"deflate": -15, "zlib": 15}
 _zstd = zstandard.ZstdDecompressor()
 
@@ -29,7 +30,7 @@ def decompress(codec: str, data: bytes, expected: int, where: str) -> bytes:
             out = _inflate_exact(data, expected, _WBITS[codec])
         else:
             raise ImageMetadataError(f"{where}: unknown compression {codec!r}")
-    except (zlib.error, isal_zlib.error, zstandard.ZstdError, ValueError) as e:
+    except (zlib.error, _ISAL_ERROR, zstandard.ZstdError, ValueError) as e:
         raise ImageMetadataError(f"{where}: the {codec} stream is garbled ({e})") from e
     if len(out) != expected:
         raise ImageMetadataError(

@@ -13,10 +13,10 @@ GIL); only the 40-byte records are combined in order.
 from __future__ import annotations
 
 import hashlib
+import struct
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-import struct
 
 BLOCK = 64 * 1024
 ALGORITHM = "rehost-content-v1"

@@ -30,19 +30,45 @@ DRIVERS: dict[str, ModuleType] = {
 CONTAINERS = ("qcow2", "vhd", "vhdx", "vmdk")
 
 _UNSUPPORTED: list[tuple[str, Callable[[bytes], bool], str]] = [
-    ("VDI", lambda h: h[64:68] == b"\x7f\x10\xda\xbe", "convert it with `qemu-img convert -O qcow2`"),
+    (
+        "VDI",
+        lambda h: h[64:68] == b"\x7f\x10\xda\xbe",
+        "convert it with `qemu-img convert -O qcow2`",
+    ),
     ("QED", lambda h: h[:4] == b"QED\0", "convert it with `qemu-img convert -O qcow2`"),
-    ("Parallels", lambda h: h[:16] in (b"WithoutFreeSpace", b"WithouFreSpacExt"),
-     "convert it with `qemu-img convert -O qcow2`"),
-    ("cloop", lambda h: h[:10] == b"#!/bin/sh\n" and b"cloop" in h[:256],
-     "convert it with `qemu-img convert -O qcow2`"),
-    ("gzip archive", lambda h: h[:2] == b"\x1f\x8b", "decompress it (gunzip) and upload the image itself"),
-    ("xz archive", lambda h: h[:6] == b"\xfd7zXZ\0", "decompress it (unxz) and upload the image itself"),
+    (
+        "Parallels",
+        lambda h: h[:16] in (b"WithoutFreeSpace", b"WithouFreSpacExt"),
+        "convert it with `qemu-img convert -O qcow2`",
+    ),
+    (
+        "cloop",
+        lambda h: h[:10] == b"#!/bin/sh\n" and b"cloop" in h[:256],
+        "convert it with `qemu-img convert -O qcow2`",
+    ),
+    (
+        "gzip archive",
+        lambda h: h[:2] == b"\x1f\x8b",
+        "decompress it (gunzip) and upload the image itself",
+    ),
+    (
+        "xz archive",
+        lambda h: h[:6] == b"\xfd7zXZ\0",
+        "decompress it (unxz) and upload the image itself",
+    ),
     ("bzip2 archive", lambda h: h[:3] == b"BZh", "decompress it and upload the image itself"),
-    ("zstd archive", lambda h: h[:4] == b"\x28\xb5\x2f\xfd", "decompress it (unzstd) and upload the image itself"),
+    (
+        "zstd archive",
+        lambda h: h[:4] == b"\x28\xb5\x2f\xfd",
+        "decompress it (unzstd) and upload the image itself",
+    ),
     ("zip archive", lambda h: h[:4] == b"PK\x03\x04", "extract it and upload the image itself"),
     ("tar archive", lambda h: h[257:262] == b"ustar", "extract it and upload the image itself"),
-    ("OVA/OVF descriptor", lambda h: h[:5] == b"<?xml", "upload the disk image (vmdk) itself, not the descriptor"),
+    (
+        "OVA/OVF descriptor",
+        lambda h: h[:5] == b"<?xml",
+        "upload the disk image (vmdk) itself, not the descriptor",
+    ),
 ]
 
 

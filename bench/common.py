@@ -1,0 +1,56 @@
+"""Shared benchmark plumbing: alternate commands, time them, report medians as ratios.
+
+The machines are shared and noisy, so every figure is a ratio against its anchor
+measured in the same run, alternating the commands rather than batching them.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Timing:
+    seconds: list[float] = field(default_factory=list)
+    max_rss: list[int] = field(default_factory=list)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.seconds)
+
+    @property
+    def minimum(self) -> float:
+        return min(self.seconds)
+
+
+def timed(argv: Sequence[str], before: Callable[[], None] | None = None) -> tuple[float, int]:
+    """Run a command; return its wall time and its peak RSS in bytes."""
+    if before:
+        before()
+    start = time.perf_counter()
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    elapsed = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        err = proc.stderr.read().decode() if proc.stderr else ""
+        raise RuntimeError(f"{' '.join(argv)} failed ({proc.returncode}): {err}")
+    return elapsed, usage.ru_maxrss * 1024
+
+
+def alternate(
+    commands: dict[str, Sequence[str]], runs: int, before: Callable[[], None] | None = None
+) -> dict[str, Timing]:
+    """Run each command `runs` times, interleaved, and collect their timings."""
+    results = {name: Timing() for name in commands}
+    for _ in range(runs):
+        for name, argv in commands.items():
+            seconds, rss = timed(argv, before)
+            results[name].seconds.append(seconds)
+            results[name].max_rss.append(rss)
+    return results

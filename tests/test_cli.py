@@ -1,0 +1,98 @@
+"""The CLI as users run it: exit codes, error lines, JSON, and the demo."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from helpers import run, sha256_file
+
+REHOST = [sys.executable, "-m", "rehost"]
+
+
+def rehost(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, REHOST_STATE_DIR=os.environ.get("REHOST_STATE_DIR", "/tmp/rehost-test"))
+    return subprocess.run([*REHOST, *map(str, args)], capture_output=True, text=True, env=env)
+
+
+def test_inspect_json(guest_raw: Path, tmp_path: Path) -> None:
+    qcow = tmp_path / "g.qcow2"
+    run("qemu-img", "convert", "-O", "qcow2", guest_raw, qcow)
+    proc = rehost("image", "inspect", qcow, "--json")
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(proc.stdout)
+    assert info["format"] == "qcow2"
+    assert info["virtual_size"] == guest_raw.stat().st_size
+    assert info["file_size"] == qcow.stat().st_size
+    assert 0 < info["allocated_bytes"] <= info["virtual_size"]
+    assert info["cluster_size"] == 65536
+    assert info["checks"]
+
+
+def test_convert_json_and_byte_exact(guest_raw: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out.raw"
+    proc = rehost("image", "convert", guest_raw, out, "--json")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["virtual_size"] == guest_raw.stat().st_size
+    assert len(result["digest"]) == 64
+    assert sha256_file(out) == sha256_file(guest_raw)
+
+
+def test_error_format_and_status(tmp_path: Path) -> None:
+    bad = tmp_path / "garbage.img"
+    bad.write_bytes(os.urandom(1 << 16))
+    proc = rehost("image", "check", bad)
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert lines[0].startswith(
+        "error: IMAGE_METADATA_UNREADABLE: failed to obtain the metadata of the image file: "
+    )
+    assert lines[1].startswith("hint: ")
+
+
+def test_convert_destination_too_small(guest_raw: Path, tmp_path: Path) -> None:
+    out = tmp_path / "small.raw"
+    out.write_bytes(bytes(4096))
+    proc = rehost("image", "convert", guest_raw, out)
+    assert proc.returncode == 1
+    assert "error: IMAGE_VERIFICATION_FAILED: image file verification failed" in proc.stderr
+    assert out.read_bytes() == bytes(4096)
+
+
+def test_failed_convert_leaves_no_new_file(tmp_path: Path) -> None:
+    bad = tmp_path / "garbage.img"
+    bad.write_bytes(os.urandom(1 << 16))
+    out = tmp_path / "out.raw"
+    assert rehost("image", "convert", bad, out).returncode == 1
+    assert not out.exists()
+
+
+def test_usage_error_exits_2() -> None:
+    proc = rehost("image", "convert")
+    assert proc.returncode == 2
+    proc = rehost("image", "pack", "a", "b", "--compression", "lzma")
+    assert proc.returncode == 2
+
+
+def test_missing_source() -> None:
+    proc = rehost("image", "inspect", "/nonexistent/disk.qcow2")
+    assert proc.returncode == 1
+    assert "error: SOURCE_NOT_FOUND" in proc.stderr
+
+
+def test_help_mentions_every_image_command() -> None:
+    proc = rehost("image", "--help")
+    assert proc.returncode == 0
+    for cmd in ("inspect", "check", "convert", "pack"):
+        assert cmd in proc.stdout
+
+
+def test_demo(tmp_path: Path) -> None:
+    proc = rehost("demo", "--workdir", tmp_path / "demo")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "demo passed" in proc.stdout
+    assert "verified the destination" in proc.stdout
