@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import MiB, rehost_sha256, run, sha256_file
+from helpers import MiB, rehost_sha256, run, sha256_file, write_guest
 from rehost.blob.source import LocalFile
 from rehost.disk.target import open_disk
 from rehost.errors import ImageVerificationError
@@ -93,3 +93,22 @@ def test_block_device_destination(
     assert hashlib.sha256(landed).hexdigest() == sha256_file(guest_raw)
     assert rest == b"\xaa" * len(rest)  # nothing past the image was touched
     assert result.virtual_size == n
+
+
+def test_resume_from_checkpoint_gives_the_same_digest(tmp_path: Path) -> None:
+    src = tmp_path / "big.raw"
+    write_guest(src, 200 * MiB + 4096, seed=5)
+    out = tmp_path / "out.raw"
+    marks: list[tuple[int, dict[int, str]]] = []
+    with open_image(LocalFile(src)) as img, open_disk(out, create_size=img.virtual_size) as d:
+        full = convert(img, d, checkpoint=lambda off, segs: marks.append((off, segs)))
+    assert [m[0] for m in marks] == [64 * MiB, 128 * MiB, 192 * MiB]
+    offset, segments = marks[1]
+    with open(out, "r+b") as f:  # lose everything after the checkpoint
+        f.seek(offset)
+        f.write(b"\xaa" * (src.stat().st_size - offset))
+    with open_image(LocalFile(src)) as img, open_disk(out) as d:
+        resumed = convert(img, d, resume_from=offset, segments=segments)
+    assert resumed.digest == full.digest
+    assert resumed.data_bytes == full.data_bytes
+    assert sha256_file(out) == sha256_file(src)

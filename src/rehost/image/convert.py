@@ -13,14 +13,14 @@ from __future__ import annotations
 import os
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from rehost.disk.target import Disk
 from rehost.errors import ImageVerificationError
 from rehost.image.base import DiskImage, Extent, ExtentKind, ProgressFn
-from rehost.image.digest import BLOCK, ContentDigest, block_records
+from rehost.image.digest import BLOCK, SEGMENT, ContentDigest, block_records
 
 BATCH_BYTES = 4 << 20
 """Guest bytes per batch: large enough to amortise Python's overhead per call."""
@@ -69,15 +69,28 @@ def require_capacity(image: DiskImage, disk: Disk) -> None:
         )
 
 
-def _batches(image: DiskImage) -> Iterator[tuple[int, list[Extent]] | Extent]:
+def _extents_from(image: DiskImage, start: int) -> Iterator[Extent]:
+    """The image's extents from guest offset `start` (a segment boundary) on."""
+    for ext in image.extents():
+        if ext.end <= start:
+            continue
+        if ext.offset < start:
+            if ext.kind is ExtentKind.COMPRESSED:
+                raise ValueError(f"cannot resume at {start}: a compressed cluster straddles it")
+            cut = start - ext.offset
+            host = ext.host_offset + cut if ext.kind is ExtentKind.DATA else 0
+            ext = Extent(start, ext.length - cut, ext.kind, host)
+        yield ext
+
+
+def _batches(image: DiskImage, start: int) -> Iterator[tuple[int, list[Extent]] | Extent]:
     """Yield (start, extents) batches, or a bare ZERO extent of whole blocks to skip.
 
     A batch always starts on a 64 KiB block boundary and ends on one (or at the end
     of the disk), so each batch hashes whole digest blocks on its own.
     """
     batch: list[Extent] = []
-    start = 0
-    for ext in image.extents():
+    for ext in _extents_from(image, start):
         if ext.kind is ExtentKind.ZERO:
             inner_start = -(-ext.offset // BLOCK) * BLOCK
             inner_end = ext.end // BLOCK * BLOCK
@@ -135,51 +148,72 @@ def _run_batch(image: DiskImage, disk: Disk, start: int, batch: list[Extent]) ->
     return records, written
 
 
+Checkpoint = Callable[[int, dict[int, str]], None]
+"""Called with a guest offset below which everything is written and flushed, and the
+finished segment digests up to it: enough to resume from there."""
+
+
 def convert(
     image: DiskImage,
     disk: Disk,
     *,
     progress: ProgressFn | None = None,
     workers: int | None = None,
+    resume_from: int = 0,
+    segments: dict[int, str] | None = None,
+    checkpoint: Checkpoint | None = None,
+    checkpoint_every: int = SEGMENT,
 ) -> ConvertResult:
-    """Write the image's guest bytes onto the disk and return their content digest."""
+    """Write the image's guest bytes onto the disk and return their content digest.
+
+    To resume, pass a `resume_from` offset and the `segments` that a `checkpoint`
+    call reported for it; only the rest of the image is then read and written.
+    """
+    if resume_from % SEGMENT or checkpoint_every % SEGMENT:
+        raise ValueError("resume points and checkpoints fall on segment boundaries")
     began = time.monotonic()
     require_capacity(image, disk)
     plan = survey(image)
     workers = workers or min(8, (os.cpu_count() or 2) + 2)
-    digest = ContentDigest()
+    digest = ContentDigest(segments)
     written = 0
-    pending: deque[tuple[int, Future[tuple[bytes, int]]]] = deque()
+    done = resume_from
+    next_checkpoint = resume_from + checkpoint_every
+    pending: deque[tuple[int, Future[tuple[bytes, int]] | None]] = deque()
 
-    def drain_one() -> None:
-        nonlocal written
-        length, fut = pending.popleft()
-        records, n = fut.result()
-        digest.add(records)
-        written += n
+    def advance(end: int, fut: Future[tuple[bytes, int]] | None) -> None:
+        nonlocal written, done, next_checkpoint
+        if fut is not None:
+            records, n = fut.result()
+            digest.add(records)
+            written += n
         if progress:
-            progress(length)
+            progress(end - done)
+        done = end
+        if checkpoint and done >= next_checkpoint and done < image.virtual_size:
+            mark = done // checkpoint_every * checkpoint_every
+            disk.flush()  # the data is durable before the checkpoint that names it
+            checkpoint(mark, digest.finished_before(mark))
+            next_checkpoint = mark + checkpoint_every
 
     with ThreadPoolExecutor(workers, thread_name_prefix="convert") as pool:
         try:
-            for item in _batches(image):
+            for item in _batches(image, resume_from):
                 if isinstance(item, Extent):
-                    while pending:
-                        drain_one()
                     disk.zero(item.offset, item.length)
-                    if progress:
-                        progress(item.length)
-                    continue
-                start, batch = item
-                length = batch[-1].end - start
-                pending.append((length, pool.submit(_run_batch, image, disk, start, batch)))
-                while len(pending) >= workers * 2:
-                    drain_one()
+                    pending.append((item.end, None))
+                else:
+                    start, batch = item
+                    fut = pool.submit(_run_batch, image, disk, start, batch)
+                    pending.append((batch[-1].end, fut))
+                while pending and (len(pending) >= workers * 2 or pending[0][1] is None):
+                    advance(*pending.popleft())
             while pending:
-                drain_one()
+                advance(*pending.popleft())
         except BaseException:
             for _, fut in pending:
-                fut.cancel()
+                if fut is not None:
+                    fut.cancel()
             raise
     disk.flush()
     return ConvertResult(

@@ -2,12 +2,16 @@
 
 sha256 over a whole disk would hash terabytes of zeros for a sparse 8 TiB image.
 Instead the guest space is cut into aligned 64 KiB blocks; each non-zero block
-contributes `index (u64 LE) || sha256(block)`, and the digest is sha256 over
-those records followed by the virtual size. Zero blocks contribute nothing,
+yields a record `index (u64 LE) || sha256(block)`. Blocks group into 64 MiB
+segments; a segment with any non-zero block has the digest sha256(its records).
+The content digest is sha256 over `segment (u64 LE) || segment digest` for those
+segments, in order, then the virtual size. Zero blocks contribute nothing,
 however they are stored, so the same guest content gives the same digest from
-any format, and a re-read of the destination can be compared with it. Block
-hashes are computed by whichever thread holds the block (hashlib releases the
-GIL); only the 40-byte records are combined in order.
+any format, and a re-read of the destination can be compared with it.
+
+Block hashes are computed by whichever thread holds the block (hashlib releases
+the GIL). Finished segment digests are small and can be saved, which is what
+lets an interrupted import resume without re-reading what it already wrote.
 """
 
 from __future__ import annotations
@@ -19,6 +23,9 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 BLOCK = 64 * 1024
+SEGMENT = 64 << 20
+SEGMENT_BLOCKS = SEGMENT // BLOCK
+RECORD = 40
 ALGORITHM = "rehost-content-v1"
 _ZERO_BLOCK = bytes(BLOCK)
 _LE64 = struct.Struct("<Q")
@@ -48,15 +55,40 @@ def block_records(offset: int, data: bytes | bytearray | memoryview) -> tuple[by
 class ContentDigest:
     """Combines block records, which must arrive in guest order."""
 
-    def __init__(self) -> None:
-        self._h = hashlib.sha256(ALGORITHM.encode())
+    def __init__(self, segments: dict[int, str] | None = None) -> None:
+        self.segments: dict[int, str] = dict(segments or {})
+        """Digests of finished segments with data, by segment index; safe to persist."""
+        self._current = -1
+        self._h = hashlib.sha256()
 
     def add(self, records: bytes) -> None:
-        self._h.update(records)
+        for pos in range(0, len(records), RECORD):
+            segment = _LE64.unpack_from(records, pos)[0] // SEGMENT_BLOCKS
+            if segment != self._current:
+                self._close_segment()
+                self._current = segment
+            self._h.update(records[pos : pos + RECORD])
+
+    def _close_segment(self) -> None:
+        if self._current >= 0:
+            self.segments[self._current] = self._h.hexdigest()
+            self._h = hashlib.sha256()
+        self._current = -1
+
+    def finished_before(self, offset: int) -> dict[int, str]:
+        """The segment digests that are final once everything before `offset` has been added."""
+        limit = offset // SEGMENT
+        if 0 <= self._current < limit:
+            self._close_segment()
+        return {k: v for k, v in self.segments.items() if k < limit}
 
     def finish(self, virtual_size: int) -> str:
-        self._h.update(_LE64.pack(virtual_size))
-        return self._h.hexdigest()
+        self._close_segment()
+        h = hashlib.sha256(ALGORITHM.encode())
+        for segment in sorted(self.segments):
+            h.update(_LE64.pack(segment) + bytes.fromhex(self.segments[segment]))
+        h.update(_LE64.pack(virtual_size))
+        return h.hexdigest()
 
 
 def read_digest(read: Callable[[int, int], bytes], size: int, workers: int = 4) -> str:
