@@ -7,10 +7,13 @@ import os
 import subprocess
 from pathlib import Path
 
+from mypy_boto3_s3 import S3Client
+
 from rehost.blob.source import LocalFile
 from rehost.disk.target import open_disk
 from rehost.image import open_image
 from rehost.image.convert import convert
+from rehost.objectstore import StoreInfo
 from rehost.sample import write_sample_disk
 
 MiB = 1 << 20
@@ -58,3 +61,15 @@ def rehost_sha256(image: Path, tmp: Path) -> str:
 def write_guest(path: Path, size: int, seed: int = 1) -> None:
     """A raw disk with mixed content (see rehost.sample)."""
     write_sample_disk(path, size, seed)
+
+
+def s3_client(store: StoreInfo) -> S3Client:
+    import boto3
+
+    return boto3.client(
+        "s3",
+        endpoint_url=store.endpoint,
+        aws_access_key_id=store.access_key,
+        aws_secret_access_key=store.secret_key,
+        region_name=store.region,
+    )

