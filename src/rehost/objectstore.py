@@ -96,8 +96,12 @@ def status(directory: Path) -> StoreInfo | None:
     return info
 
 
-def start(directory: Path, *, timeout: float = 30.0) -> StoreInfo:
-    """Start a store with its data, credentials and log under `directory` (or reuse it)."""
+def start(directory: Path, *, timeout: float = 30.0, base_port: int | None = None) -> StoreInfo:
+    """Start a store with its data, credentials and log under `directory` (or reuse it).
+
+    `base_port` pins the ports (P..P+6 and P+10000..P+10006), e.g. to restart a store
+    where its clients expect it; by default a free range is picked.
+    """
     directory.mkdir(parents=True, exist_ok=True)
     running = status(directory)
     if running:
@@ -127,7 +131,7 @@ def start(directory: Path, *, timeout: float = 30.0) -> StoreInfo:
     )
     data = directory / "data"
     data.mkdir(exist_ok=True)
-    p = free_base_port()
+    p = base_port or free_base_port()
     argv = [
         weed_binary(), "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
         f"-s3.config={s3_config}", "-admin.ui=false",

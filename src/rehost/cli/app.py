@@ -7,7 +7,7 @@ import sys
 import typer
 
 from rehost import __version__
-from rehost.cli import demo, image
+from rehost.cli import demo, image, objectstore
 from rehost.cli.output import report_error, setup_logging
 
 app = typer.Typer(
@@ -18,6 +18,7 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(image.app, name="image")
+app.add_typer(objectstore.app, name="objectstore")
 app.command(name="demo")(demo.demo)
 
 

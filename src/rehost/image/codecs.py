@@ -9,6 +9,7 @@ thread pool decompress on every core.
 
 from __future__ import annotations
 
+import threading
 import zlib
 
 import zstandard
@@ -18,7 +19,15 @@ from rehost.errors import ImageMetadataError
 
 _ISAL_ERROR: type[Exception] = isal_zlib.error  # type: ignore[assignment]  # stub says instance
 _WBITS = {"deflate": -15, "zlib": 15}
-_zstd = zstandard.ZstdDecompressor()
+_local = threading.local()
+
+
+def _zstd() -> zstandard.ZstdDecompressor:
+    """One decompressor per thread: zstandard's are not safe to share between threads."""
+    dctx: zstandard.ZstdDecompressor | None = getattr(_local, "zstd", None)
+    if dctx is None:
+        dctx = _local.zstd = zstandard.ZstdDecompressor()
+    return dctx
 
 
 def decompress(codec: str, data: bytes, expected: int, where: str) -> bytes:
@@ -57,5 +66,5 @@ def _zstd_exact(data: bytes, expected: int) -> bytes:
     declared = zstandard.frame_content_size(data)
     if declared not in (-1, expected):
         raise ValueError(f"the zstd frame declares {declared} bytes, not {expected}")
-    out: bytes = _zstd.decompress(data, max_output_size=expected + 1, allow_extra_data=True)
+    out: bytes = _zstd().decompress(data, max_output_size=expected + 1, allow_extra_data=True)
     return out
