@@ -76,7 +76,7 @@ class SourceNotFound(RehostError):
 
 class AccessDenied(RehostError):
     code = "ACCESS_DENIED"
-    message = "access to the source was denied"
+    message = "access to the object store was denied"
     default_hint = (
         "check the credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY) or the link's expiry"
     )

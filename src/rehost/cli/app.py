@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import sys
+from typing import Annotated
 
 import typer
 
 from rehost import __version__
-from rehost.cli import demo, image, objectstore
+from rehost.cli import demo, image, objectstore, upload
 from rehost.cli.output import report_error, setup_logging
 
 app = typer.Typer(
@@ -19,6 +20,7 @@ app = typer.Typer(
 )
 app.add_typer(image.app, name="image")
 app.add_typer(objectstore.app, name="objectstore")
+app.command(name="upload")(upload.upload)
 app.command(name="demo")(demo.demo)
 
 
@@ -30,7 +32,10 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True),
+    version: Annotated[
+        bool,
+        typer.Option("--version", help="Show the version and exit.", callback=_version, is_eager=True),
+    ] = False,
 ) -> None:
     """Errors exit 1 with `error: CODE: message` and a `hint:`; usage errors exit 2."""
 

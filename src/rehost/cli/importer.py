@@ -88,7 +88,7 @@ def import_(
         format=fmt,
         rate_limit_mbps=rate_limit_mbps,
         progress=lambda description, total: progress_bar(description, total, not json),
-        notify=lambda message: err_console.print(message, markup=False),
+        notify=lambda message: err_console.print(message, markup=False, soft_wrap=True),
     )
     if json:
         emit_json(report.to_dict())

@@ -26,7 +26,7 @@ from rich.progress import (
 from rehost.errors import RehostError, SystemError_
 
 err_console = Console(stderr=True, highlight=False)
-out_console = Console(highlight=False)
+out_console = Console(highlight=False, soft_wrap=True)
 log = logging.getLogger("rehost")
 
 

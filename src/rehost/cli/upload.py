@@ -69,7 +69,7 @@ def upload(
         typer.Option(
             "--state-dir",
             help="Where interrupted uploads are remembered "
-            "[default: $REHOST_STATE_DIR/uploads or ~/.local/state/rehost/uploads].",
+            "(default: $REHOST_STATE_DIR/uploads or ~/.local/state/rehost/uploads).",
             show_default=False,
         ),
     ] = None,
@@ -77,18 +77,11 @@ def upload(
 ) -> None:
     """Upload FILE to S3 in parallel parts; run the same command again to resume.
 
-    An interrupted upload (killed, network lost) continues where it stopped: only the
-    parts the server does not have are sent. If FILE changed since, the upload starts
-    over and says why. The object is verified against the file (multipart ETag and
-    size) and carries the file's sha256 as x-amz-meta-sha256.
+    An interrupted upload (killed, network lost) continues where it stopped: only the parts the server does not have are sent. If FILE changed since, the upload starts over and says why. The object is verified against the file (multipart ETag and size) and carries the file's sha256 as x-amz-meta-sha256.
 
-    A compressed image uploads faster: `rehost image pack IMAGE packed.qcow2` first
-    leaves out zero regions and compresses the rest, often shortening the upload
-    several-fold.
+    Upload a compressed image to shorten the upload: `rehost image pack IMAGE packed.qcow2` leaves out zero regions and compresses the rest, often making the file several times smaller.
 
-    Credentials and endpoint come from the standard AWS variables (AWS_ACCESS_KEY_ID,
-    AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, AWS_DEFAULT_REGION);
-    REHOST_S3_ADDRESSING=path|virtual|auto sets the addressing style.
+    Credentials and endpoint come from the standard AWS variables (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, AWS_DEFAULT_REGION); REHOST_S3_ADDRESSING=path|virtual|auto sets the addressing style.
     """
     try:
         bucket, key = parse_s3_url(dest, file.name)

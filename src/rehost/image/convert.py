@@ -211,9 +211,9 @@ def convert(
             while pending:
                 advance(*pending.popleft())
         except BaseException:
-            for _, fut in pending:
-                if fut is not None:
-                    fut.cancel()
+            for _, queued in pending:
+                if queued is not None:
+                    queued.cancel()
             raise
     disk.flush()
     return ConvertResult(
