@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from rehost import __version__
-from rehost.cli import demo, image, objectstore, upload
+from rehost.cli import demo, image, importer, objectstore, upload
 from rehost.cli.output import report_error, setup_logging
 
 app = typer.Typer(
@@ -21,6 +21,7 @@ app = typer.Typer(
 app.add_typer(image.app, name="image")
 app.add_typer(objectstore.app, name="objectstore")
 app.command(name="upload")(upload.upload)
+app.command(name="import")(importer.import_)
 app.command(name="demo")(demo.demo)
 
 
