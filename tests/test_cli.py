@@ -92,7 +92,13 @@ def test_help_mentions_every_image_command() -> None:
 
 
 def test_demo(tmp_path: Path) -> None:
-    proc = rehost("demo", "--workdir", tmp_path / "demo")
+    """The README's first command: a whole offline migration that stops what it started."""
+    env = dict(os.environ, REHOST_STATE_DIR=str(tmp_path / "state"))
+    proc = subprocess.run(
+        [*REHOST, "demo", "--workdir", str(tmp_path / "demo")], capture_output=True, text=True, env=env
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "demo passed" in proc.stdout
-    assert "verified the destination" in proc.stdout
+    assert "byte for byte" in proc.stdout
+    assert "stopped the object store" in proc.stdout
+    assert not (tmp_path / "state" / "objectstore" / "store.json").exists()
