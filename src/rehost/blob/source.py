@@ -6,8 +6,10 @@ straight from object storage onto a disk without a staging copy.
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
+from collections.abc import Iterator
 from typing import Protocol, runtime_checkable
 
 from rehost.errors import SourceNotFound
@@ -66,6 +68,29 @@ class LocalFile:
             data += more
         return data
 
+    def allocation(self) -> Iterator[tuple[int, int, bool]]:
+        """(start, end, has_data) runs from SEEK_DATA/SEEK_HOLE: holes read as zeros.
+
+        This is qemu's block-status for raw files: a sparse raw image converts in
+        time proportional to its data. Without hole support it is one data run.
+        """
+        pos = 0
+        while pos < self._size:
+            try:
+                data = os.lseek(self._fd, pos, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno == errno.ENXIO:  # nothing but a hole up to the end
+                    yield pos, self._size, False
+                    return
+                yield pos, self._size, True  # no hole support: all data
+                return
+            if data > pos:
+                yield pos, min(data, self._size), False
+            hole = min(os.lseek(self._fd, data, os.SEEK_HOLE), self._size)
+            if hole > data:
+                yield data, hole, True
+            pos = max(hole, data + 1) if hole <= data else hole
+
     def close(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)
@@ -79,8 +104,19 @@ class LocalFile:
 
 
 def open_source(location: str) -> RangeSource:
-    """Open a source by location. Only local paths for now; s3:// and https:// come later."""
-    if "://" in location:
-        scheme = location.split("://", 1)[0]
-        raise SourceNotFound(f"{location}: the {scheme}:// scheme is not supported yet")
+    """Open a source by location: `s3://BUCKET/KEY`, an `https://` or `http://` URL, or a path."""
+    scheme = location.split("://", 1)[0].lower() if "://" in location else ""
+    if scheme == "s3":
+        from rehost.blob.s3 import S3Source
+
+        return S3Source.from_url(location)
+    if scheme in ("http", "https"):
+        from rehost.blob.https import HttpsSource
+
+        return HttpsSource(location)
+    if scheme:
+        raise SourceNotFound(
+            f"{scheme}:// locations are not supported",
+            hint="use s3://BUCKET/KEY, an https:// URL or a local path",
+        )
     return LocalFile(location)

@@ -21,6 +21,7 @@ from rehost.disk.target import Disk
 from rehost.errors import ImageVerificationError
 from rehost.image.base import DiskImage, Extent, ExtentKind, ProgressFn
 from rehost.image.digest import BLOCK, SEGMENT, ContentDigest, block_records
+from rehost.malloc import tune_for_streaming
 
 BATCH_BYTES = 4 << 20
 """Guest bytes per batch: large enough to amortise Python's overhead per call."""
@@ -171,6 +172,7 @@ def convert(
     """
     if resume_from % SEGMENT or checkpoint_every % SEGMENT:
         raise ValueError("resume points and checkpoints fall on segment boundaries")
+    tune_for_streaming()
     began = time.monotonic()
     require_capacity(image, disk)
     plan = survey(image)

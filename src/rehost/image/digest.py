@@ -2,7 +2,7 @@
 
 sha256 over a whole disk would hash terabytes of zeros for a sparse 8 TiB image.
 Instead the guest space is cut into aligned 64 KiB blocks; each non-zero block
-yields a record `index (u64 LE) || sha256(block)`. Blocks group into 64 MiB
+yields a record `index (u64 LE) || blake3(block)` (blake3: ~4x sha256's speed here). Blocks group into 64 MiB
 segments; a segment with any non-zero block has the digest sha256(its records).
 The content digest is sha256 over `segment (u64 LE) || segment digest` for those
 segments, in order, then the virtual size. Zero blocks contribute nothing,
@@ -22,6 +22,10 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
+from blake3 import blake3
+
+from rehost.malloc import tune_for_streaming
+
 BLOCK = 64 * 1024
 SEGMENT = 64 << 20
 SEGMENT_BLOCKS = SEGMENT // BLOCK
@@ -31,23 +35,23 @@ _ZERO_BLOCK = bytes(BLOCK)
 _LE64 = struct.Struct("<Q")
 
 
-def block_records(offset: int, data: bytes | bytearray | memoryview) -> tuple[bytes, list[int]]:
+def block_records(offset: int, data: bytes) -> tuple[bytes, list[int]]:
     """Hash the non-zero blocks of `data`, which starts at a block-aligned guest offset.
 
     Returns the concatenated records and the in-buffer offsets of the zero blocks,
-    so that callers can skip writing them.
+    so that callers can skip writing them. (Zero tests slice `bytes` on purpose:
+    comparing a memoryview with bytes is ~60x slower than memcmp on a bytes copy.)
     """
     assert offset % BLOCK == 0, offset
     view = memoryview(data)
     records = bytearray()
     zeros: list[int] = []
     index = offset // BLOCK
-    for start in range(0, len(view), BLOCK):
-        block = view[start : start + BLOCK]
-        if block == _ZERO_BLOCK[: len(block)]:
+    for start in range(0, len(data), BLOCK):
+        if data[start : start + BLOCK] == _ZERO_BLOCK[: min(BLOCK, len(data) - start)]:
             zeros.append(start)
         else:
-            records += _LE64.pack(index) + hashlib.sha256(block).digest()
+            records += _LE64.pack(index) + blake3(view[start : start + BLOCK]).digest()
         index += 1
     return bytes(records), zeros
 
@@ -93,6 +97,7 @@ class ContentDigest:
 
 def read_digest(read: Callable[[int, int], bytes], size: int, workers: int = 4) -> str:
     """Re-read `size` bytes through `read(offset, length)` and return their content digest."""
+    tune_for_streaming()
     digest = ContentDigest()
     chunk = 4 << 20
 

@@ -54,6 +54,7 @@ from isal import isal_zlib
 
 from rehost.errors import DestinationError, ImageMetadataError
 from rehost.image.base import DiskImage, Extent, ExtentKind, ProgressFn
+from rehost.malloc import tune_for_streaming
 
 COMPRESSIONS = ("zstd", "zlib")
 
@@ -388,6 +389,7 @@ def pack(
     The file is written under a temporary name beside `dest` and renamed into place
     only when complete, so `dest` is never left half-written.
     """
+    tune_for_streaming()
     began = time.monotonic()
     if compression not in COMPRESSIONS:
         raise ValueError(f"compression must be one of {COMPRESSIONS}, not {compression!r}")

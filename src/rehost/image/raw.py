@@ -42,7 +42,13 @@ class RawImage(DiskImage):
         self.checks = ["single file, no external references possible"]
 
     def extents(self) -> Iterator[Extent]:
-        yield Extent(0, self.virtual_size, ExtentKind.DATA, 0)
+        allocation = getattr(self.src, "allocation", None)
+        if allocation is None:
+            yield Extent(0, self.virtual_size, ExtentKind.DATA, 0)
+            return
+        for start, end, has_data in allocation():
+            kind = ExtentKind.DATA if has_data else ExtentKind.ZERO
+            yield Extent(start, end - start, kind, start if has_data else 0)
 
 
 def open(src: RangeSource) -> RawImage:
