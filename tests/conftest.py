@@ -7,8 +7,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import MiB, s3_client, write_guest
 
+from helpers import MiB, s3_client, write_guest
 from rehost import objectstore
 from rehost.objectstore import StoreInfo
 

@@ -95,7 +95,10 @@ def test_demo(tmp_path: Path) -> None:
     """The README's first command: a whole offline migration that stops what it started."""
     env = dict(os.environ, REHOST_STATE_DIR=str(tmp_path / "state"))
     proc = subprocess.run(
-        [*REHOST, "demo", "--workdir", str(tmp_path / "demo")], capture_output=True, text=True, env=env
+        [*REHOST, "demo", "--workdir", str(tmp_path / "demo")],
+        capture_output=True,
+        text=True,
+        env=env,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "demo passed" in proc.stdout

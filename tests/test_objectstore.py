@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from helpers import s3_client
 
+from helpers import s3_client
 from rehost import objectstore
 
 

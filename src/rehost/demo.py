@@ -116,9 +116,7 @@ def run_demo(
                     f"disk's {source_digest}"
                 )
             step(f"6. the destination holds the sample disk byte for byte ({report.digest[:16]}…)")
-        return DemoResult(
-            work, size, packed_result.file_size, report.digest, report.elapsed, steps
-        )
+        return DemoResult(work, size, packed_result.file_size, report.digest, report.elapsed, steps)
     finally:
         if own:
             shutil.rmtree(work, ignore_errors=True)
