@@ -8,7 +8,6 @@ from typing import Annotated
 import typer
 
 from rehost.cli.output import out_console, state_dir
-from rehost.demo import run_demo
 
 
 def demo(
@@ -21,6 +20,8 @@ def demo(
     Starts a local object store (unless one runs), packs a sample disk into qcow2,
     uploads it, imports it onto a file-backed disk and verifies it.
     """
+    from rehost.demo import run_demo  # boto3 is slow to import
+
     result = run_demo(state_dir(), workdir, say=out_console.print)
     out_console.print(
         f"demo passed: a {result.disk_size >> 20} MiB disk went through object storage as a "

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from rehost.cli.output import emit_json, err_console, human_bytes, out_console, progress_bar
-from rehost.offline import ImportReport, run_import
+
+if TYPE_CHECKING:
+    from rehost.offline import ImportReport
 
 
 def _expiry(value: str | None) -> datetime | None:
@@ -79,6 +81,8 @@ def import_(
     from the last checkpoint; the whole destination is verified in the end either way.
     """
     lease = _expiry(expires_at)
+    from rehost.offline import run_import  # boto3 is slow to import
+
     report = run_import(
         source,
         to,

@@ -10,7 +10,6 @@ from typing import Annotated, Any
 
 import typer
 
-from rehost.blob.upload import DEFAULT_THREADS, MiB, parse_s3_url, upload_file
 from rehost.cli.output import emit_json, human_bytes, out_console, progress_bar
 
 
@@ -54,7 +53,7 @@ def upload(
     ] = 16,
     threads: Annotated[
         int, typer.Option("--threads", min=1, max=64, help="Parts sent in parallel.")
-    ] = DEFAULT_THREADS,
+    ] = 4,
     limit_mbps: Annotated[
         float | None,
         typer.Option(
@@ -84,6 +83,8 @@ def upload(
     Credentials and endpoint come from the standard AWS variables (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, AWS_DEFAULT_REGION); REHOST_S3_ADDRESSING=path|virtual|auto sets the addressing style.
     """
     try:
+        from rehost.blob.upload import MiB, parse_s3_url, upload_file  # boto3 is slow to import
+
         bucket, key = parse_s3_url(dest, file.name)
     except ValueError as e:
         raise typer.BadParameter(str(e), param_hint="DEST") from e

@@ -1,0 +1,123 @@
+"""Benchmark `rehost import` from object storage against download-then-convert.
+
+Puts 2 GiB images (qcow2 zstd, vmdk streamOptimized, vhd dynamic, raw) into a
+local SeaweedFS and, alternating, times for each:
+- `rehost import s3://... --to OUT` (precheck, stream-convert, verify by re-reading);
+- what a user would otherwise do: download the object with boto3's multi-threaded
+  `download_file`, then `qemu-img convert -O raw`;
+- a plain single-stream GET of the object to /dev/null (the wire's anchor).
+Prints median ratios: import time / download-then-convert time, and for raw and
+uncompressed images rehost's throughput over the single-stream GET's.
+
+    .venv/bin/python bench/import.py [--size-mib 2048] [--runs 3] [--only raw,...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import alternate
+from rehost import objectstore
+from rehost.sample import write_sample_disk
+
+FORMATS: dict[str, list[str]] = {
+    "qcow2-zstd": ["-c", "-O", "qcow2", "-o", "compression_type=zstd"],
+    "vmdk-stream": ["-O", "vmdk", "-o", "subformat=streamOptimized"],
+    "vhd-dynamic": ["-O", "vpc", "-o", "subformat=dynamic"],
+    "raw": [],
+}
+QEMU_FMT = {"qcow2-zstd": "qcow2", "vmdk-stream": "vmdk", "vhd-dynamic": "vpc", "raw": "raw"}
+BUCKET = "bench"
+
+_GET = """
+import sys, boto3
+body = boto3.client("s3").get_object(Bucket=sys.argv[1], Key=sys.argv[2])["Body"]
+while body.read(1 << 20):
+    pass
+"""
+_DOWNLOAD = """
+import sys, boto3
+boto3.client("s3").download_file(sys.argv[1], sys.argv[2], sys.argv[3])
+"""
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size-mib", type=int, default=2048)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--only", default="", help="comma-separated subset of: " + ",".join(FORMATS))
+    ap.add_argument("--workdir", default="/dev/shm/rehost-bench-import")
+    args = ap.parse_args()
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    store_dir = Path(tempfile.mkdtemp(prefix="rehost-bench-store-"))
+    info = objectstore.start(store_dir)
+    os.environ.update(info.env())
+    py = sys.executable
+    rehost = str(Path(py).parent / "rehost")
+    out, downloaded, state = work / "out.raw", work / "downloaded.img", work / "state"
+
+    def clear() -> None:
+        out.unlink(missing_ok=True)
+        downloaded.unlink(missing_ok=True)
+        shutil.rmtree(state, ignore_errors=True)
+
+    try:
+        import boto3
+
+        s3 = boto3.client("s3")
+        s3.create_bucket(Bucket=BUCKET)
+        raw = work / "guest.raw"
+        write_sample_disk(raw, args.size_mib << 20, seed=2025)
+        names = [n for n in FORMATS if not args.only or n in args.only.split(",")]
+        print(f"# {args.size_mib} MiB mixed-content disk in local SeaweedFS, {args.runs} runs")
+        print(f"{'format':<13}{'object MiB':>11}{'import s':>10}{'dl+convert s':>14}"
+              f"{'GET s':>8}{'ratio':>8}{'vs GET':>8}")  # fmt: skip
+        for name in names:
+            img = raw if name == "raw" else work / f"guest.{name}"
+            if name != "raw":
+                subprocess.run(["qemu-img", "convert", *FORMATS[name], raw, img], check=True)
+            s3.upload_file(str(img), BUCKET, name)
+            size = img.stat().st_size
+            if name != "raw":
+                img.unlink()
+            t = alternate(
+                {
+                    "import": [
+                        rehost, "import", f"s3://{BUCKET}/{name}", "--to", str(out),
+                        "--state-dir", str(state),
+                    ],
+                    "dlconvert": [
+                        "sh", "-c",
+                        f'"{py}" -c \'{_DOWNLOAD}\' {BUCKET} {name} {downloaded} && '
+                        f"qemu-img convert -f {QEMU_FMT[name]} -O raw {downloaded} {out}",
+                    ],
+                    "get": [py, "-c", _GET, BUCKET, name],
+                },
+                args.runs,
+                before=clear,
+            )  # fmt: skip
+            i, d, g = t["import"].median, t["dlconvert"].median, t["get"].median
+            # Throughput compares bytes of the object moved per second.
+            print(
+                f"{name:<13}{size / 2**20:>11.0f}{i:>10.2f}{d:>14.2f}{g:>8.2f}"
+                f"{i / d:>8.2f}{g / i:>8.2f}",
+                flush=True,
+            )
+    finally:
+        clear()
+        objectstore.stop(store_dir)
+        shutil.rmtree(store_dir, ignore_errors=True)
+        if os.environ.get("REHOST_BENCH_KEEP") != "1":
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
