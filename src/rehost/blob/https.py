@@ -1,0 +1,305 @@
+"""An https (or http) URL as a RangeSource: ranged GETs through the shared read-ahead cache.
+
+This is how an image is imported from a link rather than a bucket: a presigned
+S3 URL, or a public-read object URL of any S3-compatible store or CDN. The
+image readers see only `RangeSource`, so the image streams from the link onto
+the destination disk with no staging copy.
+
+The object is opened with `GET` and `Range: bytes=0-0`, not `HEAD`: a presigned
+URL is signed for one method, so HEAD is refused on a link made for GET. The
+size comes from Content-Range and the ETag from the headers. Every later read
+sends `If-Match: <etag>` and checks the ETag (or, without one, the
+Last-Modified date and the total size) of the answer, so an object replaced
+during the import raises `SourceChanged` instead of yielding a disk stitched
+together from two images. A server that ignores Range and answers 200 with the
+whole body is refused at once: streaming gigabytes to read one byte, or holding
+them in memory, is not an option.
+
+A presigned URL's query string is its signature: it never appears in `name`,
+in messages or in chained exceptions.
+
+urllib3 comes with botocore; it is used directly, through HTTPS_PROXY/NO_PROXY
+if set, with its own retries off (redirects are followed) since `RetryPolicy`
+does the retrying.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit, urlunsplit
+
+from rehost.blob.readahead import (
+    DEFAULT_CACHE,
+    DEFAULT_CHUNK,
+    DEFAULT_READAHEAD,
+    ReadAheadSource,
+    RetryPolicy,
+    Transient,
+    describe,
+)
+from rehost.errors import AccessDenied, RehostError, SourceChanged, SourceNotFound, SystemError_
+
+if TYPE_CHECKING:
+    from urllib3 import BaseHTTPResponse, PoolManager, Timeout
+
+LINK_HINT = (
+    "the link may have expired or been tampered with (a presigned URL must be used exactly as "
+    "issued, before it expires); ask for a fresh link, or check that the object is public-read"
+)
+NO_RANGE_HINT = (
+    "the image must be served by a server that supports ranged GETs (HTTP 206), such as any "
+    "S3-compatible object store; import it from there or through a presigned URL"
+)
+_CONTENT_RANGE = re.compile(r"bytes\s+(?:(\d+)-(\d+)|\*)/(\d+|\*)", re.IGNORECASE)
+_ERROR_BODY = 16 << 10
+
+
+def public_url(url: str) -> str:
+    """The URL without credentials, query or fragment: safe to show and to log."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def _s3_error(body: bytes) -> str:
+    """`Code: Message` of an S3-style XML error body (never anything else it holds)."""
+    text = body.decode("utf-8", "replace")
+    code = re.search(r"<Code>([^<]{1,100})</Code>", text)
+    message = re.search(r"<Message>([^<]{1,300})</Message>", text)
+    return ": ".join(m.group(1) for m in (code, message) if m)
+
+
+def _pool_manager(scheme: str, host: str, *, maxsize: int, timeout: Timeout) -> PoolManager:
+    """A connection pool, through the proxy that HTTPS_PROXY/HTTP_PROXY/NO_PROXY name if any."""
+    import urllib.request
+
+    import urllib3
+
+    proxy = urllib.request.getproxies().get(scheme)
+    if proxy and not urllib.request.proxy_bypass(host):
+        return urllib3.ProxyManager(proxy, num_pools=4, maxsize=maxsize, timeout=timeout)
+    return urllib3.PoolManager(num_pools=4, maxsize=maxsize, timeout=timeout)
+
+
+class HttpsSource(ReadAheadSource):
+    """A URL read by ranged GETs pinned to the ETag it had at open.
+
+    `HttpsSource(url, *, chunk_size, readahead, cache_bytes, retry, timeout=30.0,
+    pool=None)`; `pool` is an optional urllib3 PoolManager (e.g. with a custom CA).
+    `name` is the URL without its query; `etag` is the pinned ETag ("" if the
+    server sends none) and `last_modified` the Last-Modified header (or None).
+    Counters `bytes_fetched`, `requests`, `retries`.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        chunk_size: int = DEFAULT_CHUNK,
+        readahead: int = DEFAULT_READAHEAD,
+        cache_bytes: int = DEFAULT_CACHE,
+        retry: RetryPolicy | None = None,
+        timeout: float = 30.0,
+        pool: PoolManager | None = None,
+    ) -> None:
+        import urllib3
+
+        super().__init__(
+            chunk_size=chunk_size, readahead=readahead, cache_bytes=cache_bytes, retry=retry
+        )
+        parts = urlsplit(url)
+        self._url = url
+        self._name = public_url(url)
+        # Whatever might reveal the signature: the query, and each long value in it.
+        self._secrets = [s for s in (parts.query, parts.fragment, parts.password) if s]
+        self._secrets += [v for v in re.split(r"[&=]", parts.query) if len(v) >= 12]
+        self._size = 0
+        self.etag = ""
+        self.last_modified: str | None = None
+        self._own_http = pool is None
+        self._urllib3_retries = urllib3.Retry(
+            total=10, connect=0, read=0, status=0, other=0, redirect=5, raise_on_status=False
+        )
+        try:
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise SourceNotFound(f"{self._name}: not an http(s) URL")
+            self._http = pool or _pool_manager(
+                parts.scheme,
+                parts.hostname,
+                maxsize=max(8, 2 * self.readahead + 4),
+                timeout=urllib3.Timeout(connect=min(10.0, timeout), read=timeout),
+            )
+            self._retrying(self._probe, f"{self._name}: open")
+        except BaseException:
+            self.close()
+            raise
+
+    def _scrub(self, text: str) -> str:
+        for s in self._secrets:
+            text = text.replace(s, "…")
+        return text
+
+    def _request(self, start: int, end: int, pinned: bool) -> BaseHTTPResponse:
+        headers = {
+            "Range": f"bytes={start}-{end}",
+            "Accept-Encoding": "identity",
+            "User-Agent": "rehost",
+        }
+        if pinned and self.etag and not self.etag.startswith("W/"):
+            headers["If-Match"] = self.etag  # weak ETags never match If-Match: compare instead
+        self._count_request()
+        try:
+            return self._http.request(
+                "GET",
+                self._url,
+                headers=headers,
+                preload_content=False,
+                decode_content=False,
+                retries=self._urllib3_retries,
+            )
+        except Exception as e:
+            raise self._map_exception(e) from None  # the cause's text may hold the signature
+
+    def _probe(self) -> None:
+        resp = self._request(0, 0, pinned=False)
+        try:
+            if resp.status == 206:
+                total = self._content_range(resp, 0, 0)
+            elif resp.status == 416:  # an empty object: nothing satisfies bytes=0-0
+                m = _CONTENT_RANGE.match(resp.headers.get("Content-Range", ""))
+                if not m or m.group(3) != "0":
+                    raise SystemError_(f"{self._name}: HTTP 416 to a request for its first byte")
+                total = 0
+            else:
+                raise self._status_error(resp)
+            self.etag = resp.headers.get("ETag", "")
+            self.last_modified = resp.headers.get("Last-Modified")
+            data = self._body(resp) if resp.status == 206 else b""
+        finally:
+            self._discard(resp)
+        if resp.status == 206 and len(data) != 1:
+            raise Transient(f"{self._name}: short body ({len(data)} of 1 byte)")
+        self._size = total
+
+    def _fetch(self, start: int, length: int) -> bytes:
+        end = start + length - 1
+        resp = self._request(start, end, pinned=True)
+        try:
+            if resp.status != 206:
+                raise self._status_error(resp, reading=True)
+            self._check_version(resp)
+            total = self._content_range(resp, start, end)
+            if total != self._size:
+                raise SourceChanged(
+                    f"{self._name} was replaced during the import "
+                    f"(its size changed from {self._size} to {total} bytes)"
+                )
+            return self._body(resp)
+        finally:
+            self._discard(resp)
+
+    def _body(self, resp: BaseHTTPResponse) -> bytes:
+        try:
+            data = resp.read()
+        except Exception as e:
+            raise self._map_exception(e) from None
+        self._count_bytes(len(data))
+        return data
+
+    @staticmethod
+    def _discard(resp: BaseHTTPResponse) -> None:
+        """Close the response; a half-read body must not go back into the pool."""
+        try:
+            resp.close()  # closes the connection only if the body was not read to the end
+        finally:
+            resp.release_conn()
+
+    def _content_range(self, resp: BaseHTTPResponse, start: int, end: int) -> int:
+        header = resp.headers.get("Content-Range", "")
+        m = _CONTENT_RANGE.fullmatch(header.strip())
+        if not m or m.group(1) is None or m.group(3) == "*":
+            raise SystemError_(
+                f"{self._name}: the server answered a ranged GET without a usable "
+                f"Content-Range ({header or 'none'})",
+                hint=NO_RANGE_HINT,
+            )
+        if (int(m.group(1)), int(m.group(2))) != (start, end):
+            raise SystemError_(f"{self._name}: asked for bytes {start}-{end}, got {header}")
+        return int(m.group(3))
+
+    def _check_version(self, resp: BaseHTTPResponse) -> None:
+        etag = resp.headers.get("ETag", "")
+        if self.etag and etag and etag.removeprefix("W/") != self.etag.removeprefix("W/"):
+            raise SourceChanged(
+                f"{self._name} was replaced during the import (ETag {self.etag} → {etag})"
+            )
+        modified = resp.headers.get("Last-Modified", "")
+        if not self.etag and self.last_modified and modified and modified != self.last_modified:
+            raise SourceChanged(
+                f"{self._name} was replaced during the import "
+                f"(Last-Modified {self.last_modified} → {modified})"
+            )
+
+    def _status_error(self, resp: BaseHTTPResponse, *, reading: bool = False) -> Exception:
+        """An unexpected answer → a typed error, or `Transient` when worth retrying.
+
+        `reading`: the object was there at open, so a 404 means it was deleted since.
+        """
+        status = resp.status
+        detail = ""
+        if status != 200:  # never read a 200: it may be the whole object
+            with contextlib.suppress(Exception):
+                detail = _s3_error(resp.read(_ERROR_BODY))
+        text = self._scrub(f"HTTP {status}" + (f" ({detail})" if detail else ""))
+        if status == 200:
+            return SystemError_(
+                f"{self._name}: the server ignored the Range header and began sending the "
+                "whole object (HTTP 200); refusing to download it to read a part",
+                hint=NO_RANGE_HINT,
+            )
+        if status in (404, 410):
+            if reading:
+                return SourceNotFound(f"{self._name} was deleted during the import ({text})")
+            return SourceNotFound(f"{self._name}: {text}")
+        if status in (401, 403):
+            return AccessDenied(f"{self._name}: {text}", hint=LINK_HINT)
+        if status == 412:
+            return SourceChanged(
+                f"{self._name} was replaced during the import (ETag {self.etag} → "
+                f"{resp.headers.get('ETag') or 'a different version'}; {text})"
+            )
+        if status == 416:
+            return SourceChanged(f"{self._name} became shorter during the import ({text})")
+        if status >= 500 or status in (408, 425, 429):
+            return Transient(f"{self._name}: {text}")
+        return SystemError_(f"{self._name}: unexpected answer {text}")
+
+    def _map_exception(self, e: Exception) -> Exception:
+        from urllib3 import exceptions as ux
+
+        if isinstance(e, RehostError):
+            return e
+        reason: Exception = e
+        if isinstance(e, ux.MaxRetryError) and e.reason is not None:
+            reason = e.reason
+        text = self._scrub(describe(reason))
+        if isinstance(reason, ux.SSLError):
+            return SystemError_(
+                f"{self._name}: TLS failed: {text}",
+                hint="check the server's certificate and this server's CA certificates and clock",
+            )
+        if isinstance(reason, ux.ResponseError):  # too many redirects
+            return SystemError_(f"{self._name}: {text}")
+        if isinstance(reason, ux.HTTPError | OSError):
+            return Transient(f"{self._name}: {text}")
+        return SystemError_(f"{self._name}: {text}")
+
+    def close(self) -> None:
+        super().close()
+        if self.__dict__.get("_own_http") and "_http" in self.__dict__:
+            self._http.clear()

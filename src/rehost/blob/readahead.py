@@ -1,0 +1,423 @@
+"""Shared machinery of the remote byte sources: a bounded read-ahead block cache and retries.
+
+Why read-ahead: the image converter reads with several threads in roughly
+increasing order, in pieces from a few KiB (compressed clusters, tables) to
+4 MiB (data runs). Sent one by one to object storage, each piece would pay a
+full round trip, and small pieces would be dominated by per-request overhead.
+So the object is fetched in aligned chunks (8 MiB by default) that serve many
+reads, and once the reads look like a stream the next few chunks are fetched
+in parallel ahead of the readers, which keeps several requests in flight and
+the link busy. A read continues a stream when it lands within a chunk of where
+recent reads reached (threads arrive slightly out of order); the read-ahead
+depth grows with the bytes the stream has consumed (one chunk once it has read
+an eighth of a chunk, up to `readahead` chunks). Reads that do not look like a
+stream (headers, tables scattered across the file) fetch only small aligned
+blocks (256 KiB) and prefetch nothing, so metadata lookups never pull whole
+chunks they do not need.
+
+Memory is bounded whatever the object size: the cache holds at most
+`cache_bytes` (chunks still downloading count too) and evicts the least
+recently used finished entry; read-ahead that finds no room is skipped, and a
+demand read that finds no room is fetched without being cached. Concurrent
+readers of one chunk wait for a single fetch rather than fetching it twice.
+
+Why retries live here: a migration streams gigabytes over minutes to hours,
+through links and servers that have bad moments (a 503, a reset connection, a
+store restarting). Transient faults are retried with exponential backoff and
+jitter for a bounded time; permanent ones (403, 404, a changed object) are
+raised at once as typed errors by the concrete source.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TypeVar
+
+from rehost.errors import SystemError_
+
+MiB = 1 << 20
+DEFAULT_CHUNK = 8 * MiB
+DEFAULT_READAHEAD = 4
+DEFAULT_CACHE = 96 * MiB
+SMALL_BLOCK = 256 << 10
+"""Granularity of reads that do not (yet) look sequential."""
+MAX_STREAMS = 8
+
+T = TypeVar("T")
+
+
+class Transient(Exception):
+    """A fault worth retrying: a 5xx, a reset or refused connection, a timeout, a short body."""
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff with jitter, bounded by both attempts and total time.
+
+    The defaults ride out a store restart of tens of seconds (delays of about
+    0.25, 0.5, 1, 2, 4, 8, 10 s, each jittered down by up to half).
+    """
+
+    attempts: int = 8
+    base_delay: float = 0.25
+    max_delay: float = 10.0
+    deadline: float = 60.0
+    """Give up rather than sleep past this many seconds after the first attempt."""
+
+    def delay(self, failures: int) -> float:
+        d = min(self.max_delay, self.base_delay * 2.0 ** (failures - 1))
+        return d / 2 + random.uniform(0, d / 2)
+
+    def run(
+        self,
+        fn: Callable[[], T],
+        what: str,
+        *,
+        sleep: Callable[[float], bool] | None = None,
+        on_retry: Callable[[Transient], None] | None = None,
+    ) -> T:
+        """Call `fn` until it returns, raises a non-`Transient` error, or the budget is spent.
+
+        `sleep(seconds)` returns True when the wait was cut short (the source was closed).
+        """
+        began = time.monotonic()
+        failures = 0
+        while True:
+            try:
+                return fn()
+            except Transient as e:
+                failures += 1
+                elapsed = time.monotonic() - began
+                pause = self.delay(failures)
+                if failures >= self.attempts or elapsed + pause > self.deadline:
+                    raise SystemError_(
+                        f"{what}: gave up after {failures} attempts in {elapsed:.1f}s; "
+                        f"last error: {e}",
+                        hint="the storage kept failing or could not be reached; check that "
+                        "it is up and reachable from this server, then run the import again",
+                    ) from None
+                if on_retry:
+                    on_retry(e)
+                if sleep is not None:
+                    if sleep(pause):
+                        raise SystemError_(f"{what}: the source was closed") from None
+                else:
+                    time.sleep(pause)
+
+
+@dataclass
+class _Entry:
+    start: int
+    size: int
+    future: Future[bytes]
+
+
+@dataclass
+class _Stream:
+    frontier: int
+    consumed: int
+
+
+def _resolve(fut: Future[bytes], data: bytes | None, exc: BaseException | None) -> None:
+    try:
+        if exc is not None:
+            fut.set_exception(exc)
+        else:
+            assert data is not None
+            fut.set_result(data)
+    except InvalidStateError:  # already failed by close()
+        pass
+
+
+class ReadAheadSource:
+    """A `RangeSource` over a remote object, given `_fetch(start, length)` by a subclass.
+
+    The subclass sets `self._size` and `self._name` before using the cache, implements
+    `_fetch` as a single attempt that returns exactly `length` bytes or raises
+    `Transient` (retried) or a `RehostError` (raised to the reader), and calls
+    `_count_request`/`_count_bytes` for every request and body it receives.
+
+    Counters: `bytes_fetched` (body bytes received, read-ahead included),
+    `requests` (every request sent, retries and the open probe included) and
+    `retries`. Cache state: `cache_bytes` (now), `peak_cache_bytes` and `cache_limit`.
+    """
+
+    _size: int
+    _name: str
+
+    def __init__(
+        self,
+        *,
+        chunk_size: int = DEFAULT_CHUNK,
+        readahead: int = DEFAULT_READAHEAD,
+        cache_bytes: int = DEFAULT_CACHE,
+        retry: RetryPolicy | None = None,
+    ) -> None:
+        if chunk_size <= 0 or readahead < 0:
+            raise ValueError("chunk_size must be positive and readahead not negative")
+        if cache_bytes < 2 * chunk_size:
+            raise ValueError(f"cache_bytes must hold at least two chunks of {chunk_size} bytes")
+        self.chunk_size = chunk_size
+        # Leave room for the chunks being read while the next ones are prefetched.
+        self.readahead = min(readahead, cache_bytes // chunk_size - 2)
+        self.cache_limit = cache_bytes
+        self.retry = retry or RetryPolicy()
+        self._small = min(SMALL_BLOCK, chunk_size)
+        self._ramp = max(self._small, chunk_size // 8)
+        """Bytes a stream must have consumed before it is served by whole chunks."""
+        self._lock = threading.Lock()
+        self._entries: OrderedDict[tuple[int, int], _Entry] = OrderedDict()
+        self._streams: OrderedDict[int, _Stream] = OrderedDict()
+        self._stream_ids = 0
+        self._closed = threading.Event()
+        self._pool = ThreadPoolExecutor(max(1, self.readahead), thread_name_prefix="readahead")
+        self.cache_bytes = 0
+        self.peak_cache_bytes = 0
+        self.bytes_fetched = 0
+        self.requests = 0
+        self.retries = 0
+
+    # -- what subclasses implement and call ----------------------------------------
+
+    def _fetch(self, start: int, length: int) -> bytes:
+        raise NotImplementedError
+
+    def _count_request(self) -> None:
+        with self._lock:
+            self.requests += 1
+
+    def _count_bytes(self, n: int) -> None:
+        with self._lock:
+            self.bytes_fetched += n
+
+    def _retrying(self, fn: Callable[[], T], what: str) -> T:
+        return self.retry.run(fn, what, sleep=self._closed.wait, on_retry=self._count_retry)
+
+    def _count_retry(self, _: Transient) -> None:
+        with self._lock:
+            self.retries += 1
+
+    # -- RangeSource ----------------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def read(self, offset: int, length: int) -> bytes:
+        if offset < 0 or length < 0:
+            raise ValueError(f"bad range {offset}+{length}")
+        if self._closed.is_set():
+            raise SystemError_(f"{self._name}: read after close")
+        end = min(offset + length, self._size)
+        if offset >= end:
+            return b""
+        consumed = self._note_stream(offset, end)
+        chunky = consumed >= self._ramp
+        if chunky:
+            # The rest of this read and, for a stream, the chunks after it, in parallel.
+            depth = min(self.readahead, 1 + consumed // self.chunk_size)
+            C = self.chunk_size
+            self._prefetch(range(offset // C + 1, (end - 1) // C + 1 + depth))
+        parts: list[bytes | memoryview] = []
+        pos = offset
+        while pos < end:
+            start, fut = self._locate(pos, end, chunky)
+            data = fut.result()
+            lo, hi = pos - start, min(end - start, len(data))
+            parts.append(data if lo == 0 and hi == len(data) else memoryview(data)[lo:hi])
+            pos = start + hi
+        first = parts[0]
+        return first if len(parts) == 1 and isinstance(first, bytes) else b"".join(parts)
+
+    def close(self) -> None:
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        with self._lock:
+            entries = list(self._entries.values())
+            self._entries.clear()
+            self.cache_bytes = 0
+        closed = SystemError_(f"{self._name}: the source was closed")
+        for e in entries:
+            _resolve(e.future, None, closed)  # wake anyone waiting on a cancelled prefetch
+
+    def __enter__(self) -> ReadAheadSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- the cache ------------------------------------------------------------------
+
+    def _note_stream(self, offset: int, end: int) -> int:
+        """Bytes consumed by the stream this read continues (or starts).
+
+        A read continues a stream when it starts within a chunk of the stream's
+        frontier, before or after it: threads reading in roughly increasing order
+        arrive slightly out of order.
+        """
+        C = self.chunk_size
+        with self._lock:
+            for sid, s in self._streams.items():
+                if s.frontier - C <= offset <= s.frontier + C:
+                    s.frontier = max(s.frontier, end)
+                    s.consumed += end - offset
+                    self._streams.move_to_end(sid)
+                    return s.consumed
+            self._stream_ids += 1
+            self._streams[self._stream_ids] = _Stream(end, end - offset)
+            while len(self._streams) > MAX_STREAMS:
+                self._streams.popitem(last=False)
+            return end - offset
+
+    def _lookup(self, key: tuple[int, int]) -> _Entry | None:
+        e = self._entries.get(key)
+        if e is not None:
+            self._entries.move_to_end(key)
+        return e
+
+    def _reserve(self, key: tuple[int, int], entry: _Entry) -> bool:
+        """Insert an entry, evicting finished ones least recently used; False if no room."""
+        while self.cache_bytes + entry.size > self.cache_limit:
+            victim = next((k for k, e in self._entries.items() if e.future.done()), None)
+            if victim is None:
+                return False
+            self.cache_bytes -= self._entries.pop(victim).size
+        self._entries[key] = entry
+        self.cache_bytes += entry.size
+        self.peak_cache_bytes = max(self.peak_cache_bytes, self.cache_bytes)
+        return True
+
+    def _locate(self, pos: int, end: int, chunky: bool) -> tuple[int, Future[bytes]]:
+        """The (start, future) of a cache entry holding `pos`, fetching it if missing."""
+        C, S = self.chunk_size, self._small
+        with self._lock:
+            hit = self._lookup((1, pos // C)) or self._lookup((0, pos // S))
+            if hit is not None:
+                return hit.start, hit.future
+            if chunky:
+                start = pos // C * C
+                items = [((1, pos // C), _Entry(start, min(C, self._size - start), Future()))]
+            else:
+                # Small blocks from pos up to the end of the read, as one request.
+                items = []
+                b = pos // S
+                while b * S < end and (not items or self._entries.get((0, b)) is None):
+                    start = b * S
+                    items.append(((0, b), _Entry(start, min(S, self._size - start), Future())))
+                    b += 1
+            cached = [(k, e) for k, e in items if self._reserve(k, e)]
+        self._fill(items, cached)
+        return items[0][1].start, items[0][1].future
+
+    def _prefetch(self, chunks: range) -> None:
+        C = self.chunk_size
+        jobs: list[tuple[tuple[int, int], _Entry]] = []
+        with self._lock:
+            if self._closed.is_set():
+                return
+            for ci in chunks:
+                start = ci * C
+                if start >= self._size:
+                    break
+                if (1, ci) in self._entries:
+                    # Still wanted: keep it from looking old. Read-ahead that was never
+                    # read would otherwise be the first evicted.
+                    self._entries.move_to_end((1, ci))
+                    continue
+                e = _Entry(start, min(C, self._size - start), Future())
+                if not self._reserve((1, ci), e):
+                    break
+                jobs.append(((1, ci), e))
+        for job in jobs:
+            try:
+                self._pool.submit(self._fill, [job], [job])
+            except RuntimeError:  # closed meanwhile
+                self._fill_failed(
+                    [job], [job], SystemError_(f"{self._name}: the source was closed")
+                )
+
+    def _fill(
+        self,
+        items: list[tuple[tuple[int, int], _Entry]],
+        cached: list[tuple[tuple[int, int], _Entry]],
+    ) -> None:
+        """Fetch the contiguous entries `items` with one request (with retries) and resolve them."""
+        start = items[0][1].start
+        length = items[-1][1].start + items[-1][1].size - start
+        try:
+            data = self._retrying(
+                lambda: self._fetch_exact(start, length),
+                f"{self._name}: bytes {start}-{start + length - 1}",
+            )
+        except BaseException as exc:
+            self._fill_failed(items, cached, exc)
+            return
+        if len(items) == 1:
+            _resolve(items[0][1].future, data, None)
+        else:
+            view = memoryview(data)
+            for _, e in items:
+                _resolve(e.future, bytes(view[e.start - start : e.start - start + e.size]), None)
+        if items[0][0][0] == 1:
+            self._drop_small_blocks_in(items[0][0][1])
+
+    def _fill_failed(
+        self,
+        items: list[tuple[tuple[int, int], _Entry]],
+        cached: list[tuple[tuple[int, int], _Entry]],
+        exc: BaseException,
+    ) -> None:
+        with self._lock:  # forget the failure, so a later read tries again
+            for key, e in cached:
+                if self._entries.get(key) is e:
+                    del self._entries[key]
+                    self.cache_bytes -= e.size
+        for _, e in items:
+            _resolve(e.future, None, exc)
+
+    def _drop_small_blocks_in(self, ci: int) -> None:
+        """A chunk supersedes the small blocks it covers: free their room."""
+        C, S = self.chunk_size, self._small
+        with self._lock:
+            for b in range(ci * C // S, -(-min((ci + 1) * C, self._size) // S)):
+                e = self._entries.get((0, b))
+                if e is not None and e.future.done():
+                    del self._entries[(0, b)]
+                    self.cache_bytes -= e.size
+
+    def _fetch_exact(self, start: int, length: int) -> bytes:
+        if self._closed.is_set():
+            raise SystemError_(f"{self._name}: the source was closed")
+        data = self._fetch(start, length)
+        if len(data) != length:
+            raise Transient(f"short read: got {len(data)} of {length} bytes at offset {start}")
+        return data
+
+
+def describe(exc: BaseException) -> str:
+    """A one-line description of a low-level error for messages."""
+    text = str(exc) or exc.__class__.__name__
+    return f"{exc.__class__.__name__}: {text}" if exc.__class__.__name__ not in text else text
+
+
+__all__ = [
+    "DEFAULT_CACHE",
+    "DEFAULT_CHUNK",
+    "DEFAULT_READAHEAD",
+    "ReadAheadSource",
+    "RetryPolicy",
+    "Transient",
+    "describe",
+]
