@@ -554,7 +554,7 @@ def test_kill_9_resumes_raw(big: Big, tmp_path: Path) -> None:
         tmp_path / "out.raw",
         tmp_path / "state",
         big.raw_sha,
-        lambda offset: big.raw.stat().st_size - offset,
+        lambda offset: _data_after(big.raw, offset),  # holes in a raw file are not read
     )
 
 
