@@ -482,7 +482,7 @@ def test_close_wakes_waiters_and_refuses_reads() -> None:
 
 
 def test_addressing_style_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    from rehost.blob.s3 import addressing_style, make_client
+    from rehost.blob.s3client import addressing_style, make_client
 
     monkeypatch.delenv("REHOST_S3_ADDRESSING", raising=False)
     monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)

@@ -23,8 +23,7 @@ Botocore's own retries are off: `RetryPolicy` retries, with one budget.
 
 from __future__ import annotations
 
-import os
-from typing import TYPE_CHECKING, Any, Literal, cast
+from typing import TYPE_CHECKING, Any
 
 from rehost.blob.readahead import (
     DEFAULT_CACHE,
@@ -35,6 +34,7 @@ from rehost.blob.readahead import (
     Transient,
     describe,
 )
+from rehost.blob.s3client import make_client
 from rehost.errors import AccessDenied, RehostError, SourceChanged, SourceNotFound, SystemError_
 
 if TYPE_CHECKING:
@@ -82,42 +82,6 @@ def parse_s3_url(url: str) -> tuple[str, str]:
             f"{url}: an S3 location is s3://BUCKET/KEY", hint="name both the bucket and the key"
         )
     return bucket, key
-
-
-def addressing_style() -> Literal["path", "virtual", "auto"]:
-    """The botocore addressing style from REHOST_S3_ADDRESSING (path|virtual|auto)."""
-    style = os.environ.get("REHOST_S3_ADDRESSING", "auto").strip().lower() or "auto"
-    if style not in ("path", "virtual", "auto"):
-        raise SystemError_(
-            f"REHOST_S3_ADDRESSING={style!r} is not path, virtual or auto",
-            hint="set REHOST_S3_ADDRESSING to path, virtual or auto (the default)",
-        )
-    if style == "auto" and (
-        os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    ):
-        return "path"
-    return cast(Literal["path", "virtual", "auto"], style)
-
-
-def make_client(max_connections: int = 16) -> S3Client:
-    """An S3 client configured from the environment, with botocore's retries off."""
-    import boto3
-    from botocore.config import Config
-
-    config = Config(
-        s3={"addressing_style": addressing_style()},
-        retries={"total_max_attempts": 1},
-        max_pool_connections=max_connections,
-        connect_timeout=10,
-        read_timeout=30,
-        # Ranged GETs cannot be checked against a whole-object checksum anyway, and not
-        # every S3-compatible store understands the newer flexible-checksum headers.
-        request_checksum_calculation="when_required",
-        response_checksum_validation="when_required",
-    )
-    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or None
-    # A session of our own: boto3's default session is not thread-safe to create clients from.
-    return boto3.session.Session().client("s3", region_name=region, config=config)
 
 
 class S3Source(ReadAheadSource):

@@ -52,8 +52,9 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
+from rehost.blob import s3, s3client
 from rehost.errors import AccessDenied, RehostError, SourceNotFound
 
 if TYPE_CHECKING:
@@ -138,54 +139,16 @@ def state_path(state_dir: Path, bucket: str, key: str, path: str | os.PathLike[s
 
 def parse_s3_url(url: str, filename: str | None = None) -> tuple[str, str]:
     """`s3://bucket/key` -> (bucket, key). A key that is empty or ends in "/" gets `filename`."""
-    if not url.startswith("s3://"):
-        raise ValueError(f"{url!r} is not an s3://BUCKET/KEY URL")
-    bucket, _, key = url[len("s3://") :].partition("/")
-    if not bucket:
-        raise ValueError(f"{url!r} names no bucket")
-    if (not key or key.endswith("/")) and filename:
-        key += filename
-    if not key:
-        raise ValueError(f"{url!r} names no key")
-    return bucket, key
+    if url.startswith("s3://") and filename and (url.endswith("/") or url.count("/") == 2):
+        url = url.rstrip("/") + "/" + filename if url.count("/") == 2 else url + filename
+    try:
+        return s3.parse_s3_url(url)
+    except SourceNotFound as e:
+        raise ValueError(e.reason) from e
 
 
 def make_client(max_connections: int = 10) -> S3Client:
-    """An S3 client configured the standard way (AWS_* variables, config files).
-
-    REHOST_S3_ADDRESSING=path|virtual|auto picks the addressing style; `auto` means
-    path style when an endpoint URL is set (most S3-compatible stores want it) and
-    boto3's own choice otherwise. Retries: botocore's standard mode, 8 attempts, with
-    backoff on throttling, 5xx and connection errors.
-    """
-    import boto3
-    from botocore.config import Config
-
-    setting = os.environ.get("REHOST_S3_ADDRESSING", "auto").strip().lower() or "auto"
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    addressing: Literal["auto", "virtual", "path"]
-    if setting == "path" or (setting == "auto" and endpoint):
-        addressing = "path"
-    elif setting == "virtual":
-        addressing = "virtual"
-    elif setting == "auto":
-        addressing = "auto"
-    else:
-        raise UploadError(
-            f"REHOST_S3_ADDRESSING={setting!r}", hint="set it to path, virtual or auto"
-        )
-    config = Config(
-        s3={"addressing_style": addressing},
-        retries={"mode": "standard", "max_attempts": 8},
-        max_pool_connections=max_connections,
-        connect_timeout=10,
-        read_timeout=120,
-        # Content-MD5 on every part is the integrity check; the newer default CRC
-        # "flexible checksums" are not understood by every S3-compatible store.
-        request_checksum_calculation="when_required",
-        response_checksum_validation="when_required",
-    )
-    return boto3.session.Session().client("s3", config=config)
+    return s3client.make_client(max_connections, botocore_retries=True, read_timeout=120)
 
 
 # -- errors --------------------------------------------------------------------------------
