@@ -73,3 +73,24 @@ def s3_client(store: StoreInfo) -> S3Client:
         aws_secret_access_key=store.secret_key,
         region_name=store.region,
     )
+
+
+class MemorySource:
+    """A RangeSource over bytes, so mutants need not be written to disk."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+
+    @property
+    def name(self) -> str:
+        return "memory"
+
+    @property
+    def size(self) -> int:
+        return len(self._data)
+
+    def read(self, offset: int, length: int) -> bytes:
+        return self._data[offset : offset + length]
+
+    def close(self) -> None:
+        pass

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import MiB, oracle_sha256, rehost_sha256, run, write_guest
+from helpers import MemorySource, MiB, oracle_sha256, rehost_sha256, run, write_guest
 from rehost.blob.source import LocalFile
 from rehost.errors import SINGLE_FILE_HINT, ImageMetadataError
 from rehost.image import ExtentKind, open_image, vhd
@@ -388,27 +388,6 @@ def test_guest_starting_with_a_footer_is_ambiguous(vhds: dict[str, Path], tmp_pa
     with open(p, "r+b") as f:
         f.write(src.read_bytes()[-512:])
     refused(p, "ambiguous")
-
-
-class MemorySource:
-    """A RangeSource over bytes, so mutants need not be written to disk."""
-
-    def __init__(self, data: bytes) -> None:
-        self._data = data
-
-    @property
-    def name(self) -> str:
-        return "memory"
-
-    @property
-    def size(self) -> int:
-        return len(self._data)
-
-    def read(self, offset: int, length: int) -> bytes:
-        return self._data[offset : offset + length]
-
-    def close(self) -> None:
-        pass
 
 
 def test_mutated_fields_only_raise_typed_errors(vhds: dict[str, Path]) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 import google_crc32c
 import pytest
 
-from helpers import MiB, oracle_sha256, rehost_sha256, run, sha256_file, write_guest
+from helpers import MemorySource, MiB, oracle_sha256, rehost_sha256, run, sha256_file, write_guest
 from rehost.blob.source import LocalFile
 from rehost.errors import SINGLE_FILE_HINT, ImageMetadataError
 from rehost.image import ExtentKind, open_image, vhdx
@@ -724,27 +724,6 @@ def test_partial_last_block_tolerated_like_qemu(vhdxs: dict[str, Path], tmp_path
     assert rehost_sha256(p, tmp_path) == oracle_sha256(p, tmp_path)
     os.truncate(p, last + visible - 512)
     refused(p, "lies past the end")
-
-
-class MemorySource:
-    """A RangeSource over bytes, so mutants need not be written to disk."""
-
-    def __init__(self, data: bytes) -> None:
-        self._data = data
-
-    @property
-    def name(self) -> str:
-        return "memory"
-
-    @property
-    def size(self) -> int:
-        return len(self._data)
-
-    def read(self, offset: int, length: int) -> bytes:
-        return self._data[offset : offset + length]
-
-    def close(self) -> None:
-        pass
 
 
 def test_mutated_tables_only_raise_typed_errors(vhdxs: dict[str, Path]) -> None:
