@@ -34,7 +34,7 @@ from rehost.blob.readahead import (
     Transient,
     describe,
 )
-from rehost.blob.s3client import make_client
+from rehost.blob.s3client import DENIED_CODES, make_client
 from rehost.errors import AccessDenied, RehostError, SourceChanged, SourceNotFound, SystemError_
 
 if TYPE_CHECKING:
@@ -46,19 +46,6 @@ CREDENTIALS_HINT = (
     "right store"
 )
 _NOT_FOUND = {"NoSuchKey", "NotFound", "404", "NoSuchBucket", "NoSuchVersion"}
-_DENIED = {
-    "AccessDenied",
-    "403",
-    "401",
-    "Forbidden",
-    "SignatureDoesNotMatch",
-    "InvalidAccessKeyId",
-    "InvalidToken",
-    "ExpiredToken",
-    "TokenRefreshRequired",
-    "AllAccessDisabled",
-    "AccountProblem",
-}
 _TRANSIENT = {
     "SlowDown",
     "RequestTimeout",
@@ -222,7 +209,7 @@ class S3Source(ReadAheadSource):
             if code == "NoSuchBucket":
                 return SourceNotFound(f"{self._name}: the bucket {self.bucket!r} does not exist")
             return SourceNotFound(f"{self._name}: no such object ({text})")
-        if code in _DENIED or status in (401, 403):
+        if code in DENIED_CODES or status in (401, 403):
             return AccessDenied(f"{self._name}: {text}", hint=CREDENTIALS_HINT)
         if code == "PreconditionFailed" or status == 412:
             return self._changed(self._current_etag())

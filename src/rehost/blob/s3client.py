@@ -17,6 +17,26 @@ if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
 
 
+DENIED_CODES = frozenset(
+    {
+        "401",
+        "403",
+        "AccessDenied",
+        "AccountProblem",
+        "AllAccessDisabled",
+        "AuthorizationHeaderMalformed",
+        "ExpiredToken",
+        "Forbidden",
+        "InvalidAccessKeyId",
+        "InvalidSecurity",
+        "InvalidToken",
+        "SignatureDoesNotMatch",
+        "TokenRefreshRequired",
+    }
+)
+"""S3 error codes that mean the credentials or the link were refused: never retried."""
+
+
 def addressing_style() -> Literal["path", "virtual", "auto"]:
     style = os.environ.get("REHOST_S3_ADDRESSING", "auto").strip().lower() or "auto"
     if style not in ("path", "virtual", "auto"):

@@ -55,6 +55,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rehost.blob import s3, s3client
+from rehost.blob.s3client import DENIED_CODES
+from rehost.durable import atomic_write
 from rehost.errors import AccessDenied, RehostError, SourceNotFound
 
 if TYPE_CHECKING:
@@ -153,18 +155,6 @@ def make_client(max_connections: int = 10) -> S3Client:
 
 # -- errors --------------------------------------------------------------------------------
 
-_DENIED = {
-    "AccessDenied",
-    "SignatureDoesNotMatch",
-    "InvalidAccessKeyId",
-    "InvalidToken",
-    "ExpiredToken",
-    "TokenRefreshRequired",
-    "AllAccessDisabled",
-    "InvalidSecurity",
-    "AuthorizationHeaderMalformed",
-}
-
 
 def _error_code(e: BaseException) -> str:
     from botocore.exceptions import ClientError
@@ -186,7 +176,7 @@ def _translate(e: Exception, what: str) -> RehostError:
         code = _error_code(e)
         status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
         msg = e.response.get("Error", {}).get("Message", "")
-        if code in _DENIED or status == 403:
+        if code in DENIED_CODES or status == 403:
             return AccessDenied(f"{what}: {code or status}: {msg}".rstrip(": "))
         if code == "NoSuchBucket":
             return UploadError(f"{what}: the bucket does not exist", hint=_NO_BUCKET_HINT)
@@ -317,18 +307,7 @@ class _State:
 
 
 def _write_atomic(path: Path, data: dict[str, Any]) -> None:
-    """temp file + fsync + rename + fsync of the directory: the old or the new, never half."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    atomic_write(path, json.dumps(data, indent=1).encode())
 
 
 @contextlib.contextmanager

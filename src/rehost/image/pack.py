@@ -52,6 +52,7 @@ from pathlib import Path
 import zstandard
 from isal import isal_zlib
 
+from rehost.durable import fsync_dir
 from rehost.errors import DestinationError, ImageMetadataError
 from rehost.image.base import DiskImage, Extent, ExtentKind, ProgressFn
 from rehost.malloc import tune_for_streaming
@@ -456,11 +457,7 @@ def pack(
         raise
     os.close(fd)
     os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    fsync_dir(path.parent)
     return PackResult(
         virtual_size=size,
         file_size=file_size,
