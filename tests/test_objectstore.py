@@ -36,3 +36,26 @@ def test_wrong_secret_is_refused(s3_store: objectstore.StoreInfo) -> None:
     with pytest.raises(ClientError) as info:
         s3_client(bad).list_buckets()
     assert info.value.response["Error"]["Code"] in ("SignatureDoesNotMatch", "AccessDenied")
+
+
+def test_cli_start_status_stop(tmp_path: Path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "rehost", "objectstore", *args, "--dir", str(tmp_path / "s")],
+            capture_output=True,
+            text=True,
+        )
+
+    started = cli("start", "--json")
+    assert started.returncode == 0, started.stderr
+    info = json.loads(started.stdout)
+    try:
+        assert info["env"]["AWS_ENDPOINT_URL"].startswith("http://127.0.0.1:")
+        assert cli("status").returncode == 0
+    finally:
+        assert "stopped" in cli("stop").stdout
+    assert cli("status").returncode == 1
