@@ -1,0 +1,291 @@
+"""Layout discovery on a source made of loop disks, and its recreation on other-sized disks."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from loopdisk import BIOS_BOOT, ESP, LINUX, SWAP, LoopDisk, LoopLab, MiB, Part, blkid, sh
+from rehost.online.agent.layout import discover, fs_id_for, parse_table
+from rehost.online.receiver import disks as rdisks
+from rehost.online.receiver.disks import (
+    DestinationTooSmall,
+    LayoutMismatch,
+    LayoutUnsupported,
+    finalize,
+    prepare,
+)
+
+Json = dict[str, Any]
+
+
+@pytest.fixture
+def lab(tmp_path: Path) -> Iterator[LoopLab]:
+    lab = LoopLab(tmp_path)
+    try:
+        yield lab
+    finally:
+        for state in tmp_path.glob("state*"):
+            finalize(state)
+        lab.close()
+
+
+def table(dev: str) -> Json:
+    out: Json = json.loads(sh("sfdisk", "--json", dev))["partitiontable"]
+    return out
+
+
+def ext_features(dev: str) -> set[str]:
+    out = sh("dumpe2fs", "-h", dev)
+    line = next(ln for ln in out.splitlines() if ln.startswith("Filesystem features:"))
+    return set(line.split(":", 1)[1].split())
+
+
+def is_mount(path: Path) -> bool:
+    return subprocess.run(["mountpoint", "-q", str(path)]).returncode == 0
+
+
+def check_copy(src_layout: Json, index: str, dest: LoopDisk, src: LoopDisk) -> Json:
+    """The destination's table and filesystems match the source's; returns the dest table."""
+    st, dt = table(src.dev), table(dest.dev)
+    assert dt["label"] == st["label"] and dt["id"] == st["id"]
+    assert [p["type"] for p in dt["partitions"]] == [p["type"] for p in st["partitions"]]
+    for key in ("uuid", "name", "attrs", "bootable"):
+        assert [p.get(key) for p in dt["partitions"]] == [p.get(key) for p in st["partitions"]]
+    sectors = int(sh("blockdev", "--getsz", dest.dev))
+    assert all(p["start"] + p["size"] <= sectors for p in dt["partitions"])
+    for p in src_layout["disks"][index]["partitions"]:
+        if not p["fs"]:
+            continue
+        sdev, ddev = src.parts[p["number"]], f"{dest.dev}p{p['number']}"
+        for tag in ("TYPE", "UUID", "LABEL"):
+            assert blkid(ddev, tag) == blkid(sdev, tag), (p["number"], tag)
+        if p["fs"].startswith("ext"):
+            assert ext_features(ddev) == ext_features(sdev)
+    return dt
+
+
+def sizes(dt: Json) -> dict[int, int]:
+    return {int(p["node"].rsplit("p", 1)[1]): p["size"] * 512 for p in dt["partitions"]}
+
+
+def test_fs_id_for() -> None:
+    assert [fs_id_for(m) for m in ("/", "/boot", "/boot/efi")] == ["root", "boot", "efi"]
+    assert fs_id_for("/var/lib/my sql") == "data-var-lib-my-sql"
+    assert fs_id_for("/data") == "data-data"
+
+
+GPT_PARTS = [
+    Part(1, BIOS_BOOT),
+    Part(64, LINUX, "ext4", "/boot", "boot"),
+    Part(32, SWAP, "swap", label="sw"),
+    Part(
+        None,
+        LINUX,
+        "xfs",
+        "/",
+        "rootfs",
+        fill_mib=20,
+        extra='name="root", attrs="LegacyBIOSBootable"',
+    ),
+]
+DATA_PARTS = [Part(None, "83", "ext4", "/data", "data", fill_mib=8)]
+
+
+def test_gpt_bios_xfs_and_data_disk(lab: LoopLab, tmp_path: Path) -> None:
+    system = lab.disk("src0", 500, "gpt", GPT_PARTS)
+    data = lab.disk("src1", 100, "dos", DATA_PARTS)
+    root = tmp_path / "R"
+    lab.mount_tree(root, [(system, GPT_PARTS), (data, DATA_PARTS)])
+    layout = discover(str(root))
+
+    assert layout["unsupported"] == [] and layout["label"] == "gpt"
+    d0, d1 = layout["disks"]["0"], layout["disks"]["1"]
+    assert (d0["label"], d1["label"]) == ("gpt", "dos")
+    assert [p["fs"] for p in d0["partitions"]] == [None, "ext4", "swap", "xfs"]
+    assert d0["partitions"][0]["flags"] == ["bios_grub"]
+    assert "legacy_boot" in d0["partitions"][3]["flags"] and d0["partitions"][3]["name"] == "root"
+    mounts = {m["mount"]: m for m in layout["mounts"]}
+    assert {m: v["fs_id"] for m, v in mounts.items()} == {
+        "/": "root",
+        "/boot": "boot",
+        "/data": "data-data",
+    }
+    assert mounts["/"]["path"] == str(root) and mounts["/data"]["disk_index"] == "1"
+    assert 20 * MiB <= mounts["/"]["used"] < 100 * MiB
+    assert layout["swap"] == [
+        {
+            "device": system.parts[3],
+            "uuid": blkid(system.parts[3], "UUID"),
+            "label": "sw",
+            "size": 32 * MiB,
+        }
+    ]
+    # The stdlib table reader (for sfdisk without --json) agrees with sfdisk.
+    for disk in (system, data):
+        ours, theirs = parse_table(disk.dev), table(disk.dev)
+        assert ours is not None
+        for key in ("label", "id"):
+            assert str(ours[key]).lower() == str(theirs[key]).lower()
+        strip = [{k: v for k, v in p.items()} for p in theirs["partitions"]]
+        assert ours["partitions"] == strip
+
+    # Smaller destination: the xfs root shrinks, but keeps the used data plus margin.
+    small0, small1 = lab.disk("dst0", 420), lab.disk("dst1", 90)
+    state = tmp_path / "state-small"
+    result = prepare(layout, {"0": small0.dev, "1": small1.dev}, state)
+    lab.sync_partitions(small0)
+    lab.sync_partitions(small1)
+    dt = check_copy(layout, "0", small0, system)
+    check_copy(layout, "1", small1, data)
+    got = sizes(dt)
+    assert got[1] == MiB and got[2] == 64 * MiB and got[3] <= 32 * MiB
+    assert mounts["/"]["used"] * 1.1 + 64 * MiB <= got[4] < d0["partitions"][3]["size"]
+    assert sorted(result["filesystems"]) == ["boot", "data-data", "root"]
+    for fs_id, fs in result["filesystems"].items():
+        assert fs["mounted_at"] == str(state / "mnt" / fs_id) and is_mount(Path(fs["mounted_at"]))
+    assert result["swap"][0]["uuid"] == blkid(system.parts[3], "UUID")
+    xfs_src, xfs_dst = sh("xfs_info", root), sh("xfs_info", state / "mnt/root")
+    for key in ("crc=", "reflink=", "bigtime=", "ftype=", "sparse="):
+        assert xfs_src.split(key)[1][0] == xfs_dst.split(key)[1][0], key
+
+    # Idempotent: the same layout again keeps the data and just remounts.
+    (state / "mnt/root/marker").write_text("kept")
+    assert prepare(layout, {"0": small0.dev, "1": small1.dev}, state) == result
+    finalize(state)
+    assert not any(is_mount(state / "mnt" / f) for f in result["filesystems"])
+    sh("e2fsck", "-fn", f"{small0.dev}p2")
+    sh("e2fsck", "-fn", f"{small1.dev}p1")
+    sh("xfs_repair", "-n", f"{small0.dev}p4")
+    assert prepare(layout, {"0": small0.dev, "1": small1.dev}, state) == result
+    assert (state / "mnt/root/marker").read_text() == "kept"
+    # A different layout is refused now that data was written.
+    other = copy.deepcopy(layout)
+    other["disks"]["0"]["partitions"][1]["label"] = "boot2"
+    with pytest.raises(LayoutMismatch):
+        prepare(other, {"0": small0.dev, "1": small1.dev}, state)
+    finalize(state)
+
+    # Larger destination: the last ext/xfs partition (the root) takes the rest.
+    big0, big1 = lab.disk("big0", 640), lab.disk("big1", 200)
+    prepare(layout, {"0": big0.dev, "1": big1.dev}, tmp_path / "state-big")
+    lab.sync_partitions(big0)
+    lab.sync_partitions(big1)
+    got = sizes(check_copy(layout, "0", big0, system))
+    assert got[4] > d0["partitions"][3]["size"] and 640 * MiB - got[4] - 98 * MiB <= 2 * MiB
+    assert sizes(check_copy(layout, "1", big1, data))[1] >= 197 * MiB
+
+
+MBR_PARTS = [
+    Part(120, "83", "ext4", "/", "root", extra="bootable", fill_mib=10),
+    Part(None, "5"),
+    Part(40, "82", "swap"),
+]
+
+
+def test_mbr_root_and_logical_swap(lab: LoopLab, tmp_path: Path) -> None:
+    system = lab.disk("src0", 200, "dos", MBR_PARTS)
+    root = tmp_path / "R"
+    lab.mount_tree(root, [(system, MBR_PARTS)])
+    layout = discover(str(root))
+    assert layout["unsupported"] == []
+    parts = layout["disks"]["0"]["partitions"]
+    assert [(p["number"], p["type"], p["fs"], p["flags"]) for p in parts] == [
+        (1, "83", "ext4", ["boot"]),
+        (2, "5", None, []),
+        (5, "82", "swap", []),
+    ]
+    ours = parse_table(system.dev)
+    assert ours is not None and ours["partitions"] == table(system.dev)["partitions"]
+
+    big = lab.disk("dst0", 300)
+    result = prepare(layout, {"0": big.dev}, tmp_path / "state")
+    lab.sync_partitions(big)
+    got = sizes(check_copy(layout, "0", big, system))
+    assert got[5] == 40 * MiB and got[1] > 200 * MiB
+    assert list(result["filesystems"]) == ["root"] and len(result["swap"]) == 1
+
+
+# This test kernel has no vfat: the ESP is then left unmounted on the source, which discover
+# reports too (formatted on the destination with the same volume id, not mounted).
+VFAT = "vfat" in Path("/proc/filesystems").read_text().split()
+ESP_PARTS = [
+    Part(64, ESP, "vfat", "/boot/efi" if VFAT else None, "EFI"),
+    Part(None, LINUX, "ext4", "/", "root", fill_mib=30),
+]
+
+
+def test_gpt_esp_too_small_and_relayout(lab: LoopLab, tmp_path: Path) -> None:
+    system = lab.disk("src0", 200, "gpt", ESP_PARTS)
+    root = tmp_path / "R"
+    lab.mount_tree(root, [(system, ESP_PARTS)])
+    layout = discover(str(root))
+    parts = layout["disks"]["0"]["partitions"]
+    assert [(p["fs"], p["flags"]) for p in parts] == [("vfat", ["esp"]), ("ext4", [])]
+    assert {m["fs_id"] for m in layout["mounts"]} == ({"root", "efi"} if VFAT else {"root"})
+
+    tiny = lab.disk("tiny", 120)
+    with pytest.raises(DestinationTooSmall) as err:
+        prepare(layout, {"0": tiny.dev}, tmp_path / "state-tiny")
+    used = next(m["used"] for m in layout["mounts"] if m["mount"] == "/")
+    assert err.value.code == "DESTINATION_TOO_SMALL" and err.value.have == 120 * MiB
+    assert err.value.need >= 64 * MiB + used * 1.1 + 64 * MiB > err.value.have
+    assert err.value.to_dict()["need"] == str(err.value.need)
+    assert blkid(tiny.dev, "PTTYPE") == ""  # untouched
+
+    dest = lab.disk("dst0", 170)
+    state = tmp_path / "state"
+    prepare(layout, {"0": dest.dev}, state)
+    lab.sync_partitions(dest)
+    check_copy(layout, "0", dest, system)
+    # Nothing written yet: a changed layout is accepted and applied.
+    other = copy.deepcopy(layout)
+    other["disks"]["0"]["partitions"][1]["label"] = "newroot"
+    prepare(other, {"0": dest.dev}, state)
+    assert blkid(f"{dest.dev}p2", "LABEL") == "newroot"
+    (state / "mnt/root/file").write_text("data")
+    with pytest.raises(LayoutMismatch):
+        prepare(layout, {"0": dest.dev}, state)
+
+
+@pytest.mark.skipif(shutil.which("mkfs.btrfs") is None, reason="needs mkfs.btrfs")
+def test_unsupported_filesystem(lab: LoopLab, tmp_path: Path) -> None:
+    parts = [Part(64, LINUX, "ext4", "/", "root"), Part(None, LINUX, "btrfs", "/srv")]
+    system = lab.disk("src0", 300, "gpt", parts)
+    root = tmp_path / "R"
+    lab.mount_tree(root, [(system, parts)])
+    layout = discover(str(root))
+    assert len(layout["unsupported"]) == 1 and "/srv is btrfs" in layout["unsupported"][0]
+    dest = lab.disk("dst0", 300)
+    with pytest.raises(LayoutUnsupported, match="btrfs"):
+        prepare(layout, {"0": dest.dev}, tmp_path / "state")
+    assert blkid(dest.dev, "PTTYPE") == ""
+
+
+def test_unsupported_layouts_refused_before_touching_disks(tmp_path: Path) -> None:
+    part = {
+        "number": 1,
+        "start": 2048,
+        "size": 64 * MiB,
+        "type": "83",
+        "fs": "zfs",
+        "fs_id": "root",
+    }
+    layout: Json = {
+        "label": "dos",
+        "disks": {"0": {"source_size": 100 * MiB, "partitions": [part]}},
+    }
+    with pytest.raises(LayoutUnsupported, match="zfs"):
+        prepare(layout, {"0": "/nonexistent"}, tmp_path)
+    with pytest.raises(LayoutUnsupported, match="no destination disk"):
+        prepare({**layout, "disks": {"1": layout["disks"]["0"]}}, {"0": "/x"}, tmp_path)
+    no_root = discover(str(tmp_path))  # a plain directory on the host's root filesystem
+    assert any("no filesystem" in r or "not" in r for r in no_root["unsupported"])
+    assert rdisks.LayoutUnsupported.code == "LAYOUT_UNSUPPORTED"
