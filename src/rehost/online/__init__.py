@@ -1,0 +1,1 @@
+"""Online migration: the source agent, the migration-mode receiver and their protocol."""

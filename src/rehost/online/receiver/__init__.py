@@ -1,0 +1,1 @@
+"""The destination-side receiver that runs in migration mode."""
