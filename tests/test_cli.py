@@ -34,7 +34,7 @@ def test_inspect_json(guest_raw: Path, tmp_path: Path) -> None:
 
 def test_convert_json_and_byte_exact(guest_raw: Path, tmp_path: Path) -> None:
     out = tmp_path / "out.raw"
-    proc = rehost("image", "convert", guest_raw, out, "--json")
+    proc = rehost("image", "convert", guest_raw, out, "--json", "--digest")
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     assert result["virtual_size"] == guest_raw.stat().st_size

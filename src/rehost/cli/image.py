@@ -92,6 +92,13 @@ def convert(
         Path, typer.Argument(help="Raw file (created sparse if missing) or block device.")
     ],
     fmt: Fmt = None,
+    digest: Annotated[
+        bool,
+        typer.Option(
+            "--digest",
+            help="Also hash the guest content (rehost-content-v1), to compare with a re-read later.",
+        ),
+    ] = False,
     json: Json = False,
 ) -> None:
     """Write the image's guest bytes as raw onto a file or block device."""
@@ -101,7 +108,7 @@ def convert(
         try:
             with disk, progress_bar("converting", img.virtual_size, not json) as advance:
                 require_capacity(img, disk)
-                result = convert_image(img, disk, progress=advance)
+                result = convert_image(img, disk, progress=advance, digest=digest)
         except BaseException:
             if created:
                 os.unlink(dest)
@@ -113,7 +120,8 @@ def convert(
     out_console.print(
         f"converted {src} ({img.format}) -> {dest}: {human_bytes(result.virtual_size)} in "
         f"{result.elapsed:.2f}s ({human_bytes(result.rate)}/s), "
-        f"{human_bytes(result.written_bytes)} written\ncontent digest {result.digest}"
+        f"{human_bytes(result.written_bytes)} written"
+        + (f"\ncontent digest {result.digest}" if result.digest else "")
     )
 
 

@@ -15,6 +15,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 from rehost.disk.target import Disk
@@ -43,22 +44,33 @@ class ConvertResult:
         return self.virtual_size / self.elapsed if self.elapsed > 0 else 0.0
 
 
+SURVEY_KEEP = 1 << 18
+"""Extents kept from the survey for the write pass (~30 MiB at most); more are re-walked."""
+WINDOW_MAX = 32 << 20
+
+
 @dataclass
 class Survey:
     data_bytes: int = 0
     zero_bytes: int = 0
     extents: int = 0
+    kept: list[Extent] | None = None
+    """All the extents, when there were few enough to keep, so they need not be walked again."""
 
 
 def survey(image: DiskImage) -> Survey:
     """Walk the metadata once, so a corrupt table fails before anything is written."""
-    s = Survey()
+    s = Survey(kept=[])
     for ext in image.extents():
         s.extents += 1
         if ext.kind is ExtentKind.ZERO:
             s.zero_bytes += ext.length
         else:
             s.data_bytes += ext.length
+        if s.kept is not None:
+            s.kept.append(ext)
+            if len(s.kept) > SURVEY_KEEP:
+                s.kept = None
     return s
 
 
@@ -70,9 +82,9 @@ def require_capacity(image: DiskImage, disk: Disk) -> None:
         )
 
 
-def _extents_from(image: DiskImage, start: int) -> Iterator[Extent]:
+def _extents_from(image: DiskImage, start: int, kept: list[Extent] | None) -> Iterator[Extent]:
     """The image's extents from guest offset `start` (a segment boundary) on."""
-    for ext in image.extents():
+    for ext in kept if kept is not None else image.extents():
         if ext.end <= start:
             continue
         if ext.offset < start:
@@ -84,14 +96,16 @@ def _extents_from(image: DiskImage, start: int) -> Iterator[Extent]:
         yield ext
 
 
-def _batches(image: DiskImage, start: int) -> Iterator[tuple[int, list[Extent]] | Extent]:
+def _batches(
+    image: DiskImage, start: int, kept: list[Extent] | None = None
+) -> Iterator[tuple[int, list[Extent]] | Extent]:
     """Yield (start, extents) batches, or a bare ZERO extent of whole blocks to skip.
 
     A batch always starts on a 64 KiB block boundary and ends on one (or at the end
     of the disk), so each batch hashes whole digest blocks on its own.
     """
     batch: list[Extent] = []
-    for ext in _extents_from(image, start):
+    for ext in _extents_from(image, start, kept):
         if ext.kind is ExtentKind.ZERO:
             inner_start = -(-ext.offset // BLOCK) * BLOCK
             inner_end = ext.end // BLOCK * BLOCK
@@ -123,11 +137,26 @@ def _batches(image: DiskImage, start: int) -> Iterator[tuple[int, list[Extent]] 
         yield start, batch
 
 
-def _run_batch(image: DiskImage, disk: Disk, start: int, batch: list[Extent]) -> tuple[bytes, int]:
+def _compressed_span(batch: list[Extent]) -> tuple[int, int] | None:
+    """The file range holding a batch's compressed clusters, if reading it whole pays."""
+    packed = [e for e in batch if e.kind is ExtentKind.COMPRESSED]
+    if len(packed) < 2:
+        return None
+    lo = max(0, min(e.host_offset for e in packed) - 512)  # room for VMDK grain markers
+    hi = max(e.host_offset + e.host_length for e in packed)
+    budget = min(WINDOW_MAX, 2 * sum(e.host_length for e in packed) + (1 << 20))
+    return (lo, hi) if hi - lo <= budget else None
+
+
+def _run_batch(
+    image: DiskImage, disk: Disk, start: int, batch: list[Extent], hashed: bool
+) -> tuple[bytes, int]:
     """Read, hash and write one batch; return its digest records and bytes written."""
-    parts = [image.read(ext) for ext in batch]
+    window = _compressed_span(batch)
+    with image.host_window(*window) if window else nullcontext():
+        parts = [image.read(ext) for ext in batch]
     buf = parts[0] if len(parts) == 1 else b"".join(parts)
-    records, zero_blocks = block_records(start, buf)
+    records, zero_blocks = block_records(start, buf, hashed=hashed)
     written = 0
     # Write maximal runs of non-zero blocks; zero blocks are skipped or zeroed.
     zero_set = set(zero_blocks)
@@ -164,11 +193,13 @@ def convert(
     segments: dict[int, str] | None = None,
     checkpoint: Checkpoint | None = None,
     checkpoint_every: int = SEGMENT,
+    digest: bool = True,
 ) -> ConvertResult:
     """Write the image's guest bytes onto the disk and return their content digest.
 
     To resume, pass a `resume_from` offset and the `segments` that a `checkpoint`
     call reported for it; only the rest of the image is then read and written.
+    With `digest=False` the guest bytes are not hashed (the result's digest is "").
     """
     if resume_from % SEGMENT or checkpoint_every % SEGMENT:
         raise ValueError("resume points and checkpoints fall on segment boundaries")
@@ -176,8 +207,8 @@ def convert(
     began = time.monotonic()
     require_capacity(image, disk)
     plan = survey(image)
-    workers = workers or min(8, (os.cpu_count() or 2) + 2)
-    digest = ContentDigest(segments)
+    workers = workers or max(2, min(8, os.cpu_count() or 2))  # more only adds GIL contention
+    content = ContentDigest(segments)
     written = 0
     done = resume_from
     next_checkpoint = resume_from + checkpoint_every
@@ -187,7 +218,7 @@ def convert(
         nonlocal written, done, next_checkpoint
         if fut is not None:
             records, n = fut.result()
-            digest.add(records)
+            content.add(records)
             written += n
         if progress:
             progress(end - done)
@@ -195,18 +226,18 @@ def convert(
         if checkpoint and done >= next_checkpoint and done < image.virtual_size:
             mark = done // checkpoint_every * checkpoint_every
             disk.flush()  # the data is durable before the checkpoint that names it
-            checkpoint(mark, digest.finished_before(mark))
+            checkpoint(mark, content.finished_before(mark))
             next_checkpoint = mark + checkpoint_every
 
     with ThreadPoolExecutor(workers, thread_name_prefix="convert") as pool:
         try:
-            for item in _batches(image, resume_from):
+            for item in _batches(image, resume_from, plan.kept):
                 if isinstance(item, Extent):
                     disk.zero(item.offset, item.length)
                     pending.append((item.end, None))
                 else:
                     start, batch = item
-                    fut = pool.submit(_run_batch, image, disk, start, batch)
+                    fut = pool.submit(_run_batch, image, disk, start, batch, digest)
                     pending.append((batch[-1].end, fut))
                 while pending and (len(pending) >= workers * 2 or pending[0][1] is None):
                     advance(*pending.popleft())
@@ -223,6 +254,6 @@ def convert(
         data_bytes=plan.data_bytes,
         zero_bytes=plan.zero_bytes,
         written_bytes=written,
-        digest=digest.finish(image.virtual_size),
+        digest=content.finish(image.virtual_size) if digest else "",
         elapsed=time.monotonic() - began,
     )

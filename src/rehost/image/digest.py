@@ -35,7 +35,7 @@ _ZERO_BLOCK = bytes(BLOCK)
 _LE64 = struct.Struct("<Q")
 
 
-def block_records(offset: int, data: bytes) -> tuple[bytes, list[int]]:
+def block_records(offset: int, data: bytes, *, hashed: bool = True) -> tuple[bytes, list[int]]:
     """Hash the non-zero blocks of `data`, which starts at a block-aligned guest offset.
 
     Returns the concatenated records and the in-buffer offsets of the zero blocks,
@@ -50,7 +50,7 @@ def block_records(offset: int, data: bytes) -> tuple[bytes, list[int]]:
     for start in range(0, len(data), BLOCK):
         if data.startswith(_ZERO_BLOCK[: min(BLOCK, len(data) - start)], start):
             zeros.append(start)
-        else:
+        elif hashed:
             records += _LE64.pack(index) + blake3(view[start : start + BLOCK]).digest()
         index += 1
     return bytes(records), zeros
