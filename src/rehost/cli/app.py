@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from rehost import __version__
-from rehost.cli import demo, image, importer, objectstore, upload
+from rehost.cli import agent, demo, image, importer, objectstore, receive, upload
 from rehost.cli.output import report_error, setup_logging
 
 app = typer.Typer(
@@ -22,6 +22,9 @@ app.add_typer(image.app, name="image")
 app.add_typer(objectstore.app, name="objectstore")
 app.command(name="upload")(upload.upload)
 app.command(name="import")(importer.import_)
+app.command(name="receive")(receive.receive)
+app.command(name="agent")(agent.agent)
+app.command(name="agent-bundle")(agent.agent_bundle)
 app.command(name="demo")(demo.demo)
 
 

@@ -1,0 +1,93 @@
+"""`rehost receive`: the destination side of an online migration, run in migration mode.
+
+It only parses and checks the command line; rehost.online.receiver.server does the work.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """'ADDR:PORT', ':PORT' (all addresses) or '[v6]:PORT' -> (addr, port)."""
+    match = re.fullmatch(r"(?:\[([0-9A-Fa-f:.]+)\]|([^\[\]:\s]*)):(\d{1,5})", value)
+    if not match or not 0 < int(match.group(3)) < 65536:
+        raise typer.BadParameter(
+            f"expected ADDR:PORT or :PORT, not {value!r}", param_hint="--listen"
+        )
+    return match.group(1) or match.group(2) or "0.0.0.0", int(match.group(3))
+
+
+def parse_pairs(values: list[str], option: str, numeric: bool) -> dict[str, str]:
+    """['KEY=VALUE', ...] -> {KEY: VALUE}; keys unique, numeric keys ≥ 1 when `numeric`."""
+    pairs: dict[str, str] = {}
+    for value in values:
+        key, sep, rest = value.partition("=")
+        if not sep or not key or not rest:
+            raise typer.BadParameter(f"expected KEY=VALUE, not {value!r}", param_hint=option)
+        if numeric and (not key.isdigit() or int(key) < 1):
+            raise typer.BadParameter(f"the index must be 1 or more, not {key!r}", param_hint=option)
+        if key in pairs:
+            raise typer.BadParameter(f"{key} is given twice", param_hint=option)
+        pairs[str(int(key)) if numeric else key] = rest
+    return pairs
+
+
+def read_token(path: Path) -> str:
+    try:
+        token = path.read_text().strip()
+    except OSError as e:
+        raise typer.BadParameter(
+            f"cannot read {path}: {e.strerror}", param_hint="--token-file"
+        ) from e
+    if not token:
+        raise typer.BadParameter(f"{path} is empty", param_hint="--token-file")
+    return token
+
+
+def receive(
+    token_file: Annotated[
+        Path, typer.Option("--token-file", help="File holding the migration's secret token.")
+    ],
+    state_dir: Annotated[
+        Path,
+        typer.Option("--state-dir", help="Journal, TLS certificate, mounts and fingerprint."),
+    ],
+    listen: Annotated[
+        str, typer.Option("--listen", help="ADDR:PORT or :PORT to serve TLS on.")
+    ] = "0.0.0.0:443",
+    system_disk: Annotated[
+        str | None, typer.Option("--system-disk", help="Destination disk 0 (block device).")
+    ] = None,
+    data_disk: Annotated[
+        list[str] | None,
+        typer.Option("--data-disk", help="INDEX=DEV: destination data disk INDEX (1, 2, ...)."),
+    ] = None,
+    root: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--root",
+            help="FSID=DIR: receive filesystem FSID into an existing directory instead of a "
+            "disk (testing and advanced use).",
+        ),
+    ] = None,
+) -> None:
+    """Receive a migration: serve TLS, check the token, write the source's files to disks."""
+    from rehost.online.receiver.server import serve
+
+    addr, port = parse_listen(listen)
+    disks = parse_pairs(data_disk or [], "--data-disk", numeric=True)
+    if system_disk is not None:
+        disks["0"] = system_disk
+    roots = {k: Path(v) for k, v in parse_pairs(root or [], "--root", numeric=False).items()}
+    if not disks and not roots:
+        raise typer.BadParameter(
+            "give the destination disks (or --root FSID=DIR)", param_hint="--system-disk"
+        )
+    state_dir.mkdir(parents=True, exist_ok=True)
+    host = f"[{addr}]" if ":" in addr else addr
+    serve(f"{host}:{port}", read_token(token_file), state_dir, disks, roots=roots or None)

@@ -1,0 +1,268 @@
+"""The agent's HTTPS client: a pinned certificate, the token, a bandwidth cap and retries.
+
+The receiver's certificate is self-signed, so the chain is not checked; its sha256 is pinned
+instead and compared before the first byte of a request (the token) leaves this host.
+Bodies go out as chunked frame streams on one keep-alive connection; a token bucket paces
+every byte written to the socket so that a configured limit holds over short windows.
+"""
+
+import hashlib
+import http.client
+import json
+import socket
+import ssl
+import threading
+import time
+from typing import Any, Dict, Iterable, Optional, Sequence, Tuple
+
+from rehost.online.protocol import HASH_HEADER, AgentError, hash_algorithms
+
+_RETRYABLE = (OSError, http.client.HTTPException)
+_SEND_PIECE = 64 * 1024
+_FLUSH = 256 * 1024
+# TLS records and TCP/IP headers add about 3% to what is written to the socket (measured on
+# a veth pair); the limit is meant for the link, so each byte is counted with this factor
+_WIRE_OVERHEAD = 1.03
+
+
+class TokenBucket:
+    """Paces writes to `rate` bytes/s with a small burst, so 1-second windows stay even."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self.capacity = max(16384.0, rate / 20.0)
+        self.tokens = 0.0
+        self.stamp = time.monotonic()
+        self.lock = threading.Lock()
+
+    def take(self, n: int) -> None:
+        with self.lock:
+            now = time.monotonic()
+            self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
+            self.stamp = now
+            self.tokens -= n
+            debt = -self.tokens
+        if debt > 0:
+            time.sleep(debt / self.rate)
+
+
+class _Connection(http.client.HTTPSConnection):
+    """An HTTPSConnection whose writes are counted and paced."""
+
+    def __init__(self, owner: "ReceiverClient", host: str, port: int, **kw: Any) -> None:
+        super().__init__(host, port, **kw)
+        self.owner = owner
+
+    def send(self, data: Any) -> None:
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise TypeError("only bytes are sent")
+        view = memoryview(data)
+        for start in range(0, len(view), _SEND_PIECE):
+            piece = view[start : start + _SEND_PIECE]
+            if self.owner.bucket is not None:
+                self.owner.bucket.take(int(len(piece) * _WIRE_OVERHEAD))
+            super().send(piece)
+            self.owner.bytes_on_wire += len(piece)
+
+
+def split_address(address: str, default_port: int = 443) -> Tuple[str, int]:
+    """ "host:port", "[v6]:port", "host" → (host, port)."""
+    if address.startswith("["):
+        host, _, rest = address[1:].partition("]")
+        return host, int(rest[1:]) if rest.startswith(":") else default_port
+    if address.count(":") == 1:
+        host, port = address.split(":")
+        return host, int(port)
+    return address, default_port
+
+
+class ReceiverClient:
+    """Talks to one receiver; see docs/online-protocol.md for the endpoints."""
+
+    def __init__(
+        self,
+        address: str,
+        token: str,
+        fingerprint: str,
+        proxy: Optional[str] = None,
+        limit_kbps: int = 0,
+        retry_seconds: float = 300.0,
+        timeout: float = 600.0,
+    ) -> None:
+        self.host, self.port = split_address(address)
+        self.token = token
+        self.fingerprint = fingerprint.lower().replace(":", "")
+        self.proxy = split_address(proxy, 3128) if proxy else None
+        self.bucket = TokenBucket(limit_kbps * 1024.0) if limit_kbps > 0 else None
+        self.retry_seconds = retry_seconds
+        self.timeout = timeout
+        self.bytes_on_wire = 0
+        self.payload_bytes = 0
+        self.hash_alg = hash_algorithms()[0]
+        self._conn = None  # type: Optional[_Connection]
+        self.last_hello = {}  # type: Dict[str, Any]
+
+    # --- connection -------------------------------------------------------------------
+
+    def _connect(self) -> _Connection:
+        if self._conn is not None:
+            return self._conn
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        context.options |= getattr(ssl, "OP_NO_TLSv1", 0) | getattr(ssl, "OP_NO_TLSv1_1", 0)
+        if self.proxy is not None:
+            conn = _Connection(
+                self, self.proxy[0], self.proxy[1], context=context, timeout=self.timeout
+            )
+            conn.set_tunnel(self.host, self.port)
+        else:
+            conn = _Connection(self, self.host, self.port, context=context, timeout=self.timeout)
+        conn.connect()
+        sock = conn.sock
+        der = sock.getpeercert(binary_form=True) if isinstance(sock, ssl.SSLSocket) else None
+        seen = hashlib.sha256(der or b"").hexdigest()
+        if seen != self.fingerprint:
+            conn.close()
+            raise AgentError(
+                "FINGERPRINT_MISMATCH",
+                f"the receiver at {self.host}:{self.port} presented certificate {seen} but {self.fingerprint} is pinned",
+                "copy the fingerprint the receiver printed (STATE/fingerprint) into "
+                "Destination.Fingerprint; if it changed unexpectedly, something is in between",
+            )
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # a bodiless request first: a refused token then gets its 401 cleanly, instead of
+        # the receiver closing on a half-sent stream
+        conn.request("GET", "/v1/hello", headers=self._headers(None))
+        try:
+            self.last_hello = self._response(conn, "GET", "/v1/hello")
+        except BaseException:
+            conn.close()
+            raise
+        self._conn = conn
+        return conn
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def _headers(self, content_type: Optional[str]) -> Dict[str, str]:
+        headers = {"Authorization": "Bearer " + self.token, HASH_HEADER: self.hash_alg}
+        if content_type:
+            headers["Content-Type"] = content_type
+        return headers
+
+    def _response(self, conn: _Connection, method: str, path: str) -> Dict[str, Any]:
+        resp = conn.getresponse()
+        body = resp.read()
+        try:
+            obj = json.loads(body.decode("utf-8")) if body else {}
+        except ValueError:
+            obj = {"message": body[:200].decode("utf-8", "replace")}
+        if resp.status == 401:
+            raise AgentError(
+                "TOKEN_REJECTED",
+                "the receiver refused the token (401)",
+                "set Destination.Token to the token the receiver was started with",
+            )
+        if resp.status >= 400:
+            raise AgentError(
+                str(obj.get("code") or "RECEIVER_ERROR"),
+                "{} {} failed with {}: {}".format(
+                    method, path, resp.status, obj.get("message", "")
+                ),
+                str(obj.get("hint") or "see the receiver's log"),
+            )
+        if not isinstance(obj, dict):
+            raise AgentError("RECEIVER_ERROR", "the receiver's answer is not a JSON object")
+        return obj
+
+    def _retrying(self, attempt: Any) -> Dict[str, Any]:
+        deadline = time.monotonic() + self.retry_seconds
+        delay = 0.5
+        while True:
+            try:
+                return attempt(self._connect())  # type: ignore[no-any-return]
+            except AgentError:
+                self.close()
+                raise
+            except _RETRYABLE as e:
+                self.close()
+                if time.monotonic() + delay > deadline:
+                    raise AgentError(
+                        "RECEIVER_UNREACHABLE",
+                        f"cannot reach the receiver at {self.host}:{self.port}: {e}",
+                        "check that the receiver runs and that the port is open (or set Proxy)",
+                    ) from e
+                time.sleep(delay)
+                delay = min(delay * 2, 10.0)
+
+    # --- requests ---------------------------------------------------------------------
+
+    def request_json(
+        self, method: str, path: str, obj: Optional[Dict[str, Any]] = None
+    ) -> Dict[str, Any]:
+        body = json.dumps(obj).encode("utf-8") if obj is not None else None
+
+        def attempt(conn: _Connection) -> Dict[str, Any]:
+            headers = self._headers("application/json" if body is not None else None)
+            conn.request(method, path, body=body, headers=headers)
+            return self._response(conn, method, path)
+
+        return self._retrying(attempt)
+
+    def hello(self) -> Dict[str, Any]:
+        return self.request_json("GET", "/v1/hello")
+
+    def post_json(self, path: str, obj: Dict[str, Any]) -> Dict[str, Any]:
+        return self.request_json("POST", path, obj)
+
+    def post_frames(self, path: str, frames: Iterable[bytes]) -> Dict[str, Any]:
+        """POST a chunked frame stream. A list is re-sent after a connection failure;
+        a generator cannot be, so then the failure is raised as RECEIVER_UNREACHABLE."""
+        replayable = isinstance(frames, Sequence)
+
+        def attempt(conn: _Connection) -> Dict[str, Any]:
+            conn.putrequest("POST", path)
+            for key, value in self._headers("application/octet-stream").items():
+                conn.putheader(key, value)
+            conn.putheader("Transfer-Encoding", "chunked")
+            conn.endheaders()
+            try:
+                pending = []
+                size = 0
+                for frame in frames:
+                    pending.append(frame)
+                    size += len(frame)
+                    if size >= _FLUSH:
+                        conn.send(b"%x\r\n%s\r\n" % (size, b"".join(pending)))
+                        pending, size = [], 0
+                if size:
+                    conn.send(b"%x\r\n%s\r\n" % (size, b"".join(pending)))
+                conn.send(b"0\r\n\r\n")
+            except OSError as e:
+                # the receiver may have refused the stream and said why before closing
+                try:
+                    answer = self._response(conn, "POST", path)
+                except _RETRYABLE:
+                    raise e from None
+                raise AgentError(
+                    "PROTOCOL_ERROR", f"the receiver answered mid-stream: {answer}"
+                ) from e
+            return self._response(conn, "POST", path)
+
+        if replayable:
+            return self._retrying(attempt)
+        try:
+            return attempt(self._connect())
+        except AgentError:
+            self.close()
+            raise
+        except _RETRYABLE as e:
+            self.close()
+            raise AgentError(
+                "RECEIVER_UNREACHABLE",
+                f"the connection to {self.host}:{self.port} broke during a transfer: {e}",
+                "the batch is retried; if this persists check the receiver and the network",
+            ) from e

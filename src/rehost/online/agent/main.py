@@ -1,0 +1,340 @@
+"""The agent's command line: prechecks, then prepare, transfer and finalize, resumable.
+
+Runs on the source server (Python 3.6+, standard library only), from the zipapp or as
+`rehost agent`. Everything it writes lives beside its config file (log/ with rotation,
+state/ with the stage checkpoint), so deleting that folder removes every trace. The last
+line and the exit status say what happened and what to do next.
+"""
+
+import argparse
+import json
+import logging
+import logging.handlers
+import os
+import sys
+import time
+import traceback
+from typing import Any, Dict, List, Optional
+
+from rehost.online.agent import config as agent_config
+from rehost.online.agent.config import Config
+from rehost.online.agent.precheck import (
+    Check,
+    describe_error,
+    destination_layout,
+    failures,
+    migrated_mounts,
+    plan_disks,
+    require_ok,
+    run_prechecks,
+)
+from rehost.online.protocol import AgentError
+
+STAGES = ("prepare", "transfer", "finalize", "all")
+LOG_MAX_BYTES = 10 * 1024 * 1024
+LOG_BACKUPS = 5
+CHECK_RETRY_SECONDS = 5.0
+RESUME = "run the same command again to resume"
+log = logging.getLogger("rehost.online")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="rehost-agent",
+        description="Migrate this running Linux server to a destination running "
+        "`rehost receive`. Logs and state are kept beside the config file.",
+    )
+    p.add_argument("--config", required=True, metavar="FILE", help="the agent's JSON config")
+    p.add_argument(
+        "--check", action="store_true", help="run every precheck, change nothing, and exit"
+    )
+    p.add_argument(
+        "--stage",
+        choices=STAGES,
+        help="prepare the destination disks, transfer (repeatable: incremental), finalize "
+        "(after stopping your services), or all three",
+    )
+    p.add_argument(
+        "--source-root",
+        default="/",
+        metavar="DIR",
+        help="the root of the system to migrate (default /)",
+    )
+    return p
+
+
+class Agent:
+    """One run: the config, the source layout, the receiver client and the checkpoint."""
+
+    def __init__(self, config: Config, source_root: str, retry_seconds: float = 300.0) -> None:
+        self.config = config
+        self.retry_seconds = retry_seconds
+        self.source_root = os.path.abspath(source_root)
+        self.state_path = os.path.join(config.base_dir, "state", "agent.json")
+        self._layout = None  # type: Optional[Dict[str, Any]]
+        self._client = None  # type: Any
+
+    @property
+    def layout(self) -> Dict[str, Any]:
+        if self._layout is None:
+            from rehost.online.agent.layout import discover
+
+            self._layout = discover(self.source_root)
+            log.info("layout: %s", json.dumps(self._layout, sort_keys=True))
+        return self._layout
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            from rehost.online.agent.client import ReceiverClient
+
+            c = self.config
+            self._client = ReceiverClient(
+                c.address,
+                c.token,
+                c.fingerprint,
+                proxy=c.proxy,
+                limit_kbps=c.bandwidth_kbps,
+                retry_seconds=self.retry_seconds,
+            )
+        return self._client
+
+    # -- checkpoint ---------------------------------------------------------------------------
+
+    def load_state(self) -> Dict[str, Any]:
+        try:
+            with open(self.state_path, encoding="utf-8") as f:
+                state = json.load(f)
+            if isinstance(state, dict):
+                return state
+        except (OSError, ValueError):
+            pass
+        return {"completed": [], "passes": 0}
+
+    def save_state(self, state: Dict[str, Any]) -> None:
+        os.makedirs(os.path.dirname(self.state_path), exist_ok=True)
+        state["updated"] = time.time()
+        tmp = self.state_path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(state, f, indent=2, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.state_path)
+
+    def mark(self, stage: str, **extra: Any) -> None:
+        state = self.load_state()
+        if stage not in state["completed"]:
+            state["completed"].append(stage)
+        state.update(extra)
+        self.save_state(state)
+
+    def completed(self, stage: str) -> bool:
+        return stage in self.load_state()["completed"]
+
+    # -- stages -------------------------------------------------------------------------------
+
+    def prechecks(self) -> List[Check]:
+        checks = run_prechecks(self.config, self.layout, self.client, self.source_root)
+        for c in checks:
+            log.info("precheck %s", c.line())
+        return checks
+
+    def prepare(self) -> None:
+        checks = self.prechecks()
+        for c in checks:
+            say(c.line())
+        require_ok(checks)
+        plan, _ = plan_disks(self.config, self.layout)
+        body = destination_layout(self.layout, plan)
+        say("preparing the destination disks ({})".format(", ".join(sorted(body["disks"]))))
+        response = self.client.post_json("/v1/prepare", body)
+        log.info("prepare: %s", json.dumps(response, sort_keys=True))
+        self.mark("prepare")
+        say("prepared: {} filesystems".format(len(response.get("filesystems") or {})))
+
+    def sync_all(self, what: str, pass_no: int) -> None:
+        from rehost.online.agent.transfer import sync_filesystem
+
+        plan, _ = plan_disks(self.config, self.layout)
+        excludes = agent_config.effective_excludes(
+            self.config, self.source_root, agent_dirs(self.config)
+        )
+        for swap in self.layout.get("swap") or []:
+            if swap.get("file") and swap["file"] not in excludes:
+                excludes.append(swap["file"])
+        log.info("excludes: %s", excludes)
+        for m in migrated_mounts(self.layout, plan):
+            path = m.get("path") or os.path.join(self.source_root, m["mount"].lstrip("/"))
+            say("{} {}: {} ({}) from {}".format(what, pass_no, m["mount"], m["fs_id"], path))
+            started = time.time()
+            result = sync_filesystem(
+                self.client,
+                m["fs_id"],
+                path,
+                agent_config.excludes_for_mount(excludes, m["mount"]),
+                compression=self.config.compression,
+                log=lambda message: log.info("%s", message),
+                pass_no=pass_no,
+            )
+            log.info("%s %s: %s", what, m["fs_id"], json.dumps(result, sort_keys=True))
+            say(
+                "{} {} done in {:.1f} s: {}".format(
+                    what, m["mount"], time.time() - started, _summary(result)
+                )
+            )
+
+    def transfer(self) -> None:
+        passes = int(self.load_state().get("passes", 0)) + 1
+        self.sync_all("transfer", passes)
+        self.mark("transfer", passes=passes)
+
+    def finalize(self) -> None:
+        passes = int(self.load_state().get("passes", 0)) + 1
+        self.sync_all("final pass", passes)
+        state = self.load_state()
+        state["passes"] = passes
+        self.save_state(state)
+        response = self.client.post_json("/v1/finalize", {})
+        log.info("finalize: %s", json.dumps(response, sort_keys=True))
+        self.mark("finalize")
+
+
+def _summary(result: Any) -> str:
+    if isinstance(result, dict):
+        return ", ".join(
+            f"{k} {v}" for k, v in sorted(result.items()) if isinstance(v, (int, float, str))
+        )
+    return str(result)
+
+
+def agent_dirs(config: Config) -> List[str]:
+    """The agent's own folders, excluded from the migration: the config's and the zipapp's."""
+    dirs = [config.base_dir]
+    path = os.path.abspath(__file__)
+    while path != os.path.dirname(path):
+        if os.path.isfile(path):  # a component of __file__ that is a file: the zipapp
+            if os.path.dirname(path) not in dirs:
+                dirs.append(os.path.dirname(path))
+            break
+        path = os.path.dirname(path)
+    return dirs
+
+
+def say(message: str) -> None:
+    """A line for the person at the console, also in the log."""
+    log.info("%s", message)
+    print(message, flush=True)
+
+
+def setup_logging(base_dir: str) -> List[logging.Handler]:
+    """log/agent.log beside the config, rotated; warnings from the transfer also on stderr."""
+    log_dir = os.path.join(base_dir, "log")
+    os.makedirs(log_dir, exist_ok=True)
+    file_handler = logging.handlers.RotatingFileHandler(
+        os.path.join(log_dir, "agent.log"),
+        maxBytes=LOG_MAX_BYTES,
+        backupCount=LOG_BACKUPS,
+        encoding="utf-8",
+    )
+    file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    console = logging.StreamHandler(sys.stderr)
+    console.setLevel(logging.WARNING)
+    console.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    handlers = [file_handler, console]  # type: List[logging.Handler]
+    for h in handlers:
+        log.addHandler(h)
+    log.setLevel(logging.INFO)
+    log.propagate = False  # the agent's log is its own; nothing goes to the host's loggers
+    return handlers
+
+
+def _failed(exc: BaseException, resumable: bool) -> int:
+    if isinstance(getattr(exc, "code", None), str):
+        text = describe_error(exc)
+        hint = getattr(exc, "hint", "") or ""
+    else:
+        log.error("unexpected failure:\n%s", traceback.format_exc())
+        text = f"AGENT_ERROR: {describe_error(exc)} (details in log/agent.log)"
+        hint = "this is a bug in the agent; please report it with log/agent.log"
+    log.error("failed: %s (hint: %s)", text, hint)
+    parts = [p for p in (hint, RESUME if resumable else "") if p]
+    print("failed: {}{}".format(text, " — " + "; ".join(parts) if parts else ""), flush=True)
+    return 1
+
+
+def run(args: argparse.Namespace, config: Config) -> int:
+    # --check answers quickly; the stages ride out a receiver restart or a network blip
+    agent = Agent(config, args.source_root, CHECK_RETRY_SECONDS if args.check else 300.0)
+    log.info(
+        "agent started: stage=%s check=%s source_root=%s receiver=%s proxy=%s",
+        args.stage,
+        args.check,
+        agent.source_root,
+        config.address,
+        config.proxy,
+    )
+    if args.check:
+        checks = agent.prechecks()
+        for c in checks:
+            print(c.line(), flush=True)
+        failed = failures(checks)
+        if failed:
+            say(f"check failed: {len(failed)} FAIL; fix them, then run --check again")
+            return 1
+        say("check passed; next: run --stage prepare (or --stage all on a quiet server)")
+        return 0
+    stage = args.stage
+    if agent.completed("finalize"):
+        if stage in ("finalize", "all"):
+            say("already finalized: the destination is ready to boot")
+            return 0
+        raise AgentError(
+            "ALREADY_FINALIZED",
+            "this migration was finalized; the destination disks are unmounted",
+            "boot the destination; to migrate again, start over with a fresh receiver "
+            "and delete state/ beside the config",
+        )
+    if stage == "prepare" or (stage == "all" and not agent.completed("prepare")):
+        agent.prepare()
+        if stage == "prepare":
+            say("prepare complete; next: run --stage transfer")
+            return 0
+    if stage in ("transfer", "all"):
+        agent.transfer()
+        if stage == "transfer":
+            say(
+                "transfer complete; run --stage transfer again to catch up, or stop your "
+                "services and run --stage finalize"
+            )
+            return 0
+    agent.finalize()
+    say("ready to boot: the destination disks are synced and unmounted")
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    if not args.check and not args.stage:
+        _parser().error("one of --check or --stage is required")
+    base_dir = os.path.dirname(os.path.abspath(args.config))
+    handlers = []  # type: List[logging.Handler]
+    try:
+        handlers = setup_logging(base_dir)
+    except OSError as e:
+        print(f"failed: cannot write log/ beside the config in {base_dir}: {e}")
+        return 1
+    try:
+        config = agent_config.load(args.config)
+        return run(args, config)
+    except AgentError as e:
+        return _failed(e, resumable=e.code not in ("CONFIG_INVALID", "PRECHECK_FAILED"))
+    except KeyboardInterrupt:
+        log.warning("interrupted")
+        print("interrupted; " + RESUME, flush=True)
+        return 130
+    except Exception as e:  # every failure ends with the documented last line
+        return _failed(e, resumable=True)
+    finally:
+        for h in handlers:
+            log.removeHandler(h)
+            h.close()

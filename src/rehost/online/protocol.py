@@ -1,0 +1,309 @@
+# ruff: noqa: UP006, UP035, UP045
+"""The wire format shared by the agent and the receiver (see docs/online-protocol.md).
+
+It lives in one stdlib-only module that runs on Python 3.6, because the agent ships to old
+source servers with nothing but their own python3, and both sides must agree byte for byte.
+"""
+
+import errno
+import hashlib
+import json
+import os
+import struct
+from typing import IO, Any, Dict, Iterator, List, Optional, Tuple
+
+PROTOCOL_VERSION = 1
+
+ENTRY = b"E"
+DATA = b"D"
+DELTA = b"T"
+CHUNK = b"C"
+END = b"Z"
+FRAME_TYPES = (ENTRY, DATA, DELTA, CHUNK, END)
+
+CODEC_RAW = 0
+CODEC_ZLIB = 1
+CODEC_ZSTD = 2
+CODEC_ZERO = 3  # data is a u64 length of zeros: a hole or zero run inside a delta
+
+MAX_FRAME = 64 * 1024 * 1024
+CHUNK_SIZE = 1024 * 1024
+DELTA_MIN_SIZE = 4 * 1024 * 1024
+BATCH_ENTRIES = 2000
+BATCH_BYTES = 2 * 1024 * 1024
+PARTIAL_PREFIX = ".rehost-partial-"
+HASH_HEADER = "X-Rehost-Hash"
+
+_HEADER = struct.Struct(">cI")
+_CHUNK_HEAD = struct.Struct(">QB")
+_U64 = struct.Struct(">Q")
+
+try:
+    import blake3 as _blake3
+except ImportError:  # pragma: no cover - depends on the source host
+    _blake3 = None  # type: ignore[assignment]
+
+
+class AgentError(Exception):
+    """A failure the agent reports: a stable code, a message and what to do about it."""
+
+    def __init__(self, code: str, message: str, hint: str = "") -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.hint = hint
+
+
+class ProtocolError(ValueError):
+    """A malformed or unsafe request; the receiver answers 400 and logs it."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+# --- frames -------------------------------------------------------------------------------
+
+
+def encode_frame(kind: bytes, payload: bytes) -> bytes:
+    return _HEADER.pack(kind, len(payload)) + payload
+
+
+def json_frame(kind: bytes, obj: Dict[str, Any]) -> bytes:
+    return encode_frame(kind, json.dumps(obj, separators=(",", ":")).encode("utf-8"))
+
+
+def chunk_frame(offset: int, codec: int, data: bytes) -> bytes:
+    return encode_frame(CHUNK, _CHUNK_HEAD.pack(offset, codec) + data)
+
+
+def zero_frame(offset: int, length: int) -> bytes:
+    return chunk_frame(offset, CODEC_ZERO, _U64.pack(length))
+
+
+def decode_chunk(payload: bytes) -> Tuple[int, int, bytes]:
+    """(offset, codec, data) of a CHUNK frame's payload."""
+    if len(payload) < _CHUNK_HEAD.size:
+        raise ProtocolError("BAD_FRAME", "short chunk frame")
+    offset, codec = _CHUNK_HEAD.unpack_from(payload)
+    return offset, codec, payload[_CHUNK_HEAD.size :]
+
+
+def zero_length(data: bytes) -> int:
+    if len(data) != _U64.size:
+        raise ProtocolError("BAD_FRAME", "bad zero chunk")
+    return int(_U64.unpack(data)[0])
+
+
+def _read_exact(stream: IO[bytes], n: int) -> bytes:
+    parts = []  # type: List[bytes]
+    while n > 0:
+        block = stream.read(n)
+        if not block:
+            raise ProtocolError("BAD_FRAME", "stream ended inside a frame")
+        parts.append(block)
+        n -= len(block)
+    return b"".join(parts)
+
+
+def read_frames(stream: IO[bytes]) -> Iterator[Tuple[bytes, bytes]]:
+    """Yield (type, payload) until the stream ends cleanly between frames."""
+    while True:
+        first = stream.read(1)
+        if not first:
+            return
+        head = first + _read_exact(stream, _HEADER.size - 1)
+        kind, length = _HEADER.unpack(head)
+        if kind not in FRAME_TYPES:
+            raise ProtocolError("BAD_FRAME", f"unknown frame type {kind!r}")
+        if length > MAX_FRAME:
+            raise ProtocolError("BAD_FRAME", f"frame of {length} bytes is too large")
+        yield kind, _read_exact(stream, length)
+
+
+def decode_json(payload: bytes) -> Dict[str, Any]:
+    try:
+        obj = json.loads(payload.decode("utf-8"))
+    except ValueError as e:
+        raise ProtocolError("BAD_FRAME", f"frame is not JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError("BAD_FRAME", "frame JSON is not an object")
+    return obj
+
+
+# --- paths --------------------------------------------------------------------------------
+
+
+def path_to_wire(path: bytes) -> str:
+    """A relative path as bytes → the str carried in JSON (undecodable bytes escaped)."""
+    return path.decode("utf-8", "surrogateescape")
+
+
+def wire_to_path(text: str) -> bytes:
+    return text.encode("utf-8", "surrogateescape")
+
+
+def split_relpath(text: object) -> List[bytes]:
+    """Validate a wire path and return its components ("" is the filesystem's root).
+
+    Rejects absolute paths, "." and ".." components, empty components, NUL bytes and names
+    longer than 255 bytes: nothing that could name a place outside the root.
+    """
+    if not isinstance(text, str):
+        raise ProtocolError("BAD_PATH", "path is not a string")
+    if text == "":
+        return []
+    try:
+        raw = wire_to_path(text)
+    except UnicodeError:
+        raise ProtocolError("BAD_PATH", "path is not encodable") from None
+    if b"\0" in raw:
+        raise ProtocolError("BAD_PATH", f"path contains NUL: {text!r}")
+    if raw.startswith(b"/"):
+        raise ProtocolError("BAD_PATH", f"absolute path: {text!r}")
+    parts = raw.split(b"/")
+    for part in parts:
+        if part in (b"", b".", b".."):
+            raise ProtocolError("BAD_PATH", f"bad path component in {text!r}")
+        if len(part) > 255:
+            raise ProtocolError("BAD_PATH", f"name longer than 255 bytes in {text!r}")
+    return parts
+
+
+def check_name(text: object) -> bytes:
+    """Validate one directory-child name from a "c" list."""
+    parts = split_relpath(text)
+    if len(parts) != 1:
+        raise ProtocolError("BAD_PATH", f"bad child name {text!r}")
+    return parts[0]
+
+
+# --- file content -------------------------------------------------------------------
+
+
+def data_segments(fd: int, size: int) -> List[Tuple[int, int]]:
+    """The data ranges of a file below `size` (holes left out)."""
+    if size < 65536:
+        return [(0, size)] if size else []
+    out = []  # type: List[Tuple[int, int]]
+    pos = 0
+    while pos < size:
+        try:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:
+                break
+            return [(0, size)]
+        if start >= size:
+            break
+        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+        out.append((start, end))
+        pos = end
+    return out
+
+
+def iter_blocks(fd: int, size: int, block: int) -> Iterator[Tuple[int, Optional[bytes]]]:
+    """(offset, data) per aligned block; data is None for a block wholly inside a hole."""
+    segments = data_segments(fd, size)
+    k = 0
+    for off in range(0, size, block):
+        end = min(off + block, size)
+        while k < len(segments) and segments[k][1] <= off:
+            k += 1
+        if k == len(segments) or segments[k][0] >= end:
+            yield off, None
+            continue
+        if segments[k][0] <= off and segments[k][1] >= end:
+            data = os.pread(fd, end - off, off)
+        else:
+            buf = bytearray(end - off)
+            j = k
+            while j < len(segments) and segments[j][0] < end:
+                s, e = max(segments[j][0], off), min(segments[j][1], end)
+                buf[s - off : e - off] = os.pread(fd, e - s, s)
+                j += 1
+            data = bytes(buf)
+        if len(data) < end - off:  # the file shrank while we read it
+            data += bytes(end - off - len(data))
+        yield off, data
+
+
+def iter_data(fd: int, size: int, chunk: int) -> Iterator[Tuple[int, bytes]]:
+    """(offset, data) pieces of at most `chunk` bytes covering only the data segments."""
+    for start, end in data_segments(fd, size):
+        for off in range(start, end, chunk):
+            data = os.pread(fd, min(chunk, end - off), off)
+            if data:
+                yield off, data
+
+
+_ZEROS = bytes(1024 * 1024)
+
+
+def feed_zeros(hasher: Any, n: int) -> None:
+    """Hash n zero bytes (the holes of a sparse file) without reading them."""
+    while n > 0:
+        step = min(n, len(_ZEROS))
+        hasher.update(_ZEROS[:step])
+        n -= step
+
+
+# --- hashing ------------------------------------------------------------------------------
+
+
+def hash_algorithms() -> List[str]:
+    return ["blake3", "sha256"] if _blake3 is not None else ["sha256"]
+
+
+def new_hash(alg: str) -> Any:
+    if alg == "blake3":
+        if _blake3 is None:
+            raise ProtocolError("BAD_HASH", "blake3 is not available here")
+        return _blake3.blake3()
+    if alg == "sha256":
+        return hashlib.sha256()
+    raise ProtocolError("BAD_HASH", f"unknown hash algorithm {alg!r}")
+
+
+def block_hash(alg: str, data: bytes) -> str:
+    """The hash of one delta block: 128 bits are plenty next to the whole-file hash."""
+    h = new_hash(alg)
+    h.update(data)
+    return str(h.hexdigest())[:32]
+
+
+def delta_block_size(size: int) -> int:
+    """Blocks of 128 KiB, doubled until a file has at most 8192 of them."""
+    block = 128 * 1024
+    while size > block * 8192:
+        block *= 2
+    return block
+
+
+def partial_name(name: bytes) -> bytes:
+    """The name a file is received under before it is renamed into place (fits 255 bytes)."""
+    return PARTIAL_PREFIX.encode() + hashlib.sha256(name).hexdigest()[:32].encode()
+
+
+def entry_kind(entry: Dict[str, Any]) -> str:
+    kind = entry.get("t")
+    if kind not in ("f", "d", "l", "h", "c", "b", "p", "s"):
+        raise ProtocolError("BAD_ENTRY", f"bad entry type {kind!r}")
+    return str(kind)
+
+
+def optional_int(entry: Dict[str, Any], key: str) -> Optional[int]:
+    value = entry.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ProtocolError("BAD_ENTRY", f"field {key!r} is not an integer")
+    return value
+
+
+def required_int(entry: Dict[str, Any], key: str) -> int:
+    value = optional_int(entry, key)
+    if value is None:
+        raise ProtocolError("BAD_ENTRY", f"entry lacks {key!r}")
+    return value

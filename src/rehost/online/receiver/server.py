@@ -1,0 +1,385 @@
+"""The migration-mode receiver: an HTTPS server that applies what the agent sends.
+
+The standard library's ThreadingHTTPServer is enough: requests are few and long (one
+manifest and one streamed DATA POST per batch of ~2000 entries), so a thread per
+connection costs nothing, and it keeps the rescue system's dependencies to rehost's own.
+TLS handshakes run in the connection's thread, never in the accept loop. The certificate is
+self-signed with Debian's `openssl`; the agent pins its sha256 fingerprint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import os
+import signal
+import ssl
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from rehost.errors import RehostError
+from rehost.online.protocol import (
+    HASH_HEADER,
+    PROTOCOL_VERSION,
+    ProtocolError,
+    read_frames,
+)
+from rehost.online.receiver.apply import FsApplier
+from rehost.online.receiver.journal import write_atomic
+
+log = logging.getLogger("rehost.receiver")
+
+_MAX_JSON = 16 * 1024 * 1024
+
+
+def ensure_certificate(state_dir: Path, cert_dir: Path | None = None) -> tuple[Path, Path, str]:
+    """(cert, key, sha256 fingerprint), making a self-signed pair on first start."""
+    tls = cert_dir or state_dir / "tls"
+    tls.mkdir(parents=True, exist_ok=True, mode=0o700)
+    cert, key = tls / "cert.pem", tls / "key.pem"
+    if not (cert.exists() and key.exists()):
+        subprocess.run(
+            ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+             "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "3650",
+             "-subj", "/CN=rehost-receiver"],
+            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        os.chmod(key, 0o600)
+    der = ssl.PEM_cert_to_DER_cert(cert.read_text())
+    return cert, key, hashlib.sha256(der).hexdigest()
+
+
+class _Chunked:
+    """A file-like reader of a chunked request body."""
+
+    def __init__(self, raw: Any) -> None:
+        self.raw = raw
+        self.left = 0
+        self.done = False
+
+    def read(self, n: int) -> bytes:
+        if self.done:
+            return b""
+        if self.left == 0:
+            line = self.raw.readline(1024)
+            if not line:
+                raise ProtocolError("BAD_FRAME", "the body ended without its last chunk")
+            self.left = int(line.split(b";")[0].strip() or b"0", 16)
+            if self.left == 0:
+                while self.raw.readline(1024) not in (b"\r\n", b"\n", b""):
+                    pass
+                self.done = True
+                return b""
+        data = self.raw.read(min(n, self.left))
+        if not data:
+            raise ProtocolError("BAD_FRAME", "the body ended inside a chunk")
+        self.left -= len(data)
+        if self.left == 0:
+            self.raw.readline(16)
+        return bytes(data)
+
+
+class _Limited:
+    def __init__(self, raw: Any, length: int) -> None:
+        self.raw = raw
+        self.left = length
+
+    def read(self, n: int) -> bytes:
+        if self.left <= 0:
+            return b""
+        data = self.raw.read(min(n, self.left))
+        self.left -= len(data)
+        return bytes(data)
+
+
+class Receiver:
+    """The state behind the handlers: token, disks, filesystems and their appliers."""
+
+    def __init__(
+        self, token: str, state_dir: Path, disks: dict[str, str], roots: dict[str, Path] | None
+    ) -> None:
+        self.token = token
+        self.state_dir = state_dir
+        self.disks = disks
+        self.roots = dict(roots or {})
+        self.appliers: dict[str, FsApplier] = {}
+        self.locks: dict[str, threading.Lock] = {}
+        self.lock = threading.Lock()
+        self.prepared_path = state_dir / "prepared.json"
+
+    def prepared(self) -> dict[str, Any] | None:
+        if not self.prepared_path.exists():
+            return None
+        return dict(json.loads(self.prepared_path.read_text()))
+
+    def fs_root(self, fs_id: str) -> Path:
+        prepared = self.prepared()
+        if prepared and fs_id in prepared.get("filesystems", {}):
+            return Path(prepared["filesystems"][fs_id]["mounted_at"])
+        if fs_id in self.roots:
+            return self.roots[fs_id]
+        raise ProtocolError("UNKNOWN_FILESYSTEM", f"no filesystem {fs_id!r} is prepared")
+
+    def applier(self, fs_id: str) -> tuple[FsApplier, threading.Lock]:
+        with self.lock:
+            if fs_id not in self.appliers:
+                self.appliers[fs_id] = FsApplier(fs_id, self.fs_root(fs_id), self.state_dir)
+                self.locks[fs_id] = threading.Lock()
+            return self.appliers[fs_id], self.locks[fs_id]
+
+    def close_appliers(self) -> None:
+        with self.lock:
+            for applier in self.appliers.values():
+                applier.close()
+            self.appliers.clear()
+
+    def disk_info(self) -> dict[str, dict[str, Any]]:
+        out = {}
+        for index, path in self.disks.items():
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    size = os.lseek(fd, 0, os.SEEK_END)
+                finally:
+                    os.close(fd)
+            except OSError:
+                size = 0
+            out[index] = {"path": path, "size": size}
+        return out
+
+    def hello(self) -> dict[str, Any]:
+        prepared = self.prepared()
+        return {
+            "protocol": PROTOCOL_VERSION,
+            "time": time.time(),
+            "disks": self.disk_info(),
+            "prepared": prepared is not None,
+            "layout": prepared["layout"] if prepared else None,
+        }
+
+    def prepare(self, layout: dict[str, Any]) -> dict[str, Any]:
+        from rehost.online.receiver import disks
+
+        with self.lock:
+            result = disks.prepare(layout, self.disks, self.state_dir)
+            record = {"layout": layout, "filesystems": result.get("filesystems", {})}
+            write_atomic(self.prepared_path, json.dumps(record, indent=1).encode())
+        self.close_appliers()
+        return result
+
+    def finalize(self) -> dict[str, Any]:
+        from rehost.online.receiver import disks
+
+        self.close_appliers()
+        disks.finalize(self.state_dir)
+        return {"status": "ready to boot"}
+
+    def status(self) -> dict[str, Any]:
+        journals = {}
+        jdir = self.state_dir / "journal"
+        if jdir.is_dir():
+            for path in sorted(jdir.glob("*.json")):
+                journals[path.stem] = json.loads(path.read_text())
+        return {"prepared": self.prepared() is not None, "filesystems": journals}
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "rehost-receiver"
+    server: _Server
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("%s %s", self.client_address[0], format % args)
+
+    def _reply(self, status: int, obj: dict[str, Any]) -> None:
+        body = json.dumps(obj).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(body)
+        log.info("%s %s %s -> %d", self.client_address[0], self.command, self.path, status)
+
+    def _body(self) -> Any:
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            return _Chunked(self.rfile)
+        return _Limited(self.rfile, int(self.headers.get("Content-Length") or 0))
+
+    def _json_body(self) -> dict[str, Any]:
+        length = int(self.headers.get("Content-Length") or 0)
+        if length > _MAX_JSON:
+            raise ProtocolError("TOO_LARGE", "the JSON body is too large")
+        try:
+            obj = json.loads(self.rfile.read(length) or b"{}")
+        except ValueError:
+            raise ProtocolError("BAD_JSON", "the body is not JSON") from None
+        if not isinstance(obj, dict):
+            raise ProtocolError("BAD_JSON", "the body is not a JSON object")
+        return obj
+
+    def _authorised(self) -> bool:
+        given = self.headers.get("Authorization", "")
+        want = "Bearer " + self.server.receiver.token
+        if hmac.compare_digest(given.encode(), want.encode()):
+            return True
+        log.warning(
+            "refused %s %s from %s: %s token",
+            self.command, self.path, self.client_address[0], "a wrong" if given else "no",
+        )  # fmt: skip
+        self.close_connection = True
+        self._reply(401, {"code": "TOKEN_REJECTED", "message": "missing or wrong token"})
+        return False
+
+    def do_GET(self) -> None:
+        self._dispatch()
+
+    def do_POST(self) -> None:
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        if not self._authorised():
+            return
+        receiver = self.server.receiver
+        url = urlsplit(self.path)
+        parts = [unquote(p) for p in url.path.split("/") if p]
+        try:
+            if parts[:1] != ["v1"] or len(parts) < 2:
+                raise LookupError
+            route = (self.command, parts[1])
+            if route == ("GET", "hello") and len(parts) == 2:
+                self._reply(200, receiver.hello())
+            elif route == ("GET", "status") and len(parts) == 2:
+                self._reply(200, receiver.status())
+            elif route == ("POST", "prepare") and len(parts) == 2:
+                self._reply(200, receiver.prepare(self._json_body()))
+            elif route == ("POST", "finalize") and len(parts) == 2:
+                self._json_body()
+                self._reply(200, receiver.finalize())
+            elif self.command == "POST" and len(parts) == 3:
+                self._fs_request(parts[1], parts[2], parse_qs(url.query))
+            else:
+                raise LookupError
+        except LookupError:
+            self.close_connection = True
+            self._reply(404, {"code": "NOT_FOUND", "message": f"no endpoint {url.path}"})
+        except ProtocolError as e:
+            log.warning("rejected %s %s from %s: %s %s", self.command, url.path,
+                        self.client_address[0], e.code, e.message)  # fmt: skip
+            self.close_connection = True
+            self._reply(
+                409 if e.code == "STALE_BATCH" else 400, {"code": e.code, "message": e.message}
+            )
+        except RehostError as e:
+            log.warning("%s %s failed: %s", self.command, url.path, e)
+            self.close_connection = True
+            self._reply(422, e.to_dict())
+        except (ConnectionError, TimeoutError) as e:
+            log.warning("%s %s from %s broke off: %s", self.command, url.path,
+                        self.client_address[0], e)  # fmt: skip
+            self.close_connection = True
+        except Exception as e:
+            log.exception("%s %s failed", self.command, url.path)
+            self.close_connection = True
+            self._reply(500, {"code": "RECEIVER_FAILED", "message": str(e),
+                              "hint": "see the receiver's log"})  # fmt: skip
+
+    def _fs_request(self, action: str, fs_id: str, query: dict[str, list[str]]) -> None:
+        if action not in ("manifest", "data", "finish"):
+            raise LookupError
+        applier, lock = self.server.receiver.applier(fs_id)
+        with lock:
+            if action == "manifest":
+                alg = self.headers.get(HASH_HEADER, "sha256")
+                self._reply(200, applier.manifest(read_frames(self._body()), alg))
+            elif action == "data":
+                try:
+                    batch = int(query.get("batch", ["0"])[0])
+                except ValueError:
+                    raise ProtocolError("STALE_BATCH", "bad batch number") from None
+                self._reply(200, applier.data(batch, read_frames(self._body())))
+            else:
+                self._json_body()
+                self._reply(200, applier.finish())
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 64
+
+    def __init__(self, address: tuple[str, int], context: ssl.SSLContext, receiver: Receiver):
+        self.context = context
+        self.receiver = receiver
+        super().__init__(address, _Handler)
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        request.settimeout(600)
+        try:
+            tls = self.context.wrap_socket(request, server_side=True)
+        except (ssl.SSLError, OSError) as e:
+            log.info("TLS handshake with %s failed: %s", client_address[0], e)
+            return
+        super().finish_request(tls, client_address)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        log.warning("connection from %s ended with an error", client_address[0], exc_info=True)
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    """ "ADDR:PORT", ":PORT", "[v6]:PORT" → (host, port); an empty host means all IPv4."""
+    if listen.startswith("["):
+        host, _, port = listen[1:].partition("]:")
+    else:
+        host, _, port = listen.rpartition(":")
+    return host or "0.0.0.0", int(port or 443)
+
+
+def serve(
+    listen: str,
+    token: str,
+    state_dir: Path,
+    disks: dict[str, str],
+    *,
+    cert_dir: Path | None = None,
+    ready: Callable[[str], None] | None = None,
+    roots: dict[str, Path] | None = None,
+) -> None:
+    """Serve until SIGTERM/SIGINT (or KeyboardInterrupt).
+
+    `roots` maps fs_id → an existing directory to sync into, used for filesystems that no
+    /v1/prepare has mounted (tests, and `rehost receive --root FSID=DIR`). `ready` is called
+    with the bound "host:port" once the server accepts connections.
+    """
+    state_dir.mkdir(parents=True, exist_ok=True)
+    cert, key, fingerprint = ensure_certificate(state_dir, cert_dir)
+    (state_dir / "fingerprint").write_text(fingerprint + "\n")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(cert, key)
+    server = _Server(parse_listen(listen), context, Receiver(token, state_dir, disks, roots))
+    bound = f"{server.server_address[0]!s}:{server.server_address[1]}"
+    print(f"rehost receiver listening on {bound}, fingerprint {fingerprint}", flush=True)
+    log.info("listening on %s, fingerprint %s", bound, fingerprint)
+
+    def stop(signum: int, frame: Any) -> None:
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+    if ready is not None:
+        ready(bound)
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
+        server.receiver.close_appliers()

@@ -1,0 +1,789 @@
+"""The agent's config, prechecks, command line, logs, bundle and its run on an old Python.
+
+Fakes stand in for the layout discovery and the receiver where the point is the agent's own
+logic (exit status, lines, what it posts); the bundle tests run the real zipapp with real
+interpreters (the host's, Python 3.6 when pyenv has it, and bullseye's own 3.9 in a chroot).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from rehost.online.agent import config as agent_config
+from rehost.online.agent import main as agent_main
+from rehost.online.agent.config import load, parse
+from rehost.online.agent.precheck import Check, os_family, run_prechecks
+from rehost.online.bundle import build_bundle
+from rehost.online.protocol import AgentError
+
+MiB = 1024 * 1024
+GiB = 1024 * MiB
+FP = "ab" * 32
+AGENT_DIR = Path(agent_main.__file__).parent
+PY36 = Path("/root/.pyenv/versions/3.6.15/bin/python3.6")
+
+
+def minimal() -> dict[str, Any]:
+    return {"Destination": {"Address": "10.0.0.2", "Token": "t0k", "Fingerprint": FP}}
+
+
+def invalid(raw: Any) -> str:
+    with pytest.raises(AgentError) as exc:
+        parse(raw, "/x/config.json")
+    assert exc.value.code == "CONFIG_INVALID"
+    return exc.value.message
+
+
+# -- config ------------------------------------------------------------------------------
+
+
+def test_config_defaults() -> None:
+    c = parse(minimal(), "/opt/agent/config.json")
+    assert (c.host, c.port, c.address) == ("10.0.0.2", 443, "10.0.0.2:443")
+    assert (c.token, c.fingerprint) == ("t0k", FP)
+    assert (c.data_disks, c.excludes, c.bandwidth_kbps, c.compression, c.proxy) == (
+        [],
+        [],
+        0,
+        "auto",
+        None,
+    )
+    assert c.base_dir == "/opt/agent"
+
+
+def test_config_full() -> None:
+    raw = minimal()
+    raw["Destination"].update(Address="[fd00::2]:8443", Fingerprint=":".join(["AB"] * 32))
+    raw.update(
+        DataDisks=[{"Index": 1, "MountPoint": "/data/"}, {"Index": 2, "MountPoint": "/srv"}],
+        Excludes=["/var/tmp/*"],
+        BandwidthLimitKBps=2048,
+        Compression="off",
+        Proxy="gw.example:3128",
+    )
+    c = parse(raw, "config.json")
+    assert (c.host, c.port, c.address, c.fingerprint) == ("fd00::2", 8443, "[fd00::2]:8443", FP)
+    assert [(d.number, d.mount_point) for d in c.data_disks] == [(1, "/data"), (2, "/srv")]
+    assert (c.excludes, c.bandwidth_kbps, c.compression, c.proxy) == (
+        ["/var/tmp/*"],
+        2048,
+        "off",
+        "gw.example:3128",
+    )
+
+
+def test_config_unknown_keys_are_named_at_every_level() -> None:
+    assert "'Excludess'" in invalid({**minimal(), "Excludess": []})
+    raw = minimal()
+    raw["Destination"]["Adress"] = "x"
+    assert "'Adress' in Destination" in invalid(raw)
+    raw = {**minimal(), "DataDisks": [{"Index": 1, "MountPoint": "/d", "Size": 5}]}
+    assert "'Size' in DataDisks[0]" in invalid(raw)
+
+
+@pytest.mark.parametrize(
+    ("patch", "named"),
+    [
+        ({"BandwidthLimitKBps": "10"}, "BandwidthLimitKBps must be an integer, not a string"),
+        ({"BandwidthLimitKBps": -1}, "BandwidthLimitKBps must be at least 0"),
+        ({"Compression": "gzip"}, "Compression must be one of auto, zstd, off"),
+        ({"Proxy": "gw.example"}, "Proxy needs a port"),
+        ({"Excludes": "/tmp/*"}, "Excludes must be a list, not a string"),
+        ({"Excludes": ["var/tmp"]}, "Excludes[0] must be an absolute pattern"),
+        ({"DataDisks": [{"Index": True, "MountPoint": "/d"}]}, "DataDisks[0].Index must be an"),
+        (
+            {"DataDisks": [{"Index": 0, "MountPoint": "/d"}]},
+            "DataDisks[0].Index must be at least 1",
+        ),
+        ({"DataDisks": [{"Index": 1, "MountPoint": "d"}]}, "DataDisks[0].MountPoint must be"),
+        ({"DataDisks": {"Index": 1}}, "DataDisks must be a list, not an object"),
+        ({"Destination": []}, "Destination must be an object, not a list"),
+        ({"Destination": {"Address": "h", "Token": "t"}}, "missing key 'Fingerprint'"),
+        ({"Destination": {"Address": "h:0", "Token": "t", "Fingerprint": FP}}, "invalid port"),
+        ({"Destination": {"Address": "h", "Token": 5, "Fingerprint": FP}}, "Destination.Token"),
+        ({"Destination": {"Address": "h", "Token": "t", "Fingerprint": "abc"}}, "64 hex digits"),
+    ],
+)
+def test_config_bad_values(patch: dict[str, Any], named: str) -> None:
+    assert named in invalid({**minimal(), **patch})
+
+
+def test_config_file_errors(tmp_path: Path) -> None:
+    with pytest.raises(AgentError, match="cannot read the config file"):
+        load(str(tmp_path / "missing.json"))
+    (tmp_path / "c.json").write_text("{nope")
+    with pytest.raises(AgentError, match="is not valid JSON") as exc:
+        load(str(tmp_path / "c.json"))
+    assert exc.value.code == "CONFIG_INVALID"
+    assert invalid([]) == "the config must be an object, not a list"
+
+
+def test_excludes(tmp_path: Path) -> None:
+    swaps = tmp_path / "swaps"
+    swaps.write_text(
+        "Filename\tType\tSize\tUsed\tPriority\n/dev/vda3 partition 1 0 -2\n"
+        "/srv/tree/swap\\040file file 1 0 -3\n/swapfile file 1 0 -4\n"
+    )
+    raw = {**minimal(), "Excludes": ["/data/cache/*", "/var/tmp/*"]}
+    c = parse(raw, "/srv/tree/opt/agent/config.json")
+    got = agent_config.effective_excludes(
+        c, "/srv/tree", ["/srv/tree/opt/agent", "/elsewhere"], str(swaps)
+    )
+    assert got == [*agent_config.DEFAULT_EXCLUDES, "/swap file", "/opt/agent", *raw["Excludes"]]
+    on_host = agent_config.effective_excludes(c, "/", [], str(swaps))
+    assert "/srv/tree/swap file" in on_host and "/swapfile" in on_host
+    assert agent_config.excludes_for_mount(got, "/data") == ["/cache/*"]
+    assert agent_config.excludes_for_mount(got, "/") == got
+
+
+# -- prechecks with fakes ----------------------------------------------------------------
+
+
+def fake_layout(data_used: int = 3 * GiB) -> dict[str, Any]:
+    """discover()'s shape: a system disk (/, /boot, swap), a data disk and an unlisted one."""
+
+    def mount(mount: str, fs_id: str, dev: str, disk: str, index: str, used: int) -> dict[str, Any]:
+        return {
+            "mount": mount,
+            "path": "/srv/src" + mount.rstrip("/"),
+            "fs_id": fs_id,
+            "device": dev,
+            "disk": disk,
+            "disk_index": index,
+            "fs": "ext4",
+            "uuid": "u-" + fs_id,
+            "label": "",
+            "used": used,
+            "size": 10 * GiB,
+        }
+
+    def part(fs: str | None, size: int) -> dict[str, Any]:
+        return {"number": 1, "fs": fs, "size": size}
+
+    return {
+        "label": "gpt",
+        "disks": {
+            "0": {"label": "gpt", "partitions": [part("ext4", 8 * GiB), part("swap", GiB)]},
+            "1": {"label": "gpt", "partitions": [part("ext4", 10 * GiB)]},
+            "2": {"label": "dos", "partitions": [part("ext4", 10 * GiB)]},
+        },
+        "mounts": [
+            mount("/", "root", "/dev/vda1", "/dev/vda", "0", 2 * GiB),
+            mount("/boot", "boot", "/dev/vda2", "/dev/vda", "0", 100 * MiB),
+            mount("/data", "data", "/dev/vdb1", "/dev/vdb", "1", data_used),
+            mount("/scratch", "scratch", "/dev/vdc1", "/dev/vdc", "2", MiB),
+        ],
+        "swap": [{"device": "/dev/vda3", "size": GiB}],
+        "ignored": [{"mount": "/mnt/nfs", "fs": "nfs4", "reason": "network filesystem"}],
+        "unsupported": [],
+    }
+
+
+class FakeClient:
+    def __init__(self, sizes: dict[str, int], skew: float = 0.0, fail: bool = False) -> None:
+        self.sizes, self.skew, self.fail = sizes, skew, fail
+        self.posts: list[tuple[str, Any]] = []
+
+    def hello(self) -> dict[str, Any]:
+        if self.fail:
+            raise AgentError("FINGERPRINT_MISMATCH", "the receiver presented another cert", "h")
+        disks = {k: {"path": f"/dev/x{k}", "size": v} for k, v in self.sizes.items()}
+        return {"protocol": 1, "time": time.time() + self.skew, "disks": disks}
+
+    def post_json(self, path: str, obj: dict[str, Any]) -> dict[str, Any]:
+        self.posts.append((path, obj))
+        if path == "/v1/prepare":
+            return {"filesystems": {"root": {}, "boot": {}, "data": {}}}
+        return {"status": "ready to boot"}
+
+
+def write_os_release(root: Path, text: str) -> None:
+    (root / "etc").mkdir(parents=True, exist_ok=True)
+    (root / "etc" / "os-release").write_text(text)
+
+
+def make_config(folder: Path, **extra: Any) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    raw = {**minimal(), "DataDisks": [{"Index": 1, "MountPoint": "/data"}], **extra}
+    path = folder / "config.json"
+    path.write_text(json.dumps(raw))
+    return path
+
+
+def lines(checks: list[Check]) -> list[str]:
+    return [c.line() for c in checks]
+
+
+def test_os_family(tmp_path: Path) -> None:
+    write_os_release(tmp_path, 'ID="rocky"\nID_LIKE="rhel centos fedora"\nPRETTY_NAME="Rocky 9"\n')
+    assert os_family(str(tmp_path)) == ("rhel", "Rocky 9")
+    write_os_release(tmp_path, "ID=ubuntu\nID_LIKE=debian\n")
+    assert os_family(str(tmp_path)) == ("debian", "ubuntu")
+    write_os_release(tmp_path, "ID=opensuse-leap\nID_LIKE=suse\n")
+    assert os_family(str(tmp_path)) == ("", "opensuse-leap")
+
+
+def test_prechecks_pass_with_warnings(tmp_path: Path) -> None:
+    write_os_release(tmp_path, "ID=debian\nPRETTY_NAME=Debian 12\n")
+    c = load(str(make_config(tmp_path / "agent")))
+    checks = run_prechecks(
+        c, fake_layout(), FakeClient({"0": 8 * GiB, "1": 4 * GiB}), str(tmp_path)
+    )
+    out = lines(checks)
+    assert out[0] == "OK    os: Debian 12 (debian family)"
+    assert out[1].startswith("OK    disks: 3 (gpt): /dev/vda: / ext4, /boot ext4; /dev/vdb")
+    assert "WARN  ignored: /mnt/nfs (nfs4): network filesystem; not migrated" in out
+    assert "OK    used /data: 3.0 GiB of 10.0 GiB (ext4 on /dev/vdb1)" in out
+    assert "WARN  left out: /scratch not on the system disk nor in DataDisks: not migrated" in out
+    assert "OK    receiver: 10.0.0.2:443 reachable, fingerprint matches, protocol 1" in out
+    # disk 0: (2 GiB + 100 MiB) × 1.1 + 2 × 64 MiB + 1 GiB swap
+    assert "OK    capacity disk 0: need 3.4 GiB, have 8.0 GiB on /dev/x0" in out
+    assert "OK    capacity disk 1: need 3.4 GiB, have 4.0 GiB on /dev/x1" in out
+    assert any(line.startswith("OK    clock: skew +0.0 s") for line in out)
+    assert out[-1].startswith("OK    state space: ")
+    assert not [c for c in checks if c.status == "FAIL"]
+
+
+def test_prechecks_fail(tmp_path: Path) -> None:
+    c = load(str(make_config(tmp_path / "agent")))
+    layout = fake_layout(data_used=4 * GiB)
+    layout["unsupported"] = ["/home is on /dev/dm-0, device-mapper (LVM), which is not supported"]
+    out = lines(run_prechecks(c, layout, FakeClient({"0": 8 * GiB, "1": 4 * GiB}, skew=-30), "/x"))
+    assert out[0] == "WARN  os: unknown: not a RHEL- or Debian-family system; untested"
+    assert (
+        "FAIL  layout: unsupported: /home is on /dev/dm-0, device-mapper (LVM), which is not supported"
+        in out
+    )
+    need = int(4 * GiB * 1.1) + 64 * MiB
+    assert (
+        f"FAIL  capacity disk 1: DESTINATION_TOO_SMALL: need 4.5 GiB ({need} bytes), "
+        f"have 4.0 GiB ({4 * GiB} bytes) on /dev/x1" in out
+    )
+    assert any(line.startswith("WARN  clock: the receiver's clock is -30.0 s off") for line in out)
+    out = lines(run_prechecks(c, fake_layout(), FakeClient({"0": 8 * GiB}), "/x"))
+    assert (
+        "FAIL  capacity disk 1: DESTINATION_DISK_MISSING: the receiver has no disk 1 (start it with --data-disk 1=DEV)"
+        in out
+    )
+    out = lines(run_prechecks(c, fake_layout(), FakeClient({}, fail=True), "/x"))
+    assert (
+        "FAIL  receiver: FINGERPRINT_MISMATCH: the receiver presented another cert (10.0.0.2:443)"
+        in out
+    )
+    assert "WARN  capacity: not checked: the receiver is unreachable" in out
+
+
+def test_prechecks_data_disk_mapping(tmp_path: Path) -> None:
+    disks = [{"Index": 1, "MountPoint": "/boot"}, {"Index": 2, "MountPoint": "/nope"}]
+    c = load(str(make_config(tmp_path / "agent", DataDisks=disks)))
+    out = lines(run_prechecks(c, fake_layout(), FakeClient({"0": 8 * GiB}), "/x"))
+    assert (
+        "FAIL  data disk 1: /boot is on the system disk /dev/vda, which migrates to disk 0 "
+        "anyway; remove it from DataDisks" in out
+    )
+    assert "FAIL  data disk 2: /nope is not a mounted filesystem" in out
+
+
+# -- main with fakes ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def fakes(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> dict[str, Any]:
+    """discover, ReceiverClient and sync_filesystem replaced; records what the agent did."""
+    from rehost.online.agent import client, layout, transfer
+
+    seen: dict[str, Any] = {"client": FakeClient({"0": 8 * GiB, "1": 4 * GiB}), "syncs": []}
+    write_os_release(tmp_path / "src", "ID=debian\n")
+
+    def sync(c: Any, fs_id: str, root: str, excludes: list[str], **kw: Any) -> dict[str, int]:
+        seen["syncs"].append((fs_id, root, excludes, kw["pass_no"]))
+        return {"entries": 3, "files_sent": 1}
+
+    monkeypatch.setattr(layout, "discover", lambda root: fake_layout())
+    monkeypatch.setattr(client, "ReceiverClient", lambda *a, **kw: seen["client"])
+    monkeypatch.setattr(transfer, "sync_filesystem", sync)
+    return seen
+
+
+def run_main(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, list[str]]:
+    status = agent_main.main(list(argv))
+    return status, capsys.readouterr().out.splitlines()
+
+
+def test_main_check(
+    fakes: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = str(make_config(tmp_path / "agent"))
+    src = str(tmp_path / "src")
+    status, out = run_main(capsys, "--config", cfg, "--check", "--source-root", src)
+    assert status == 0
+    assert out[0] == "OK    os: debian (debian family)"
+    assert out[-1] == "check passed; next: run --stage prepare (or --stage all on a quiet server)"
+    assert not fakes["client"].posts and not fakes["syncs"]  # --check changes nothing
+    assert not (tmp_path / "agent" / "state").exists()
+    log_text = (tmp_path / "agent" / "log" / "agent.log").read_text()
+    assert "precheck OK    receiver" in log_text and "t0k" not in log_text  # never the token
+
+    fakes["client"].sizes = {"0": GiB, "1": 4 * GiB}
+    status, out = run_main(capsys, "--config", cfg, "--check", "--source-root", src)
+    assert status == 1
+    assert any(line.startswith("FAIL  capacity disk 0: DESTINATION_TOO_SMALL") for line in out)
+    assert out[-1] == "check failed: 1 FAIL; fix them, then run --check again"
+
+
+def test_main_stages(
+    fakes: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = tmp_path / "src" / "opt" / "agent"  # inside the source: excluded
+    cfg = str(make_config(folder, Excludes=["/data/cache/*"]))
+    src = str(tmp_path / "src")
+    status, out = run_main(capsys, "--config", cfg, "--stage", "transfer", "--source-root", src)
+    assert status == 0
+    assert out[-1] == (
+        "transfer complete; run --stage transfer again to catch up, or stop your services and "
+        "run --stage finalize"
+    )
+    assert [(s[0], s[1], s[3]) for s in fakes["syncs"]] == [
+        ("root", "/srv/src", 1),
+        ("boot", "/srv/src/boot", 1),
+        ("data", "/srv/src/data", 1),
+    ]
+    root_excludes = fakes["syncs"][0][2]
+    assert root_excludes[:2] == ["/dev/*", "/proc/*"] and "/opt/agent" in root_excludes
+    assert fakes["syncs"][2][2] == ["/cache/*"]
+
+    fakes["syncs"].clear()
+    status, out = run_main(capsys, "--config", cfg, "--stage", "all", "--source-root", src)
+    assert (
+        status == 0 and out[-1] == "ready to boot: the destination disks are synced and unmounted"
+    )
+    (prepare, body), (finalize, _) = fakes["client"].posts
+    assert (prepare, finalize) == ("/v1/prepare", "/v1/finalize")
+    assert sorted(body["disks"]) == ["0", "1"] and body["disks"]["1"]["label"] == "gpt"
+    assert set(body) == {"label", "disks", "swap"}
+    # all = prepare, transfer (pass 2), then the final pass (3)
+    assert [s[3] for s in fakes["syncs"]] == [2, 2, 2, 3, 3, 3]
+    state = json.loads((folder / "state" / "agent.json").read_text())
+    assert (state["completed"], state["passes"]) == (["transfer", "prepare", "finalize"], 3)
+
+    status, out = run_main(capsys, "--config", cfg, "--stage", "all", "--source-root", src)
+    assert (status, out[-1]) == (0, "already finalized: the destination is ready to boot")
+    status, out = run_main(capsys, "--config", cfg, "--stage", "transfer", "--source-root", src)
+    assert status == 1 and out[-1].startswith("failed: ALREADY_FINALIZED: this migration was")
+
+
+def test_main_failures(
+    fakes: dict[str, Any],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    cfg = make_config(tmp_path / "agent", Bogus=1)
+    status, out = run_main(capsys, "--config", str(cfg), "--stage", "all")
+    assert status == 1
+    assert out[-1].startswith("failed: CONFIG_INVALID: unknown key 'Bogus' in the config")
+    assert "resume" not in out[-1]
+
+    cfg = make_config(tmp_path / "agent")
+    fakes["client"].sizes = {"0": GiB, "1": GiB}
+    status, out = run_main(capsys, "--config", str(cfg), "--stage", "prepare")
+    assert status == 1 and out[-1].startswith("failed: PRECHECK_FAILED: capacity disk 0:")
+    assert not fakes["client"].posts  # a FAIL stops before anything changes
+
+    fakes["client"].sizes = {"0": 8 * GiB, "1": 4 * GiB}
+
+    def broken(*a: Any, **kw: Any) -> dict[str, int]:
+        raise AgentError("RECEIVER_UNREACHABLE", "cannot reach the receiver", "check the port")
+
+    from rehost.online.agent import transfer
+
+    monkeypatch.setattr(transfer, "sync_filesystem", broken)
+    status, out = run_main(capsys, "--config", str(cfg), "--stage", "transfer")
+    assert status == 1
+    assert out[-1] == (
+        "failed: RECEIVER_UNREACHABLE: cannot reach the receiver — check the port; "
+        "run the same command again to resume"
+    )
+
+    with pytest.raises(SystemExit) as exc:
+        agent_main.main(["--config", str(cfg)])
+    assert exc.value.code == 2  # one of --check or --stage is required
+
+
+def test_log_rotation(
+    fakes: dict[str, Any],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setattr(agent_main, "LOG_MAX_BYTES", 2000)
+    cfg = str(make_config(tmp_path / "agent"))
+    for _ in range(4):
+        assert agent_main.main(["--config", cfg, "--check"]) == 0
+    logs = sorted(p.name for p in (tmp_path / "agent" / "log").iterdir())
+    assert logs[:3] == ["agent.log", "agent.log.1", "agent.log.2"]
+    assert all(p.stat().st_size <= 2000 for p in (tmp_path / "agent" / "log").iterdir())
+    capsys.readouterr()
+
+
+# -- the command-line wrappers -----------------------------------------------------------
+
+
+def test_cli_agent_and_bundle(
+    fakes: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from rehost.cli.agent import agent, agent_bundle
+
+    app = typer.Typer()
+    app.command(name="agent")(agent)
+    app.command(name="agent-bundle")(agent_bundle)
+    cfg = make_config(tmp_path / "agent")
+    result = CliRunner().invoke(app, ["agent", "--config", str(cfg), "--check"])
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines()[-1].startswith("check passed")
+    out = tmp_path / "rehost-agent.pyz"
+    result = CliRunner().invoke(app, ["agent-bundle", str(out)])
+    assert result.exit_code == 0, result.output
+    assert out.stat().st_mode & 0o777 == 0o755
+
+
+def test_cli_receive_parses(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import types
+
+    from rehost.cli.receive import receive
+
+    calls: list[tuple[Any, ...]] = []
+    fake = types.ModuleType("rehost.online.receiver.server")
+    fake.serve = lambda *a, **kw: calls.append((*a, kw))  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "rehost.online.receiver.server", fake)
+    app = typer.Typer()
+    app.command()(receive)
+    token = tmp_path / "token"
+    token.write_text("s3cret\n")
+    state = tmp_path / "state"
+    base = ["--token-file", str(token), "--state-dir", str(state)]
+    runner = CliRunner()
+    result = runner.invoke(
+        app, [*base, "--listen", ":80", "--system-disk", "/dev/vdb", "--data-disk", "1=/dev/vdc"]
+    )
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, [*base, "--listen", "[::1]:8443", "--root", "root=/srv/r"])
+    assert result.exit_code == 0, result.output
+    disks = {"1": "/dev/vdc", "0": "/dev/vdb"}
+    assert calls == [
+        ("0.0.0.0:80", "s3cret", state, disks, {"roots": None}),
+        ("[::1]:8443", "s3cret", state, {}, {"roots": {"root": Path("/srv/r")}}),
+    ]
+    for bad in (["--listen", "host"], ["--data-disk", "0=/dev/x"], ["--data-disk", "1"], []):
+        result = runner.invoke(app, [*base, *bad, *([] if bad == [] else ["--system-disk", "/d"])])
+        assert result.exit_code == 2, (bad, result.output)
+    token.write_text("")
+    assert runner.invoke(app, [*base, "--system-disk", "/d"]).exit_code == 2
+    assert len(calls) == 2  # no bad command line reached serve()
+
+
+# -- the bundle --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_bundle(tmp_path_factory.mktemp("bundle") / "rehost-agent.pyz")
+
+
+def test_agent_sources_stay_within_python36() -> None:
+    vermin = Path(sys.executable).parent / "vermin"
+    if not vermin.exists():
+        pytest.skip("vermin is not installed in the venv (pip install vermin==1.9.2)")
+    files = sorted(str(p) for p in AGENT_DIR.glob("*.py"))
+    files.append(str(AGENT_DIR.parent / "protocol.py"))
+    # --eval-annotations: `list[int]` in a signature is evaluated at import, and fails on 3.6
+    proc = subprocess.run(
+        [str(vermin), "--target=3.6-", "--no-tips", "--violations", "--eval-annotations", *files],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_bundle_contents_and_help(bundle: Path) -> None:
+    import zipfile
+
+    assert bundle.read_bytes().startswith(b"#!/usr/bin/env python3\n")
+    assert bundle.stat().st_mode & 0o777 == 0o755
+    names = set(zipfile.ZipFile(bundle).namelist())
+    assert {
+        "__main__.py",
+        "rehost/__init__.py",
+        "rehost/online/__init__.py",
+        "rehost/online/protocol.py",
+        "rehost/online/agent/main.py",
+        "rehost/online/agent/config.py",
+    } <= names
+    assert not [n for n in names if "receiver" in n or "/cli/" in n or n.endswith(".pyc")]
+    proc = subprocess.run([bundle, "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0 and "--source-root" in proc.stdout, proc.stderr
+
+
+@pytest.mark.skipif(not PY36.exists(), reason="pyenv's Python 3.6.15 is not installed")
+def test_bundle_runs_on_python36(bundle: Path, tmp_path: Path) -> None:
+    """The real 3.6 imports every agent module: --check runs discovery and the client."""
+    proc = subprocess.run([PY36, bundle, "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    cfg = make_config(
+        tmp_path / "agent", Destination={**minimal()["Destination"], "Address": "127.0.0.1:9"}
+    )
+    proc = subprocess.run(
+        [PY36, bundle, "--config", cfg, "--check", "--source-root", tmp_path],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert "FAIL  receiver: RECEIVER_UNREACHABLE" in proc.stdout, proc.stdout
+    assert proc.stdout.splitlines()[-1].startswith("check failed:")
+
+
+def test_deleting_the_folder_removes_every_trace(bundle: Path, tmp_path: Path) -> None:
+    """In a private mount namespace /tmp, /var/tmp, /dev/shm and $HOME are empty tmpfs: after
+    a run they are still empty, and the agent's folder holds only its files, log/ and state/."""
+    folder = tmp_path / "agent"
+    make_config(folder, Destination={**minimal()["Destination"], "Address": "127.0.0.1:9"})
+    shutil.copy(bundle, folder / "rehost-agent.pyz")
+    script = (
+        f"mount --bind {folder} /mnt && "
+        "for d in /tmp /var/tmp /dev/shm /root; do mount -t tmpfs none $d; done && "
+        "cd / && HOME=/root python3 /mnt/rehost-agent.pyz --config /mnt/config.json --check "
+        "--source-root /mnt; echo status=$?; find /tmp /var/tmp /dev/shm /root -mindepth 1"
+    )
+    proc = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    out = proc.stdout.splitlines()
+    assert "status=1" in out, proc.stdout + proc.stderr  # no receiver: the check FAILs
+    assert out[out.index("status=1") + 1 :] == []  # nothing left in any temporary place
+    made = sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+    assert made == ["config.json", "log", "log/agent.log", "rehost-agent.pyz"]
+
+
+# -- the bundle on Debian bullseye's own Python 3.9 --------------------------------------
+
+
+def _run(*args: str | os.PathLike[str]) -> str:
+    return subprocess.run(
+        [str(a) for a in args], check=True, capture_output=True, text=True
+    ).stdout.strip()
+
+
+@pytest.fixture
+def bullseye(tmp_path: Path) -> Iterator[Path]:
+    """The cached bullseye root under an overlay (the cache stays pristine; the upper dir
+    shows what the run wrote), with /proc, /sys and /dev mounted; all undone afterwards."""
+    from rootfs import bullseye_python
+
+    lower = bullseye_python()
+    upper, work, merged = tmp_path / "upper", tmp_path / "work", tmp_path / "merged"
+    for d in (upper, work, merged):
+        d.mkdir()
+    _run(
+        "mount",
+        "-t",
+        "overlay",
+        "overlay",
+        "-o",
+        f"lowerdir={lower},upperdir={upper},workdir={work}",
+        merged,
+    )
+    mounted = [merged]
+    try:
+        for fs, opts in (
+            ("proc", ["-t", "proc", "proc"]),
+            ("sys", ["-t", "sysfs", "sysfs"]),
+            ("dev", ["--bind", "/dev"]),
+        ):
+            _run("mount", *opts, merged / fs)
+            mounted.append(merged / fs)
+        yield merged
+    finally:
+        for m in reversed(mounted):
+            subprocess.run(["umount", "-l", m], check=False)
+
+
+@pytest.fixture
+def source_tree(bullseye: Path, tmp_path: Path) -> Iterator[Path]:
+    """/srv/tree in the root: an ext4 partition on a GPT loop disk, with assorted entries."""
+    image = tmp_path / "src.img"
+    with open(image, "wb") as f:
+        f.truncate(64 * MiB)
+    subprocess.run(["sfdisk", "-q", image], input="label: gpt\n,,L\n", text=True, check=True)
+    dev = _run("losetup", "-fP", "--show", image)
+    part = f"{dev}p1"
+    made_node = False
+    tree = bullseye / "srv" / "tree"
+    try:
+        subprocess.run(["partx", "-u", dev], check=False)
+        if not os.path.exists(part):
+            major_minor = Path(f"/sys/class/block/{Path(dev).name}p1/dev").read_text().strip()
+            maj, mnr = major_minor.split(":")
+            _run("mknod", part, "b", maj, mnr)
+            made_node = True
+        _run("mkfs.ext4", "-q", "-L", "srcroot", part)
+        tree.mkdir(parents=True)
+        _run("mount", part, tree)
+        try:
+            (tree / "etc").mkdir()
+            (tree / "etc" / "os-release").write_text("ID=debian\nPRETTY_NAME=tree\n")
+            (tree / "bin").mkdir()
+            (tree / "bin" / "tool").write_bytes(os.urandom(300_000))
+            os.chmod(tree / "bin" / "tool", 0o4755)
+            os.link(tree / "bin" / "tool", tree / "bin" / "tool-link")
+            os.symlink("tool", tree / "bin" / "sym")
+            (tree / "var" / "log").mkdir(parents=True)
+            (tree / "var" / "log" / "big.log").write_bytes(b"line\n" * 200_000)
+            with open(tree / "sparse", "wb") as f:
+                f.seek(5 * MiB)
+                f.write(b"end")
+            os.mkfifo(tree / "fifo")
+            os.setxattr(tree / "bin" / "tool", "user.note", b"hello")
+            os.chown(tree / "var" / "log" / "big.log", 1234, 5678)
+            (tree / "tmp").mkdir()
+            (tree / "tmp" / "scratch").write_text("excluded")
+            yield tree
+        finally:
+            subprocess.run(["umount", tree], check=False)
+    finally:
+        subprocess.run(["losetup", "-d", dev], check=False)
+        if made_node:
+            os.unlink(part)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def receiver(tmp_path: Path) -> Iterator[tuple[str, str, Path]]:
+    """`rehost receive --root root=DIR` on 127.0.0.1, stopped by PID afterwards."""
+    try:
+        import rehost.online.receiver.server  # noqa: F401
+    except ImportError:
+        pytest.skip("rehost.online.receiver.server is not there yet (transfer core, part A)")
+    state, dest, token = tmp_path / "rstate", tmp_path / "dest", tmp_path / "token"
+    dest.mkdir()
+    token.write_text("bullseye-token")
+    port = _free_port()
+    code = (
+        "import typer; from rehost.cli.receive import receive; "
+        "app = typer.Typer(); app.command()(receive); app()"
+    )
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            code,
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--token-file",
+            token,
+            "--state-dir",
+            state,
+            "--root",
+            f"root={dest}",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not (state / "fingerprint").exists():
+            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+            assert time.monotonic() < deadline, "the receiver did not start"
+            time.sleep(0.2)
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the receiver does not listen"
+                time.sleep(0.2)
+        fingerprint = (state / "fingerprint").read_text().strip()
+        yield f"127.0.0.1:{port}", fingerprint, dest
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.slow
+def test_bundle_migrates_from_bullseye_python39(
+    bundle: Path,
+    bullseye: Path,
+    source_tree: Path,
+    receiver: tuple[str, str, Path],
+) -> None:
+    address, fingerprint, dest = receiver
+    version = _run("chroot", bullseye, "python3", "--version")
+    assert version.startswith("Python 3.9"), version
+    probe = "import importlib.util as u; print(u.find_spec('zstandard'), u.find_spec('blake3'))"
+    assert _run("chroot", bullseye, "python3", "-c", probe) == "None None"  # stdlib only
+    agent = bullseye / "opt" / "agent"
+    agent.mkdir(parents=True)
+    shutil.copy(bundle, agent / "rehost-agent.pyz")
+    config = {
+        "Destination": {"Address": address, "Token": "bullseye-token", "Fingerprint": fingerprint}
+    }
+    (agent / "config.json").write_text(json.dumps(config))
+    proc = subprocess.run(
+        [
+            "chroot",
+            bullseye,
+            "python3",
+            "/opt/agent/rehost-agent.pyz",
+            "--config",
+            "/opt/agent/config.json",
+            "--stage",
+            "transfer",
+            "--source-root",
+            "/srv/tree",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root", "LANG": "C.UTF-8"},
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.splitlines()[-1].startswith("transfer complete;")
+    diff = _run(
+        "rsync",
+        "-aHAXn",
+        "-c",
+        "--itemize-changes",
+        "--numeric-ids",
+        "--exclude=/tmp/*",
+        f"{source_tree}/",
+        f"{dest}/",
+    )
+    assert diff == "", diff
+    assert sorted(os.listdir(dest / "tmp")) == []  # excluded: recreated empty
+    # what the run wrote inside the root: only the agent's folder (and the tree's mount point)
+    upper = bullseye.parent / "upper"
+    written = sorted(str(p.relative_to(upper)) for p in upper.rglob("*"))
+    assert [w for w in written if not w.startswith(("opt", "srv"))] == [], written
+    assert {"opt/agent/log/agent.log", "opt/agent/state/agent.json"} <= set(written)
