@@ -573,7 +573,7 @@ class _Import:
                 bar(len(data))
                 return data
 
-            got = read_digest(read, st.virtual_size)
+            got = read_digest(read, st.virtual_size, data_runs=landed.allocation())
         self.verify_seconds = time.monotonic() - began
         if got != st.digest:
             expected = st.digest
