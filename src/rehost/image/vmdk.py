@@ -40,6 +40,7 @@ Format quirks:
 
 from __future__ import annotations
 
+import bisect
 import re
 import struct
 from collections.abc import Iterator, Sequence
@@ -621,13 +622,21 @@ class VmdkImage(DiskImage):
             return
         entries = struct.unpack(f"<{n}I", used)
         if self.compressed:
+            # Each grain's stream ends before the next grain or metadata in the file; that
+            # bound is read with the grain, whose marker is checked then (see decompress):
+            # reading markers here would cost a request per grain on remote sources.
+            markers = sorted(
+                gte * SECTOR
+                for gte in entries
+                if gte and not (gte == GTE_ZEROED and self.zero_grains)
+            )
             for k, gte in enumerate(entries):
                 offset = base + k * self.grain_size
                 length = min(self.grain_size, self.virtual_size - offset)
                 if gte == 0 or (gte == GTE_ZEROED and self.zero_grains):
                     yield Extent(offset, length, ExtentKind.ZERO)
                 else:
-                    yield self._compressed_grain(offset, length, gte, gt, k)
+                    yield self._compressed_grain(offset, length, gte, gt, k, markers)
             return
         # Runs of unallocated grains, and of grains that follow one another in the file,
         # each become one extent: this loop is the hot path of a large image.
@@ -672,7 +681,9 @@ class VmdkImage(DiskImage):
             "or corrupt"
         )
 
-    def _compressed_grain(self, offset: int, length: int, gte: int, gt: _Span, k: int) -> Extent:
+    def _compressed_grain(
+        self, offset: int, length: int, gte: int, gt: _Span, k: int, markers: list[int]
+    ) -> Extent:
         marker_at = gte * SECTOR
         where = (
             f"{gt.name} entry {k} (guest offset {offset}) points to a grain marker at {marker_at}"
@@ -681,18 +692,21 @@ class VmdkImage(DiskImage):
             marker_at >= self.data_start,
             f"{where}, inside the metadata before grainOffset {self.data_start}",
         )
-        marker = self.read_exact(marker_at, _GRAIN_MARKER.size, f"grain marker at {marker_at}")
-        lba, size = _GRAIN_MARKER.unpack(marker)
+        bound = min(self.file_size, marker_at + _GRAIN_MARKER.size + 2 * self.grain_size)
+        later = bisect.bisect_right(markers, marker_at)
+        if later < len(markers):
+            bound = min(bound, markers[later])
+        for span in (*self.spans, gt):
+            if span.start > marker_at:
+                bound = min(bound, span.start)
+        grain = _Span("grain", marker_at, bound)
         require(
-            0 < size <= 2 * self.grain_size - _GRAIN_MARKER.size,
-            f"{where} whose stream size {size} is not between 1 and {2 * self.grain_size - 12} "
-            "bytes (a metadata marker or garbage, not a grain)",
-        )
-        grain = _Span("grain", marker_at, marker_at + _GRAIN_MARKER.size + size)
-        require(
-            grain.end <= self.file_size,
-            f"{where} whose {size}-byte stream runs beyond the end of the {self.file_size}-byte "
-            "file; the image is truncated or corrupt",
+            grain.end > marker_at + _GRAIN_MARKER.size,
+            f"{where} whose stream would run beyond the end of the {self.file_size}-byte file; "
+            "the image is truncated or corrupt"
+            if grain.end == self.file_size
+            else f"{where} with no room for a compressed stream before offset {grain.end}, "
+            "where the next grain or metadata starts",
         )
         for span in (*self.spans, gt):
             require(
@@ -700,12 +714,14 @@ class VmdkImage(DiskImage):
                 f"{where}: the grain [{grain.start}, {grain.end}) overlaps the {span.name} "
                 f"[{span.start}, {span.end})",
             )
-        require(
-            lba * SECTOR == offset,
-            f"the grain marker at offset {marker_at} is for guest sector {lba}, but the grain "
-            f"table maps it to guest sector {offset // SECTOR}",
+        return Extent(
+            offset,
+            length,
+            ExtentKind.COMPRESSED,
+            marker_at + _GRAIN_MARKER.size,
+            grain.end - marker_at - _GRAIN_MARKER.size,
+            codec="zlib",
         )
-        return Extent(offset, length, ExtentKind.COMPRESSED, grain.start + 12, size, codec="zlib")
 
     # -- reading ----------------------------------------------------------------
 
@@ -718,11 +734,17 @@ class VmdkImage(DiskImage):
         )
         lba, size = _GRAIN_MARKER.unpack_from(data)
         require(
-            lba * SECTOR == extent.offset and size == extent.host_length,
-            f"the grain marker at offset {marker_at} (guest sector {lba}, {size} bytes) does not "
-            f"match guest sector {extent.offset // SECTOR}, {extent.host_length} bytes",
+            lba * SECTOR == extent.offset,
+            f"the grain marker at offset {marker_at} is for guest sector {lba}, but the grain "
+            f"table maps it to guest sector {extent.offset // SECTOR}",
         )
-        stream = data[_GRAIN_MARKER.size :]
+        require(
+            0 < size <= extent.host_length,
+            f"the grain marker at offset {marker_at} gives a stream of {size} bytes, but only "
+            f"{extent.host_length} bytes lie before the next grain, metadata or the end of the "
+            "file (a metadata marker, garbage, or a truncated image)",
+        )
+        stream = data[_GRAIN_MARKER.size : _GRAIN_MARKER.size + size]
         where = f"compressed grain at guest offset {extent.offset} (file offset {marker_at})"
         if extent.length == self.grain_size:
             return decompress("zlib", stream, extent.length, where)
