@@ -38,6 +38,15 @@ def image(tmp_path: Path) -> Path:
     return img
 
 
+@pytest.fixture
+def uploaded(own_store: objectstore.StoreInfo, image: Path) -> str:
+    """The image as s3://imports/g.qcow2 in the test's own store."""
+    client = s3_client(own_store)
+    client.create_bucket(Bucket="imports")
+    client.upload_file(str(image), "imports", "g.qcow2")
+    return "s3://imports/g.qcow2"
+
+
 def _wait_for(path: Path, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while not path.exists() or path.stat().st_size < 16 * MiB:
@@ -46,11 +55,8 @@ def _wait_for(path: Path, timeout: float = 60) -> None:
 
 
 def test_store_restarted_mid_import_completes(
-    own_store: objectstore.StoreInfo, image: Path, tmp_path: Path
+    own_store: objectstore.StoreInfo, image: Path, uploaded: str, tmp_path: Path
 ) -> None:
-    client = s3_client(own_store)
-    client.create_bucket(Bucket="imports")
-    client.upload_file(str(image), "imports", "g.qcow2")
     dest = tmp_path / "out.raw"
     result: dict[str, object] = {}
 
@@ -63,9 +69,7 @@ def test_store_restarted_mid_import_completes(
 
     restarter = threading.Thread(target=restart)
     restarter.start()
-    report = run_import(
-        "s3://imports/g.qcow2", dest, state_dir=tmp_path / "state", rate_limit_mbps=40
-    )
+    report = run_import(uploaded, dest, state_dir=tmp_path / "state", rate_limit_mbps=40)
     restarter.join()
     assert result.get("restarted")
     assert report.verified
@@ -73,11 +77,9 @@ def test_store_restarted_mid_import_completes(
 
 
 def test_object_replaced_mid_import_fails_with_source_changed(
-    own_store: objectstore.StoreInfo, image: Path, tmp_path: Path
+    own_store: objectstore.StoreInfo, image: Path, uploaded: str, tmp_path: Path
 ) -> None:
     client = s3_client(own_store)
-    client.create_bucket(Bucket="imports")
-    client.upload_file(str(image), "imports", "g.qcow2")
     dest = tmp_path / "out.raw"
     state = tmp_path / "state"
 
@@ -88,7 +90,7 @@ def test_object_replaced_mid_import_fails_with_source_changed(
     replacer = threading.Thread(target=replace)
     replacer.start()
     with pytest.raises(SourceChanged) as info:
-        run_import("s3://imports/g.qcow2", dest, state_dir=state, rate_limit_mbps=40)
+        run_import(uploaded, dest, state_dir=state, rate_limit_mbps=40)
     replacer.join()
     assert info.value.code == "SOURCE_CHANGED"
     assert (state / "INCOMPLETE").exists()

@@ -103,25 +103,8 @@ class Footer:
     @classmethod
     def parse(cls, raw: bytes, where: str) -> Footer:
         require(len(raw) == FOOTER_SIZE, f"the VHD footer {where} is truncated")
-        (
-            cookie,
-            features,
-            version,
-            data_offset,
-            _timestamp,
-            creator_app,
-            creator_version,
-            creator_os,
-            original_size,
-            current_size,
-            cylinders,
-            heads,
-            sectors,
-            disk_type,
-            checksum,
-            uuid,
-            saved_state,
-        ) = _FOOTER.unpack_from(raw)
+        fields = _FOOTER.unpack_from(raw)
+        cookie, checksum = fields[0], fields[14]  # the timestamp, fields[4], is not needed
         require(cookie == COOKIE, f"no VHD footer signature (conectix) {where}")
         computed = vpc_checksum(raw, 64)
         require(
@@ -129,24 +112,7 @@ class Footer:
             f"the VHD footer {where} has a bad checksum (stored {checksum:#010x}, "
             f"computed {computed:#010x}); the image is damaged",
         )
-        return cls(
-            raw,
-            features,
-            version,
-            data_offset,
-            creator_app,
-            creator_version,
-            creator_os,
-            original_size,
-            current_size,
-            cylinders,
-            heads,
-            sectors,
-            disk_type,
-            checksum,
-            uuid,
-            saved_state,
-        )
+        return cls(raw, *fields[1:4], *fields[5:])
 
     def check_type(self, where: str) -> None:
         require(
