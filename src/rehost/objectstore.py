@@ -69,11 +69,11 @@ def _port_free(port: int) -> bool:
 
 
 def free_base_port(start: int = 20000, stop: int = 40000) -> int:
-    """A base port P such that P..P+6 and P+10000..P+10006 are all free on loopback."""
+    """A base port P such that P..P+6 and P+10000..P+10004 (gRPC) are all free on loopback."""
     rng = secrets.SystemRandom()
     for _ in range(200):
         base = rng.randrange(start, stop - _PORTS, 10)
-        ports = [base + i for i in range(_PORTS)] + [base + 10000 + i for i in range(4)]
+        ports = [base + i for i in range(_PORTS)] + [base + 10000 + i for i in range(5)]
         if all(_port_free(p) for p in ports):
             return base
     raise ObjectStoreError("no free range of loopback ports was found")
@@ -140,6 +140,8 @@ def start(directory: Path, *, timeout: float = 30.0, base_port: int | None = Non
         f"-filer.port={p + 2}", f"-filer.port.grpc={p + 10002}",
         f"-s3.port={p + 3}", f"-s3.port.grpc={p + 10003}",
         f"-admin.port={p + 4}", f"-webdav.port={p + 5}", f"-debug.port={p + 6}",
+        # Listeners with fixed default ports would collide between stores: turn them off.
+        "-s3.port.iceberg=0", "-s3.port.lance=0",
     ]  # fmt: skip
     with open(directory / "weed.log", "ab") as log:
         proc = subprocess.Popen(
