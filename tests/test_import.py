@@ -8,7 +8,6 @@ until then.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import signal
@@ -39,11 +38,6 @@ from rehost.objectstore import StoreInfo
 from rehost.offline import StateDir, StateDirInUse, default_state_dir, run_import
 from rehost.offline import task as task_module
 from rehost.offline.state import import_key
-
-HAVE_S3 = importlib.util.find_spec("rehost.blob.s3") is not None
-needs_s3 = pytest.mark.skipif(
-    not HAVE_S3, reason="rehost.blob.s3 does not exist yet: open_source cannot read s3:// or URLs"
-)
 
 _RUNNER = """
 import sys
@@ -86,17 +80,6 @@ def error_line(stderr: str) -> str:
     return lines[0]
 
 
-def _placeholder(module: str) -> bool:
-    mod = importlib.import_module(f"rehost.image.{module}")
-    return "placeholder" in (mod.__doc__ or "")
-
-
-def _maybe_xfail(driver: str) -> list[pytest.MarkDecorator]:
-    if driver and _placeholder(driver):
-        return [pytest.mark.xfail(reason=f"the {driver} driver is still a placeholder")]
-    return []
-
-
 FORMATS = [
     # id, qemu-img convert options, rehost driver module
     ("raw", [], ""),
@@ -118,7 +101,7 @@ def _make(guest: Path, tmp: Path, opts: list[str], name: str) -> Path:
 
 @pytest.mark.parametrize(
     ("name", "opts"),
-    [pytest.param(n, o, id=n, marks=_maybe_xfail(d)) for n, o, d in FORMATS],
+    [pytest.param(n, o, id=n) for n, o, _ in FORMATS],
 )
 def test_byte_exact_from_local_path(
     name: str, opts: list[str], guest_raw: Path, tmp_path: Path
@@ -581,7 +564,30 @@ def _upload(store: StoreInfo, bucket: str, key: str, data_or_path: bytes | Path)
         client.put_object(Bucket=bucket, Key=key, Body=data_or_path)
 
 
-@needs_s3
+@pytest.mark.parametrize("via", ["s3", "presigned"])
+@pytest.mark.parametrize(("name", "opts"), [pytest.param(n, o, id=n) for n, o, _ in FORMATS])
+def test_every_format_byte_exact_from_object_storage(
+    name: str,
+    opts: list[str],
+    via: str,
+    guest_raw: Path,
+    tmp_path: Path,
+    s3_env: StoreInfo,
+    s3_bucket: str,
+) -> None:
+    image = _make(guest_raw, tmp_path, opts, name)
+    _upload(s3_env, s3_bucket, f"img/{name}", image)
+    source = f"s3://{s3_bucket}/img/{name}"
+    if via == "presigned":
+        source = s3_client(s3_env).generate_presigned_url(
+            "get_object", Params={"Bucket": s3_bucket, "Key": f"img/{name}"}, ExpiresIn=600
+        )
+    dest = tmp_path / "out.raw"
+    report = run_import(source, dest, state_dir=tmp_path / "state")
+    assert report.verified and report.bytes_fetched
+    assert sha256_file(dest) == oracle_sha256(image, tmp_path)
+
+
 def test_byte_exact_from_s3(
     guest_raw: Path, tmp_path: Path, s3_env: StoreInfo, s3_bucket: str
 ) -> None:
@@ -597,7 +603,6 @@ def test_byte_exact_from_s3(
     assert saved["source_identity"]["etag"]
 
 
-@needs_s3
 def test_byte_exact_from_presigned_url(
     guest_raw: Path, tmp_path: Path, s3_env: StoreInfo, s3_bucket: str
 ) -> None:
@@ -620,7 +625,6 @@ def test_byte_exact_from_presigned_url(
     assert default_state_dir(url, dest) == default_state_dir(url.split("?")[0] + "?x=1", dest)
 
 
-@needs_s3
 def test_truncated_and_garbage_objects_are_unreadable(
     guest_raw: Path, tmp_path: Path, s3_env: StoreInfo, s3_bucket: str
 ) -> None:
@@ -633,7 +637,6 @@ def test_truncated_and_garbage_objects_are_unreadable(
         assert not dest.exists(), name
 
 
-@needs_s3
 def test_kill_9_resumes_from_s3(
     big: Big, tmp_path: Path, s3_env: StoreInfo, s3_bucket: str
 ) -> None:
