@@ -79,7 +79,7 @@ def main() -> None:
         names = [n for n in FORMATS if not args.only or n in args.only.split(",")]
         print(f"# {args.size_mib} MiB mixed-content disk in local SeaweedFS, {args.runs} runs")
         print(f"{'format':<13}{'object MiB':>11}{'import s':>10}{'dl+convert s':>14}"
-              f"{'GET s':>8}{'ratio':>8}{'vs GET':>8}")  # fmt: skip
+              f"{'GET s':>8}{'ratio':>8}{'vs GET':>8}{'import RSS':>12}")  # fmt: skip
         for name in names:
             img = raw if name == "raw" else work / f"guest.{name}"
             if name != "raw":
@@ -108,7 +108,7 @@ def main() -> None:
             # Throughput compares bytes of the object moved per second.
             print(
                 f"{name:<13}{size / 2**20:>11.0f}{i:>10.2f}{d:>14.2f}{g:>8.2f}"
-                f"{i / d:>8.2f}{g / i:>8.2f}",
+                f"{i / d:>8.2f}{g / i:>8.2f}{max(t['import'].max_rss) / 2**20:>8.0f} MiB",
                 flush=True,
             )
     finally:
