@@ -1,0 +1,349 @@
+"""Bring the migrated system up on the destination's network by DHCP.
+
+The source's public IP does not move with it, and its NIC is not the destination's: a static
+configuration or a MAC-pinned name would leave the migrated server unreachable. So, in
+whichever system the source uses (all that are present are fixed):
+
+- every Ethernet configuration with static addresses is switched to DHCP (IPv6: SLAAC/auto),
+  and its addresses, netmask/prefix, gateway, DNS servers and MAC pinning are removed;
+- the first NIC ("primary") is made to match the destination's first NIC. Its name is often
+  different (eth0 on Xen becomes ens3 or enp0s3 under QEMU, depending on the PCI slot), so
+  when the plan knows the destination's name it is used; otherwise the configuration matches
+  any Ethernet name by pattern: ifupdown `auto /e*/1=eth0` (the first kernel interface whose
+  name starts with "e", configured by the `iface eth0` stanza; checked with ifupdown 0.8's
+  `ifup -n`), netplan `match: {name: "e*"}`, a keyfile without interface-name;
+- MAC-pinned persistent-net udev rules (70-persistent-net.rules) are dropped. A
+  75-persistent-net-generator.rules symlink to /dev/null is kept: it disables a generator that
+  would pin the destination's MAC at the first boot.
+
+ifcfg files keep their DEVICE= unless the plan names the destination's NIC (they cannot match
+by pattern). When the plan lists the source's static addresses, the step fails if any of them
+is still configured in those files (say, in an `up ip addr add` line it cannot interpret).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+
+from rehost.online.fixup.common import Context
+
+NIC_PATTERN = "e*"
+IFUPDOWN_STANZAS = {"iface", "mapping", "auto", "rename", "source", "source-directory"}
+IFUPDOWN_STATIC = {
+    "address",
+    "netmask",
+    "gateway",
+    "broadcast",
+    "network",
+    "pointopoint",
+    "hwaddress",
+    "dns-nameservers",
+    "scope",
+}
+IFUPDOWN_COMMANDS = {"up", "down", "pre-up", "pre-down", "post-up", "post-down"}
+IFUPDOWN_VIRTUAL = {"bridge_ports", "bridge-ports", "bond-slaves", "bond_slaves", "vlan-raw-device"}
+KEYFILE_STATIC = re.compile(r"^(address\d*|addresses|gateway|dns|routes?\d*(_options)?)$")
+IFCFG_STATIC = re.compile(
+    r"^(IPADDR\d*|NETMASK\d*|PREFIX\d*|GATEWAY\d*|HWADDR|DNS\d+|NETWORK|BROADCAST"
+    r"|IPV6ADDR|IPV6ADDR_SECONDARIES|IPV6_DEFAULTGW)$"
+)
+PERSISTENT_NET = re.compile(r'SUBSYSTEM=="net".*ATTR\{address\}==.*\bNAME:?=')
+
+
+def _is_comment(line: str) -> bool:
+    return not line.strip() or line.lstrip().startswith("#")
+
+
+def _join(lines: list[str], original: str) -> str:
+    return "\n".join(lines) + ("\n" if original.endswith("\n") or not original else "")
+
+
+# -- ifupdown -----------------------------------------------------------------------------
+
+
+@dataclass
+class _Iface:
+    path: str
+    index: int
+    name: str
+    family: str
+    method: str
+    options: list[int] = field(default_factory=list)
+
+
+def _mentions(ctx: Context, line: str) -> bool:
+    return any(_address_re(a).search(line) for a in ctx.plan.static_addresses)
+
+
+def _ifupdown(ctx: Context) -> list[str]:
+    paths = ["/etc/network/interfaces", *ctx.listdir("/etc/network/interfaces.d")]
+    texts = {p: t for p in paths if (t := ctx.read(p)) is not None}
+    files = {p: t.splitlines() for p, t in texts.items()}
+    stanzas: list[_Iface] = []
+    for path, lines in files.items():
+        current = None
+        for i, line in enumerate(lines):
+            words = line.split()
+            if _is_comment(line):
+                continue
+            if words[0] in IFUPDOWN_STANZAS or words[0].startswith("allow-"):
+                current = None
+                if words[0] == "iface" and len(words) >= 4:
+                    current = _Iface(path, i, words[1], words[2], words[3])
+                    stanzas.append(current)
+            elif current is not None:
+                current.options.append(i)
+
+    def physical(s: _Iface) -> bool:
+        opts = {files[s.path][i].split()[0] for i in s.options}
+        return (
+            s.family == "inet"
+            and s.name != "lo"
+            and not re.search(r"[.:]", s.name)
+            and not (opts & IFUPDOWN_VIRTUAL)
+        )
+
+    primary = next((s.name for s in stanzas if physical(s)), None)
+    nic = ctx.plan.nic
+    rename = {primary: nic} if primary and nic else {}
+    edits: dict[tuple[str, int], list[str]] = {}
+    for s in stanzas:
+        if s.name == "lo":
+            continue
+        method = s.method
+        if method == "static":
+            method = "dhcp" if s.family == "inet" else "auto"
+            for i in s.options:
+                line = files[s.path][i]
+                first = line.split()[0]
+                if first in IFUPDOWN_STATIC or (
+                    first in IFUPDOWN_COMMANDS and _mentions(ctx, line)
+                ):
+                    edits[(s.path, i)] = []
+        name = rename.get(s.name, s.name)
+        if (name, method) != (s.name, s.method):
+            line = files[s.path][s.index]
+            indent = line[: len(line) - len(line.lstrip())]
+            rest = line.split()[4:]
+            edits[(s.path, s.index)] = [" ".join([f"{indent}iface", name, s.family, method, *rest])]
+    if primary:
+        _ifupdown_auto(files, edits, stanzas, primary, nic)
+    for path, lines in files.items():
+        out = []
+        for i, line in enumerate(lines):
+            out += edits.get((path, i), [line])
+        ctx.write(path, _join(out, texts[path]))
+    return list(files)
+
+
+def _ifupdown_auto(
+    files: dict[str, list[str]],
+    edits: dict[tuple[str, int], list[str]],
+    stanzas: list[_Iface],
+    primary: str,
+    nic: str,
+) -> None:
+    """Bring the primary up at boot: under the destination's name, or by name pattern."""
+    pattern = f"/{NIC_PATTERN}/1={primary}"
+    mentioned = None
+    for path, lines in files.items():
+        for i, line in enumerate(lines):
+            words = line.split()
+            if _is_comment(line) or not (words[0] == "auto" or words[0].startswith("allow-")):
+                continue
+            if pattern in words[1:] and not nic:
+                return
+            if primary not in words[1:]:
+                continue
+            indent = line[: len(line) - len(line.lstrip())]
+            if nic:
+                words = [nic if w == primary else w for w in words]
+                edits[(path, i)] = [indent + " ".join(words)]
+                continue
+            rest = [w for w in words[1:] if w != primary]
+            edits[(path, i)] = [indent + " ".join([words[0], *rest])] if rest else []
+            if mentioned is None:
+                mentioned = (path, i)
+                edits[(path, i)].insert(0, f"{indent}auto {pattern}")
+    if nic or mentioned is not None:
+        return
+    first = next(s for s in stanzas if s.name == primary)
+    edits.setdefault((first.path, first.index), [files[first.path][first.index]])
+    edits[(first.path, first.index)].insert(0, f"auto {pattern}")
+
+
+# -- netplan -------------------------------------------------------------------------------
+
+
+def _indent(line: str) -> int:
+    return len(line) - len(line.lstrip(" "))
+
+
+def _netplan(ctx: Context) -> list[str]:
+    paths = [*ctx.listdir("/etc/netplan", ".yaml"), *ctx.listdir("/etc/netplan", ".yml")]
+    primary = None
+    for path in sorted(paths):
+        text = ctx.read(path) or ""
+        lines = text.splitlines()
+        start = next(
+            (i for i, ln in enumerate(lines) if re.match(r"^\s*ethernets:\s*(#.*)?$", ln)), None
+        )
+        if start is None:
+            if re.search(r"(?m)^\s*ethernets\s*:", text):
+                raise ctx.fail(f"{path}: cannot read its ethernets section (flow style)")
+            continue
+        top = _indent(lines[start])
+        out = lines[: start + 1]
+        i = start + 1
+        child = None
+        while i < len(lines):
+            line = lines[i]
+            if _is_comment(line):
+                out.append(line)
+                i += 1
+                continue
+            if _indent(line) <= top:
+                break
+            child = child or _indent(line)
+            m = re.match(r"^\s*(\"[^\"]+\"|'[^']+'|[^\s:#]+)\s*:", line)
+            if _indent(line) != child or m is None:
+                raise ctx.fail(f"{path}:{i + 1}: cannot read the ethernets section")
+            name = m.group(1)
+            i += 1
+            while i < len(lines) and (_is_comment(lines[i]) or _indent(lines[i]) > child):
+                i += 1
+            primary = primary or name
+            step = max(child - top, 2)
+            pad, pad2, pad3 = " " * child, " " * (child + step), " " * (child + 2 * step)
+            if name == primary:
+                match = ctx.plan.nic or NIC_PATTERN
+                out += [
+                    f"{pad}{name}:",
+                    f"{pad2}match:",
+                    f'{pad3}name: "{match}"',
+                    f"{pad2}dhcp4: true",
+                ]
+            else:
+                out += [f"{pad}{name}:", f"{pad2}dhcp4: true", f"{pad2}optional: true"]
+        out += lines[i:]
+        ctx.write(path, _join(out, text))
+    return paths
+
+
+# -- NetworkManager keyfiles ---------------------------------------------------------------
+
+
+def _keyfiles(ctx: Context) -> list[str]:
+    paths = ctx.listdir("/etc/NetworkManager/system-connections")
+    primary_seen = False
+    for path in paths:
+        text = ctx.read(path) or ""
+        if not re.search(r"(?m)^\s*type\s*=\s*(ethernet|802-3-ethernet)\s*$", text):
+            continue
+        primary, primary_seen = not primary_seen, True
+        section = ""
+        out = []
+        for line in text.splitlines():
+            stripped = line.strip()
+            if stripped.startswith("["):
+                section = stripped.strip("[]")
+                out.append(line)
+                continue
+            key, sep, value = stripped.partition("=")
+            key = key.strip()
+            if sep and section == "connection" and key == "interface-name" and primary:
+                if ctx.plan.nic:
+                    out.append(f"interface-name={ctx.plan.nic}")
+                continue
+            if sep and section in ("ethernet", "802-3-ethernet") and key == "mac-address":
+                continue
+            if sep and section in ("ipv4", "ipv6"):
+                if key == "method" and value.strip() == "manual":
+                    out.append("method=auto")
+                    continue
+                if KEYFILE_STATIC.match(key):
+                    continue
+            out.append(line)
+        ctx.write(path, _join(out, text))
+    return paths
+
+
+# -- ifcfg ---------------------------------------------------------------------------------
+
+
+def _ifcfg(ctx: Context) -> list[str]:
+    scripts = "/etc/sysconfig/network-scripts"
+    paths = [
+        p
+        for p in ctx.listdir(scripts)
+        if PurePosixPath(p).name.startswith("ifcfg-") and PurePosixPath(p).name != "ifcfg-lo"
+    ]
+    primary_seen = False
+    for path in paths:
+        text = ctx.read(path) or ""
+        values = {}
+        for line in text.splitlines():
+            key, sep, value = line.strip().partition("=")
+            if sep:
+                values[key] = value.strip("\"'")
+        if values.get("TYPE", "Ethernet") != "Ethernet" or values.get("DEVICE") == "lo":
+            continue
+        primary, primary_seen = not primary_seen, True
+        out = []
+        for line in text.splitlines():
+            key, sep, value = line.strip().partition("=")
+            if sep and IFCFG_STATIC.match(key):
+                continue
+            if sep and key == "BOOTPROTO" and value.strip("\"'") != "dhcp":
+                line = "BOOTPROTO=dhcp"
+            elif sep and key == "ONBOOT" and primary and value.strip("\"'") != "yes":
+                line = "ONBOOT=yes"
+            elif sep and key == "DEVICE" and primary and ctx.plan.nic:
+                line = f"DEVICE={ctx.plan.nic}"
+            out.append(line)
+        if "BOOTPROTO" not in values:
+            out.append("BOOTPROTO=dhcp")
+        ctx.write(path, _join(out, text))
+    return paths
+
+
+# -- udev and the check --------------------------------------------------------------------
+
+
+def _udev(ctx: Context) -> None:
+    for path in ctx.listdir("/etc/udev/rules.d", ".rules"):
+        text = ctx.read(path) or ""
+        kept = [ln for ln in text.splitlines() if not PERSISTENT_NET.search(ln)]
+        if len(kept) == len(text.splitlines()):
+            continue
+        if all(_is_comment(ln) for ln in kept):
+            ctx.remove(path)
+        else:
+            ctx.write(path, _join(kept, text))
+
+
+def _address_re(address: str) -> re.Pattern[str]:
+    ip = address.split("/")[0]
+    return re.compile(rf"(?<![0-9A-Za-z.:]){re.escape(ip)}(?![0-9A-Za-z.:])")
+
+
+def _check_addresses(ctx: Context, paths: list[str]) -> None:
+    for address in ctx.plan.static_addresses:
+        pattern = _address_re(address)
+        for path in paths:
+            for n, line in enumerate((ctx.read(path) or "").splitlines(), 1):
+                if pattern.search(line) and not _is_comment(line):
+                    raise ctx.fail(
+                        f"{path}:{n} still configures the source's address {address}: "
+                        f"{line.strip()}",
+                        hint="remove that line on the source (or convert it to DHCP) and run "
+                        "the finalize again",
+                    )
+
+
+def fix_network(ctx: Context) -> None:
+    paths = _ifupdown(ctx) + _netplan(ctx) + _keyfiles(ctx) + _ifcfg(ctx)
+    _udev(ctx)
+    _check_addresses(ctx, paths)
