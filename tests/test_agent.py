@@ -484,8 +484,14 @@ def test_cli_receive_parses(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     assert result.exit_code == 0, result.output
     disks = {"1": "/dev/vdc", "0": "/dev/vdb"}
     assert calls == [
-        ("0.0.0.0:80", "s3cret", state, disks, {"roots": None}),
-        ("[::1]:8443", "s3cret", state, {}, {"roots": {"root": Path("/srv/r")}}),
+        ("0.0.0.0:80", "s3cret", state, disks, {"roots": None, "on_finalized": None}),
+        (
+            "[::1]:8443",
+            "s3cret",
+            state,
+            {},
+            {"roots": {"root": Path("/srv/r")}, "on_finalized": None},
+        ),
     ]
     for bad in (["--listen", "host"], ["--data-disk", "0=/dev/x"], ["--data-disk", "1"], []):
         result = runner.invoke(app, [*base, *bad, *([] if bad == [] else ["--system-disk", "/d"])])

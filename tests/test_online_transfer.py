@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -26,6 +25,7 @@ from typing import Any
 
 import pytest
 
+from edgetree import make_edge_tree, urandom_file
 from netns import NetnsPair, netns_pair
 from rehost.online.protocol import (
     DELTA_MIN_SIZE,
@@ -49,8 +49,8 @@ from rehost.online.agent.client import ReceiverClient
 from rehost.online.agent.transfer import sync_filesystem
 from rehost.online.protocol import AgentError
 a = json.loads(sys.argv[1])
-c = ReceiverClient(a["addr"], a["token"], a["fp"], limit_kbps=a.get("limit", 0),
-                   retry_seconds=a.get("retry", 60))
+c = ReceiverClient(a["addr"], a["token"], a["fp"], proxy=a.get("proxy"),
+                   limit_kbps=a.get("limit", 0), retry_seconds=a.get("retry", 60))
 try:
     s = sync_filesystem(c, "root", a["root"], a["excludes"], a.get("compression", "auto"),
                         log=lambda m: print(m, file=sys.stderr, flush=True))
@@ -71,101 +71,6 @@ logging.basicConfig(level=logging.INFO, filename=a["log"], format="%(asctime)s %
 serve(a["listen"], a["token"], Path(a["state"]), {}, roots={"root": Path(a["root"])},
       ready=lambda addr: open(a["ready"], "w").write(addr))
 """
-
-
-# --- the edge-case tree ---------------------------------------------------------------------
-
-
-def _text(n: int) -> bytes:
-    return "".join(f"log line {i}: something happened\n" for i in range(n // 20)).encode()[:n]
-
-
-def _urandom_file(path: Path, size: int) -> None:
-    with open(path, "wb") as f:
-        left = size
-        while left:
-            step = min(left, 4 * MiB)
-            f.write(os.urandom(step))
-            left -= step
-
-
-def make_edge_tree(root: Path) -> None:
-    """Every entry kind and attribute the transfer must keep."""
-    root.mkdir(parents=True)
-    d = root / "a" / "b" / "c" / "d"
-    d.mkdir(parents=True)
-    (d / "deep.txt").write_text("deep\n")
-    (root / "empty").write_bytes(b"")
-    (root / "small.txt").write_text("hello\n" * 100)
-    (root / "text.log").write_bytes(_text(300_000))
-    _urandom_file(root / "big.bin", 6 * MiB)
-    with open(root / "sparse.img", "wb") as f:
-        f.truncate(64 * MiB)
-        f.write(os.urandom(100_000))
-        f.seek(10 * MiB + 12345)
-        f.write(os.urandom(5000))
-        f.seek(64 * MiB - 10)
-        f.write(b"end of it!")
-    # hardlinks across directories, one group of three
-    (root / "a" / "linked").write_text("one inode, three names\n")
-    os.link(root / "a" / "linked", root / "a" / "b" / "linked2")
-    os.link(root / "a" / "linked", root / "hard3")
-    # symlinks: relative, absolute, dangling, to a directory
-    os.symlink("small.txt", root / "sym-rel")
-    os.symlink("/etc/passwd", root / "sym-abs")
-    os.symlink("nowhere/at/all", root / "sym-dangling")
-    os.symlink("a/b", root / "sym-dir")
-    os.mknod(root / "null-dev", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
-    os.mknod(root / "loop-dev", 0o660 | stat.S_IFBLK, os.makedev(7, 200))
-    os.mkfifo(root / "fifo")
-    sock = socket.socket(socket.AF_UNIX)
-    sock.bind(str(root / "sock"))
-    sock.close()
-    # modes and owners
-    (root / "suid").write_text("#!/bin/sh\n")
-    os.chmod(root / "suid", 0o4755)
-    (root / "sgid-dir").mkdir()
-    os.chmod(root / "sgid-dir", 0o2775)
-    (root / "sticky").mkdir()
-    os.chmod(root / "sticky", 0o1777)
-    (root / "noperm").write_text("x")
-    os.chmod(root / "noperm", 0)
-    (root / "readonly-dir").mkdir()
-    (root / "readonly-dir" / "inside").write_text("x")
-    os.chmod(root / "readonly-dir", 0o555)
-    (root / "owned").write_text("owned by nobody known\n")
-    os.chown(root / "owned", 12345, 54321)
-    os.chown(root / "sym-rel", 4242, 4343, follow_symlinks=False)
-    os.chown(root / "sticky", 1000, 1000)
-    # xattrs, ACLs, SELinux label, file capabilities
-    os.setxattr(root / "small.txt", "user.comment", b"a user xattr")
-    os.setxattr(root / "small.txt", "trusted.secret", b"\x00\x01binary\xff")
-    os.setxattr(root / "a", "security.selinux", b"system_u:object_r:etc_t:s0\x00")
-    subprocess.run(["setfacl", "-m", "u:1234:rwx,g:4321:r-x", str(root / "a")], check=True)
-    subprocess.run(["setfacl", "-d", "-m", "u:1234:rwx", str(root / "a")], check=True)
-    subprocess.run(["setfacl", "-m", "u:999:r--", str(root / "small.txt")], check=True)
-    (root / "ping").write_bytes(b"\x7fELF fake")
-    subprocess.run(["setcap", "cap_net_raw+ep", str(root / "ping")], check=True)
-    os.chown(root / "ping", 0, 12)  # after setcap: the kernel would clear it otherwise
-    subprocess.run(["setcap", "cap_net_raw+ep", str(root / "ping")], check=True)
-    # names: unicode, undecodable bytes, 255 bytes (ascii and multibyte)
-    (root / "héllo wörld 世界").write_text("unicode\n")
-    with open(os.path.join(os.fsencode(root), b"bad-\xff\xfe-name"), "wb") as f:
-        f.write(b"latin-1 name\n")
-    (root / ("L" * 255)).write_text("long ascii name\n")
-    (root / ("é" * 127)).mkdir()  # 254 bytes
-    (root / ("é" * 127) / ("世" * 85)).write_text("255 bytes of utf-8\n")
-    # excluded trees: their directories arrive empty
-    (root / "proc" / "1").mkdir(parents=True)
-    (root / "proc" / "1" / "status").write_text("excluded\n")
-    (root / "tmp").mkdir()
-    os.chmod(root / "tmp", 0o1777)
-    (root / "tmp" / "scratch").write_text("excluded\n")
-    # odd times, directories last and bottom-up so that their times stick
-    os.utime(root / "small.txt", ns=(1_000_000_123, 1_600_000_000_987_654_321))
-    os.utime(root / "sym-dangling", ns=(5, 1_500_000_000_000_000_001), follow_symlinks=False)
-    for dirpath, _dirs, _files in sorted(os.walk(root), key=lambda w: -len(w[0])):
-        os.utime(dirpath, ns=(1_400_000_000_000_000_000, 1_450_000_000_111_222_333))
 
 
 def rsync_diff(src: Path, dst: Path) -> list[str]:
@@ -473,11 +378,11 @@ def test_traversal_attempts_are_rejected(env: Env) -> None:
 def _tree_for_kill(src: Path) -> None:
     src.mkdir()
     for i in range(60):
-        _urandom_file(src / f"f{i:03d}", 256 * 1024 + i)
+        urandom_file(src / f"f{i:03d}", 256 * 1024 + i)
     (src / "sub").mkdir()
-    _urandom_file(src / "sub" / "large.bin", 40 * MiB)
+    urandom_file(src / "sub" / "large.bin", 40 * MiB)
     for i in range(60, 120):
-        _urandom_file(src / "sub" / f"f{i:03d}", 300 * 1024)
+        urandom_file(src / "sub" / f"f{i:03d}", 300 * 1024)
 
 
 def _wait_bytes(env: Env, proc: subprocess.Popen[str], at_least: int) -> None:
@@ -538,7 +443,7 @@ def test_receiver_restart_during_a_run_is_retried(env: Env) -> None:
 
 def test_bandwidth_limit_holds_under_a_tbf_cap(env: Env) -> None:
     env.src.mkdir()
-    _urandom_file(env.src / "payload.bin", 40 * MiB)
+    urandom_file(env.src / "payload.bin", 40 * MiB)
     env.pair.set_rate(40_000)  # 40 Mbit/s on the source side, above the limit
     limit = 2000  # KiB/s
     proc = env.start_agent(limit=limit, compression="off")
@@ -558,6 +463,70 @@ def test_bandwidth_limit_holds_under_a_tbf_cap(env: Env) -> None:
         assert 0.95 * want <= window <= 1.05 * want, (k, window / want, rates)
     assert max(rates) <= 1.10 * want, rates
     print("1-s rates / limit:", [round(r / want, 3) for r in rates])
+
+
+# A minimal HTTP CONNECT proxy, like the gateway of a private network: it logs each tunnel
+# and counts the bytes it carried in both directions.
+PROXY = r"""
+import socket, sys, threading
+listen, log = sys.argv[1], sys.argv[2]
+host, port = listen.rsplit(":", 1)
+srv = socket.create_server((host, int(port)))
+open(log + ".ready", "w").write("ok")
+def pipe(a, b, counter):
+    while True:
+        data = a.recv(65536)
+        if not data:
+            break
+        counter[0] += len(data)
+        b.sendall(data)
+    b.shutdown(socket.SHUT_WR)
+def handle(c):
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += c.recv(4096)
+    line = head.split(b"\r\n")[0].decode()
+    method, target, _ = line.split(" ")
+    assert method == "CONNECT", line
+    th, tp = target.rsplit(":", 1)
+    up = socket.create_connection((th, int(tp)))
+    c.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+    sent, got = [0], [0]
+    t = threading.Thread(target=pipe, args=(up, c, got)); t.start()
+    pipe(c, up, sent); t.join()
+    with open(log, "a") as f:
+        f.write("CONNECT %s up %d down %d\n" % (target, sent[0], got[0]))
+while True:
+    conn, _ = srv.accept()
+    threading.Thread(target=handle, args=(conn,), daemon=True).start()
+"""
+
+
+def test_through_a_connect_proxy(env: Env) -> None:
+    """The agent reaches the receiver only through an HTTP CONNECT proxy on its side."""
+    (env.src / "etc").mkdir(parents=True)
+    payload = 3 * MiB
+    urandom_file(env.src / "etc" / "blob", payload)
+    (env.src / "etc" / "hostname").write_text("proxied\n")
+    log = env.tmp / "proxy.log"
+    proxy = subprocess.Popen(
+        env.pair.cmd(env.pair.source, [PY, "-c", PROXY, "127.0.0.1:3128", str(log)])
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while not Path(str(log) + ".ready").exists():
+            assert proxy.poll() is None and time.monotonic() < deadline, "proxy did not start"
+            time.sleep(0.05)
+        result = env.agent(proxy="127.0.0.1:3128")
+        assert "error" not in result, result
+    finally:
+        proxy.kill()
+        proxy.wait()
+    assert_same(env)
+    tunnels = log.read_text().splitlines()
+    assert tunnels and all(t.startswith(f"CONNECT {env.receiver.addr} ") for t in tunnels)
+    carried = sum(int(t.split(" up ")[1].split()[0]) for t in tunnels)
+    assert carried >= payload
 
 
 def test_block_hash_is_stable() -> None:

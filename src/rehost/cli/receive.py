@@ -1,15 +1,20 @@
 """`rehost receive`: the destination side of an online migration, run in migration mode.
 
 It only parses and checks the command line; rehost.online.receiver.server does the work.
+A successful finalize ends migration mode: the server stops, and with `--reboot` the machine
+reboots into the migrated system.
 """
 
 from __future__ import annotations
 
 import re
+import subprocess
 from pathlib import Path
 from typing import Annotated
 
 import typer
+
+from rehost.errors import RehostError
 
 
 def parse_listen(value: str) -> tuple[str, int]:
@@ -49,6 +54,27 @@ def read_token(path: Path) -> str:
     return token
 
 
+class RebootFailed(RehostError):
+    code = "REBOOT_FAILED"
+    message = "the migration is finalized but the machine could not be rebooted"
+    default_hint = "the destination disks are ready: reboot the machine by hand"
+
+
+def reboot() -> None:
+    """Leave migration mode for good: `systemctl reboot`, else `reboot`."""
+    tried = []
+    for argv in (["systemctl", "reboot"], ["reboot"]):
+        try:
+            proc = subprocess.run(argv, capture_output=True, text=True)
+        except OSError as e:
+            tried.append(f"{argv[0]}: {e.strerror}")
+            continue
+        if proc.returncode == 0:
+            return
+        tried.append(f"`{' '.join(argv)}` exited {proc.returncode}: {proc.stderr.strip()}")
+    raise RebootFailed("; ".join(tried))
+
+
 def receive(
     token_file: Annotated[
         Path, typer.Option("--token-file", help="File holding the migration's secret token.")
@@ -75,8 +101,18 @@ def receive(
             "disk (testing and advanced use).",
         ),
     ] = None,
+    reboot_after: Annotated[
+        bool,
+        typer.Option(
+            "--reboot",
+            help="Reboot into the migrated system once the agent's finalize has succeeded.",
+        ),
+    ] = False,
 ) -> None:
-    """Receive a migration: serve TLS, check the token, write the source's files to disks."""
+    """Receive a migration: serve TLS, check the token, write the source's files to disks.
+
+    Returns (exit 0) once the agent's finalize has made the disks ready to boot.
+    """
     from rehost.online.receiver.server import serve
 
     addr, port = parse_listen(listen)
@@ -90,4 +126,16 @@ def receive(
         )
     state_dir.mkdir(parents=True, exist_ok=True)
     host = f"[{addr}]" if ":" in addr else addr
-    serve(f"{host}:{port}", read_token(token_file), state_dir, disks, roots=roots or None)
+    serve(
+        f"{host}:{port}",
+        read_token(token_file),
+        state_dir,
+        disks,
+        roots=roots or None,
+        on_finalized=_reboot_now if reboot_after else None,
+    )
+
+
+def _reboot_now() -> None:
+    print("rebooting into the migrated system", flush=True)
+    reboot()  # looked up at call time, so a test can replace it

@@ -1,4 +1,4 @@
-# ruff: noqa: UP006, UP035, UP045
+# ruff: noqa: UP006, UP007, UP035, UP045
 """The wire format shared by the agent and the receiver (see docs/online-protocol.md).
 
 It lives in one stdlib-only module that runs on Python 3.6, because the agent ships to old
@@ -10,7 +10,7 @@ import hashlib
 import json
 import os
 import struct
-from typing import IO, Any, Dict, Iterator, List, Optional, Tuple
+from typing import IO, Any, Dict, Iterator, List, Optional, Tuple, Union
 
 PROTOCOL_VERSION = 1
 
@@ -75,22 +75,23 @@ def json_frame(kind: bytes, obj: Dict[str, Any]) -> bytes:
 
 
 def chunk_frame(offset: int, codec: int, data: bytes) -> bytes:
-    return encode_frame(CHUNK, _CHUNK_HEAD.pack(offset, codec) + data)
+    head = _HEADER.pack(CHUNK, _CHUNK_HEAD.size + len(data)) + _CHUNK_HEAD.pack(offset, codec)
+    return b"".join((head, data))  # one copy of the data, not two
 
 
 def zero_frame(offset: int, length: int) -> bytes:
     return chunk_frame(offset, CODEC_ZERO, _U64.pack(length))
 
 
-def decode_chunk(payload: bytes) -> Tuple[int, int, bytes]:
-    """(offset, codec, data) of a CHUNK frame's payload."""
+def decode_chunk(payload: bytes) -> Tuple[int, int, memoryview]:
+    """(offset, codec, data) of a CHUNK frame's payload; data is a view, not a copy."""
     if len(payload) < _CHUNK_HEAD.size:
         raise ProtocolError("BAD_FRAME", "short chunk frame")
     offset, codec = _CHUNK_HEAD.unpack_from(payload)
-    return offset, codec, payload[_CHUNK_HEAD.size :]
+    return offset, codec, memoryview(payload)[_CHUNK_HEAD.size :]
 
 
-def zero_length(data: bytes) -> int:
+def zero_length(data: Union[bytes, memoryview]) -> int:
     if len(data) != _U64.size:
         raise ProtocolError("BAD_FRAME", "bad zero chunk")
     return int(_U64.unpack(data)[0])

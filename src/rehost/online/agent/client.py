@@ -13,7 +13,7 @@ import socket
 import ssl
 import threading
 import time
-from typing import Any, Dict, Iterable, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from rehost.online.protocol import HASH_HEADER, AgentError, hash_algorithms
 
@@ -59,9 +59,11 @@ class _Connection(http.client.HTTPSConnection):
         view = memoryview(data)
         for start in range(0, len(view), _SEND_PIECE):
             piece = view[start : start + _SEND_PIECE]
+            began = time.monotonic()
             if self.owner.bucket is not None:
                 self.owner.bucket.take(int(len(piece) * _WIRE_OVERHEAD))
             super().send(piece)
+            self.owner.send_wait += time.monotonic() - began
             self.owner.bytes_on_wire += len(piece)
 
 
@@ -98,6 +100,8 @@ class ReceiverClient:
         self.timeout = timeout
         self.bytes_on_wire = 0
         self.payload_bytes = 0
+        # seconds spent writing to the socket, waiting on it or on the bandwidth limit
+        self.send_wait = 0.0
         self.hash_alg = hash_algorithms()[0]
         self._conn = None  # type: Optional[_Connection]
         self.last_hello = {}  # type: Dict[str, Any]
@@ -230,9 +234,19 @@ class ReceiverClient:
             conn.putheader("Transfer-Encoding", "chunked")
             conn.endheaders()
             try:
-                pending = []
+                pending: List[bytes] = []
                 size = 0
                 for frame in frames:
+                    if len(frame) >= _FLUSH:
+                        # a large frame goes as its own HTTP chunk, uncopied: the receiver
+                        # then reads it in one piece too
+                        if size:
+                            conn.send(b"%x\r\n%s\r\n" % (size, b"".join(pending)))
+                            pending, size = [], 0
+                        conn.send(b"%x\r\n" % len(frame))
+                        conn.send(frame)
+                        conn.send(b"\r\n")
+                        continue
                     pending.append(frame)
                     size += len(frame)
                     if size >= _FLUSH:

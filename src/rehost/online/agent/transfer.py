@@ -11,7 +11,9 @@ already landed and its partial files resume by delta.
 import errno
 import fnmatch
 import os
+import queue
 import stat
+import threading
 import time
 import zlib
 from base64 import b64encode
@@ -32,6 +34,7 @@ from rehost.online.protocol import (
     AgentError,
     block_hash,
     chunk_frame,
+    encode_frame,
     feed_zeros,
     iter_blocks,
     iter_data,
@@ -49,6 +52,9 @@ except ImportError:  # pragma: no cover - depends on the source host
 Log = Optional[Callable[[str], None]]
 _ZERO = bytes(CHUNK_SIZE)
 _BATCH_ATTEMPTS = 5
+_LINK_WINDOW = 0.5  # seconds of streaming per compression decision
+_FAST_LINK = 64 * 1024 * 1024  # file bytes/s: above this, compressing costs more than it saves
+_PREFETCH = 2  # batches walked ahead while the receiver works on the current one
 _TYPES = (
     (stat.S_ISREG, "f"),
     (stat.S_ISDIR, "d"),
@@ -64,10 +70,14 @@ class _Compressor:
     """Per-chunk compression that is kept only when it saves at least 10%.
 
     In "auto" mode a run of chunks that do not compress (media, archives) makes it try only
-    every 16th chunk, so incompressible data costs little CPU.
+    every 16th chunk, so incompressible data costs little CPU; and compression is used only
+    while the link is the bottleneck: over each half second of a data stream, the agent must
+    have spent most of its time waiting to write (socket or bandwidth limit) while moving
+    under _FAST_LINK bytes/s of file data. On a fast LAN the CPUs are the bottleneck, and
+    compressing only slows both ends down.
     """
 
-    def __init__(self, mode: str) -> None:
+    def __init__(self, mode: str, client: Any = None) -> None:
         if mode not in ("auto", "zstd", "off"):
             raise AgentError("BAD_CONFIG", "Compression must be auto, zstd or off, not " + mode)
         if mode == "zstd" and _zstd is None:
@@ -77,12 +87,35 @@ class _Compressor:
                 'use "auto" (zlib) or install python3-zstandard on the source',
             )
         self.mode = mode
-        self.zstd = _zstd.ZstdCompressor(level=1) if _zstd is not None else None
+        # level 3 (zstd's default): "auto" compresses only on slow links, where the ratio pays
+        self.zstd = _zstd.ZstdCompressor(level=3) if _zstd is not None else None
         self.misses = 0
         self.skipped = 0
+        self.client = client
+        self.slow_link = True
+        self.window = (0.0, 0.0, 0)  # (start, client.send_wait, client.payload_bytes)
+
+    def new_stream(self) -> None:
+        """A data stream starts: judge the link only on time spent streaming."""
+        if self.client is not None:
+            self.window = (time.monotonic(), self.client.send_wait, self.client.payload_bytes)
+
+    def _link_is_slow(self) -> bool:
+        if self.client is None:
+            return True
+        start, wait, payload = self.window
+        now = time.monotonic()
+        if now - start >= _LINK_WINDOW:
+            busy = (self.client.send_wait - wait) / (now - start)
+            rate = (self.client.payload_bytes - payload) / (now - start)
+            self.slow_link = busy >= 0.5 and rate < _FAST_LINK
+            self.new_stream()
+        return self.slow_link
 
     def pack(self, data: bytes) -> Tuple[int, bytes]:
         if self.mode == "off" or len(data) < 64:
+            return CODEC_RAW, data
+        if self.mode == "auto" and not self._link_is_slow():
             return CODEC_RAW, data
         if self.mode == "auto" and self.misses >= 8:
             self.skipped += 1
@@ -260,7 +293,7 @@ class _Sender:
             whole = new_hash(self.alg)
             if need[1] == "delta":
                 block, theirs = int(need[2]), list(need[3])
-                yield json_frame(DELTA, {"i": index})
+                yield encode_frame(DELTA, b'{"i":%d}' % index)
                 self.stats["delta_files"] += 1
                 for off, data in iter_blocks(fd, size, block):
                     n = min(block, size - off)
@@ -274,7 +307,7 @@ class _Sender:
                     else:
                         yield self._chunk(off, data)
             else:
-                yield json_frame(DATA, {"i": index})
+                yield encode_frame(DATA, b'{"i":%d}' % index)
                 done = 0
                 for off, data in iter_data(fd, size, CHUNK_SIZE):
                     feed_zeros(whole, off - done)
@@ -284,7 +317,9 @@ class _Sender:
                         yield self._chunk(off, data)
                 feed_zeros(whole, size - done)
             self.stats["files_sent"] += 1
-            yield json_frame(END, {"i": index, "hash": whole.hexdigest(), "alg": self.alg})
+            # what json_frame would make, without its cost on every small file
+            end = f'{{"i":{index},"hash":"{whole.hexdigest()}","alg":"{self.alg}"}}'
+            yield encode_frame(END, end.encode("ascii"))
         finally:
             os.close(fd)
 
@@ -314,23 +349,11 @@ def sync_filesystem(
         "bytes_on_wire": 0,
     }
     wire_start = client.bytes_on_wire
-    sender = _Sender(client, _Compressor(compression), stats, log)
+    sender = _Sender(client, _Compressor(compression, client), stats, log)
     quoted = quote(fs_id, safe="")
     walker = _Walker(root, excludes, log)
-    batch = []  # type: List[Tuple[Dict[str, Any], bytes]]
-    frames = []  # type: List[bytes]
-    size = 0
     started = time.monotonic()
-    for entry, path in walker.walk():
-        entry["i"] = len(batch)
-        frame = json_frame(ENTRY, entry)
-        batch.append((entry, path))
-        frames.append(frame)
-        size += len(frame)
-        if len(batch) >= BATCH_ENTRIES or size >= BATCH_BYTES:
-            _send_batch(client, quoted, batch, frames, sender, stats, log)
-            batch, frames, size = [], [], 0
-    if batch:
+    for batch, frames in _prefetched(_batches(walker)):
         _send_batch(client, quoted, batch, frames, sender, stats, log)
     done = client.post_json("/v1/finish/" + quoted, {"pass": pass_no})
     stats["deleted"] += int(done.get("deleted", 0))
@@ -343,6 +366,63 @@ def sync_filesystem(
             )
         )
     return stats
+
+
+_Batch = Tuple[List[Tuple[Dict[str, Any], bytes]], List[bytes]]
+
+
+def _batches(walker: _Walker) -> Iterator[_Batch]:
+    """The walk cut into manifests: (entries with their paths, ENTRY frames)."""
+    batch = []  # type: List[Tuple[Dict[str, Any], bytes]]
+    frames = []  # type: List[bytes]
+    size = 0
+    for entry, path in walker.walk():
+        entry["i"] = len(batch)
+        frame = json_frame(ENTRY, entry)
+        batch.append((entry, path))
+        frames.append(frame)
+        size += len(frame)
+        if len(batch) >= BATCH_ENTRIES or size >= BATCH_BYTES:
+            yield batch, frames
+            batch, frames, size = [], [], 0
+    if batch:
+        yield batch, frames
+
+
+def _prefetched(batches: Iterator[_Batch]) -> Iterator[_Batch]:
+    """`batches`, produced by a thread up to _PREFETCH ahead: the walk (stat, xattrs, JSON)
+    then overlaps the receiver's work on the previous batch instead of waiting for it."""
+    out = queue.Queue(_PREFETCH)  # type: queue.Queue[Any]
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in batches:
+                while not stop.is_set():
+                    try:
+                        out.put(item, timeout=0.5)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            out.put(None)
+        except BaseException as e:  # handed to the consumer, which raises it
+            out.put(e)
+
+    thread = threading.Thread(target=produce, name="walk", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = out.get()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join()
 
 
 def _send_batch(
@@ -380,6 +460,7 @@ def _send_batch(
 def _data_frames(
     batch: List[Tuple[Dict[str, Any], bytes]], needs: List[List[Any]], sender: _Sender
 ) -> Iterator[bytes]:
+    sender.compressor.new_stream()
     for need in needs:
         index = int(need[0])
         if not 0 <= index < len(batch):

@@ -19,6 +19,7 @@ import logging
 import os
 import stat
 import zlib
+from collections import OrderedDict
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -74,6 +75,9 @@ _FMT = {
 _TMP_PREFIX = b".rehost-tmp-"
 _libc = ctypes.CDLL(None, use_errno=True)
 _FALLOC_PUNCH = 0x01 | 0x02  # FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE
+_DIR_CACHE = 128  # open directory fds kept per filesystem
+# bumped whenever _rmtree removes a directory: a cached directory fd may then be stale
+_removed_dirs = 0
 
 
 def _punch(fd: int, offset: int, length: int) -> None:
@@ -94,6 +98,7 @@ def _lstat(dir_fd: int, name: bytes) -> os.stat_result | None:
 
 def _rmtree(dir_fd: int, name: bytes) -> None:
     """Remove `name` in `dir_fd` and everything below it, never following a symlink."""
+    global _removed_dirs
     st = _lstat(dir_fd, name)
     if st is None:
         return
@@ -107,6 +112,7 @@ def _rmtree(dir_fd: int, name: bytes) -> None:
     finally:
         os.close(fd)
     os.rmdir(name, dir_fd=dir_fd)
+    _removed_dirs += 1
 
 
 def _tmp_name(name: bytes) -> bytes:
@@ -118,7 +124,7 @@ def _proc(dir_fd: int, name: bytes) -> bytes:
     return b"/proc/self/fd/%d/%s" % (dir_fd, name)
 
 
-def _decompress(codec: int, data: bytes) -> bytes:
+def _decompress(codec: int, data: memoryview) -> bytes | memoryview:
     if codec == CODEC_RAW:
         return data
     if codec == CODEC_ZLIB:
@@ -143,6 +149,22 @@ def _xattrs(entry: dict[str, Any]) -> dict[str, bytes]:
         return {str(k): base64.b64decode(v, validate=True) for k, v in raw.items()}
     except (ValueError, TypeError):
         raise ProtocolError("BAD_ENTRY", "bad xattr value") from None
+
+
+def _meta_matches(entry: dict[str, Any], kind: str, st: os.stat_result) -> bool:
+    """Owner, mode (not for symlinks) and times (not for directories) are as the entry says."""
+    return (
+        st.st_uid == required_int(entry, "u")
+        and st.st_gid == required_int(entry, "g")
+        and (kind == "l" or stat.S_IMODE(st.st_mode) == required_int(entry, "m") & 0o7777)
+        and (
+            kind == "d"
+            or (
+                st.st_mtime_ns == required_int(entry, "mt")
+                and st.st_atime_ns == required_int(entry, "at")
+            )
+        )
+    )
 
 
 class _Incoming:
@@ -171,16 +193,38 @@ class FsApplier:
         self.deferred: list[tuple[dict[str, Any], list[bytes]]] = []
         self.xattr_warned = False
         self.alg = "sha256"
+        # directories resolved recently, by path: entries arrive in walk order, so most
+        # lookups are a hit and cost one dup() instead of an open() per path component;
+        # emptied at the start of every request, and whenever _rmtree removed a directory
+        self.dirs: OrderedDict[tuple[bytes, ...], int] = OrderedDict()
+        self.dirs_gen = _removed_dirs
 
     def close(self) -> None:
+        self._drop_dirs()
         os.close(self.root_fd)
+
+    def _drop_dirs(self) -> None:
+        for fd in self.dirs.values():
+            os.close(fd)
+        self.dirs.clear()
+        self.dirs_gen = _removed_dirs
 
     # --- path resolution ----------------------------------------------------------------
 
     def _open_dir(self, parts: list[bytes]) -> int:
-        fd = os.dup(self.root_fd)
+        """A new fd of the directory at `parts` (the caller closes it), resolved safely."""
+        if self.dirs_gen != _removed_dirs:
+            self._drop_dirs()
+        key = tuple(parts)
+        start = len(key)
+        while start and key[:start] not in self.dirs:
+            start -= 1
+        if start == len(key) and start:
+            self.dirs.move_to_end(key)
+            return os.dup(self.dirs[key])
+        fd = os.dup(self.dirs[key[:start]] if start else self.root_fd)
         try:
-            for part in parts:
+            for part in parts[start:]:
                 try:
                     nfd = os.open(part, _DIR_FLAGS, dir_fd=fd)
                 except OSError as e:
@@ -199,16 +243,33 @@ class FsApplier:
         except BaseException:
             os.close(fd)
             raise
+        if key:
+            self.dirs[key] = os.dup(fd)
+            if len(self.dirs) > _DIR_CACHE:
+                os.close(self.dirs.popitem(last=False)[1])
         return fd
 
     # --- metadata -----------------------------------------------------------------------
 
     def _set_meta(
-        self, entry: dict[str, Any], kind: str, fd: int | None, pfd: int, name: bytes
+        self,
+        entry: dict[str, Any],
+        kind: str,
+        fd: int | None,
+        pfd: int,
+        name: bytes,
+        st: os.stat_result | None = None,
     ) -> None:
-        """lchown → chmod → xattrs (capability last) → times, on an fd or a no-follow path."""
+        """lchown → chmod → xattrs (capability last) → times, on an fd or a no-follow path.
+
+        With `st` (the entry's current lstat) owner, mode and times that already match are
+        left alone: an unchanged entry then costs only the xattr listing.
+        """
         where: int | bytes = fd if fd is not None else _proc(pfd, name)
         nofollow: dict[str, Any] = {} if fd is not None else {"follow_symlinks": False}
+        if st is not None and _meta_matches(entry, kind, st):
+            self._set_xattrs(entry, where, nofollow)
+            return
         os.chown(where, required_int(entry, "u"), required_int(entry, "g"), **nofollow)
         if kind != "l":
             os.chmod(where, required_int(entry, "m") & 0o7777)
@@ -222,7 +283,13 @@ class FsApplier:
         try:
             have = set(os.listxattr(where, **kw))
             for name in have - set(want):
-                os.removexattr(where, name, **kw)
+                try:
+                    os.removexattr(where, name, **kw)
+                except OSError as e:
+                    # xfs lists each ACL twice (system.posix_acl_* and trusted.SGI_ACL_*):
+                    # removing one name removes the other
+                    if e.errno != errno.ENODATA:
+                        raise
             for name in sorted(want, key=lambda n: n == _CAPABILITY):
                 if name in have and os.getxattr(where, name, **kw) == want[name]:
                     continue
@@ -239,6 +306,7 @@ class FsApplier:
     def manifest(self, frames: Iterable[tuple[bytes, bytes]], alg: str) -> dict[str, Any]:
         """Apply a manifest's entries; answer which files need data (full or delta)."""
         self.batch += 1
+        self._drop_dirs()  # the destination may have changed between requests
         self.pending = {}
         self.deferred = []
         needs: list[list[Any]] = []
@@ -277,6 +345,7 @@ class FsApplier:
         return {"needs": needs, "applied": applied, "deleted": deleted, "batch": self.batch}
 
     def _apply_dir(self, entry: dict[str, Any], parts: list[bytes]) -> int:
+        st: os.stat_result | None = None
         if parts:
             pfd = self._open_dir(parts[:-1])
             try:
@@ -310,7 +379,7 @@ class FsApplier:
                         continue
                 _rmtree(fd, name)
                 deleted += 1
-            self._set_meta(entry, "d", fd, fd, b"")
+            self._set_meta(entry, "d", fd, fd, b"", st)
         finally:
             os.close(fd)
         return deleted
@@ -358,7 +427,7 @@ class FsApplier:
                 if not target or b"\0" in target:
                     raise ProtocolError("BAD_ENTRY", "bad symlink target")
                 if st is not None and os.readlink(name, dir_fd=pfd) == target:
-                    self._set_meta(entry, t, None, pfd, name)
+                    self._set_meta(entry, t, None, pfd, name, st)
                     return None
                 tmp = _tmp_name(name)
                 _rmtree(pfd, tmp)
@@ -366,7 +435,7 @@ class FsApplier:
             else:
                 rdev = optional_int(entry, "r") or 0
                 if st is not None and (t not in "cb" or st.st_rdev == rdev):
-                    self._set_meta(entry, t, None, pfd, name)
+                    self._set_meta(entry, t, None, pfd, name, st)
                     return None
                 tmp = _tmp_name(name)
                 _rmtree(pfd, tmp)
@@ -390,6 +459,9 @@ class FsApplier:
             and st.st_size == size
             and st.st_mtime_ns == required_int(entry, "mt")
         ):
+            if _meta_matches(entry, "f", st):
+                self._set_xattrs(entry, _proc(pfd, name), {"follow_symlinks": False})
+                return None
             fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
             try:
                 self._set_meta(entry, "f", fd, pfd, name)
@@ -431,6 +503,7 @@ class FsApplier:
         """Receive a batch's files, make them durable, then journal them."""
         if batch != self.batch or not self.pending:
             raise ProtocolError("STALE_BATCH", f"batch {batch} is not the last manifest")
+        self._drop_dirs()
         files = 0
         received = 0
         failed: list[int] = []
@@ -487,8 +560,9 @@ class FsApplier:
                         failed.append(required_int(end, "i"))
                     cur = None
         finally:
-            if cur is not None:
+            if cur is not None:  # the stream broke off inside a file
                 os.close(cur.fd)
+                os.close(cur.pfd)
         for entry, parts in self.deferred:
             self._apply_link(parts, split_relpath(entry.get("h")))
         self.pending = {}
@@ -548,6 +622,7 @@ class FsApplier:
 
     def finish(self) -> dict[str, Any]:
         """Re-apply directory times bottom-up, after everything below them changed."""
+        self._drop_dirs()
         dirs = self.journal.take_dirs()
         for path in sorted(dirs, key=lambda p: -p.count("/") - (1 if p else 0)):
             atime, mtime = dirs[path]

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import ssl
 import subprocess
 import threading
@@ -33,6 +34,7 @@ from rehost.online.protocol import (
     read_frames,
 )
 from rehost.online.receiver.apply import FsApplier
+from rehost.online.receiver.fixup_hook import run_fixups
 from rehost.online.receiver.journal import write_atomic
 
 log = logging.getLogger("rehost.receiver")
@@ -114,6 +116,8 @@ class Receiver:
         self.locks: dict[str, threading.Lock] = {}
         self.lock = threading.Lock()
         self.prepared_path = state_dir / "prepared.json"
+        self.mounted = False  # prepared filesystems (re)mounted by this process
+        self.finalized = threading.Event()
 
     def prepared(self) -> dict[str, Any] | None:
         if not self.prepared_path.exists():
@@ -128,9 +132,22 @@ class Receiver:
             return self.roots[fs_id]
         raise ProtocolError("UNKNOWN_FILESYSTEM", f"no filesystem {fs_id!r} is prepared")
 
+    def ensure_mounted(self) -> None:
+        """Mount the prepared filesystems again: after a restart (or a reboot of the rescue
+        system) their mounts are gone, and writing into the bare mount points would fill the
+        state dir's own disk. A prepare with the recorded layout only verifies and mounts."""
+        from rehost.online.receiver import disks
+
+        prepared = self.prepared()
+        if self.mounted or prepared is None or not self.disks:
+            return
+        disks.prepare(prepared["layout"], self.disks, self.state_dir)
+        self.mounted = True
+
     def applier(self, fs_id: str) -> tuple[FsApplier, threading.Lock]:
         with self.lock:
             if fs_id not in self.appliers:
+                self.ensure_mounted()
                 self.appliers[fs_id] = FsApplier(fs_id, self.fs_root(fs_id), self.state_dir)
                 self.locks[fs_id] = threading.Lock()
             return self.appliers[fs_id], self.locks[fs_id]
@@ -172,14 +189,23 @@ class Receiver:
             result = disks.prepare(layout, self.disks, self.state_dir)
             record = {"layout": layout, "filesystems": result.get("filesystems", {})}
             write_atomic(self.prepared_path, json.dumps(record, indent=1).encode())
+            self.mounted = True
         self.close_appliers()
         return result
 
     def finalize(self) -> dict[str, Any]:
+        """The fixups on the mounted filesystems, then sync and unmount: ready to boot."""
         from rehost.online.receiver import disks
 
         self.close_appliers()
-        disks.finalize(self.state_dir)
+        with self.lock:
+            self.ensure_mounted()
+            prepared = self.prepared() or {}
+            mounts = {k: Path(v["mounted_at"]) for k, v in prepared.get("filesystems", {}).items()}
+            run_fixups(mounts)
+            disks.finalize(self.state_dir)
+            self.mounted = False
+        self.finalized.set()
         return {"status": "ready to boot"}
 
     def status(self) -> dict[str, Any]:
@@ -264,7 +290,10 @@ class _Handler(BaseHTTPRequestHandler):
                 self._reply(200, receiver.prepare(self._json_body()))
             elif route == ("POST", "finalize") and len(parts) == 2:
                 self._json_body()
+                self.close_connection = True
                 self._reply(200, receiver.finalize())
+                # migration mode ends once "ready to boot" is on the wire
+                threading.Thread(target=self.server.shutdown, daemon=True).start()
             elif self.command == "POST" and len(parts) == 3:
                 self._fs_request(parts[1], parts[2], parse_qs(url.query))
             else:
@@ -323,6 +352,9 @@ class _Server(ThreadingHTTPServer):
 
     def finish_request(self, request: Any, client_address: Any) -> None:
         request.settimeout(600)
+        # answers are written as headers then body: without this, Nagle holds the body back
+        # until the agent's delayed ACK of the headers (40 ms per request)
+        request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
             tls = self.context.wrap_socket(request, server_side=True)
         except (ssl.SSLError, OSError) as e:
@@ -352,12 +384,15 @@ def serve(
     cert_dir: Path | None = None,
     ready: Callable[[str], None] | None = None,
     roots: dict[str, Path] | None = None,
-) -> None:
-    """Serve until SIGTERM/SIGINT (or KeyboardInterrupt).
+    on_finalized: Callable[[], None] | None = None,
+) -> bool:
+    """Serve until a finalize succeeds (migration mode ends) or SIGTERM/SIGINT.
 
     `roots` maps fs_id → an existing directory to sync into, used for filesystems that no
     /v1/prepare has mounted (tests, and `rehost receive --root FSID=DIR`). `ready` is called
-    with the bound "host:port" once the server accepts connections.
+    with the bound "host:port" once the server accepts connections. After a successful
+    POST /v1/finalize has been answered, the server stops and `on_finalized` (the CLI's
+    `--reboot`) is called once. Returns whether the migration was finalized.
     """
     state_dir.mkdir(parents=True, exist_ok=True)
     cert, key, fingerprint = ensure_certificate(state_dir, cert_dir)
@@ -383,3 +418,11 @@ def serve(
     finally:
         server.server_close()
         server.receiver.close_appliers()
+    if not server.receiver.finalized.is_set():
+        return False
+    print("finalized: the destination disks are synced and unmounted, ready to boot; "
+          "leaving migration mode", flush=True)  # fmt: skip
+    log.info("finalized; leaving migration mode")
+    if on_finalized is not None:
+        on_finalized()
+    return True
