@@ -10,24 +10,46 @@ import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
-
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TaskProgressColumn,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
+from typing import TYPE_CHECKING, Any, TextIO
 
 from rehost.errors import RehostError, SystemError_
 
-err_console = Console(stderr=True, highlight=False)
-out_console = Console(highlight=False, soft_wrap=True)
+if TYPE_CHECKING:
+    from rich.console import Console
+
 log = logging.getLogger("rehost")
+
+
+class _Output:
+    """rich on a terminal, plain print() otherwise.
+
+    Importing rich costs ~40 ms of every command's start-up, which is a measurable
+    share of converting a small image; scripts and pipes never need it.
+    """
+
+    def __init__(self, stream: str) -> None:
+        self._stream = stream
+        self._rich: Console | None = None
+
+    def _file(self) -> TextIO:
+        return sys.stderr if self._stream == "stderr" else sys.stdout
+
+    def rich(self) -> Console:
+        if self._rich is None:
+            from rich.console import Console
+
+            self._rich = Console(stderr=self._stream == "stderr", highlight=False, soft_wrap=True)
+        return self._rich
+
+    def print(self, *objects: Any, markup: bool | None = None, soft_wrap: bool = True) -> None:
+        if self._file().isatty():
+            self.rich().print(*objects, markup=markup, soft_wrap=soft_wrap)
+        else:
+            print(*objects, file=self._file(), flush=True)
+
+
+err_console = _Output("stderr")
+out_console = _Output("stdout")
 
 
 def state_dir() -> Path:
@@ -83,6 +105,16 @@ def progress_bar(description: str, total: int, enabled: bool) -> Iterator[Any]:
     if not enabled or not sys.stderr.isatty():
         yield lambda n: None
         return
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TaskProgressColumn,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
     columns = (
         TextColumn("{task.description}"),
         BarColumn(),
@@ -91,6 +123,6 @@ def progress_bar(description: str, total: int, enabled: bool) -> Iterator[Any]:
         TransferSpeedColumn(),
         TimeRemainingColumn(),
     )
-    with Progress(*columns, console=err_console, transient=True) as bar:
+    with Progress(*columns, console=err_console.rich(), transient=True) as bar:
         task = bar.add_task(description, total=total)
         yield lambda n: bar.advance(task, n)
