@@ -21,8 +21,10 @@ from mypy_boto3_s3 import S3Client
 
 from helpers import MiB, s3_client
 from rehost import objectstore
-from rehost.blob import HttpsSource, S3Source, open_source
+from rehost.blob.https import HttpsSource
 from rehost.blob.readahead import ReadAheadSource, RetryPolicy, Transient
+from rehost.blob.s3 import S3Source
+from rehost.blob.source import open_source
 from rehost.errors import AccessDenied, SourceChanged, SourceNotFound, SystemError_
 from rehost.objectstore import StoreInfo
 
