@@ -16,11 +16,17 @@ against an rsync daemon there. Runs alternate; figures are medians (min/max alon
   payload bytes / time, as a multiple of the link rate (rsync -z alongside).
 
     .venv/bin/python bench/sync.py [--runs 3] [--only full,incremental,cap,compression]
+        [--ab OTHER/src] [--profile DIR]
+
+Full and incremental also print each side's CPU time (user+sys). `--ab` alternates every
+rehost run with one of agent and receiver from another checkout's src/ (a second receiver,
+its own destination); `--profile` py-spy-records the agent and the receiver per run.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import random
@@ -34,7 +40,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -236,26 +242,74 @@ class Bench:
     dst_rsync: Path
     receiver_addr: str = ""
     fingerprint: str = ""
+    receiver_pid: int = 0
+    rsyncd_pid: int = 0
+    profile: str = ""  # a directory: py-spy records both rehost sides there
+    env: dict[str, str] | None = None  # the agent's environment (None: this one)
+    base: Bench | None = None  # with --ab: the same, run from another source tree
+    # CPU seconds (user+sys) per run: agent, receiver, rsync client, rsync daemon
+    cpu: dict[str, list[float]] = field(default_factory=dict)
 
-    def rehost(self, root: Path, compression: str) -> tuple[float, dict[str, int]]:
+    def _cpu(self, key: str, seconds: float) -> None:
+        self.cpu.setdefault(key, []).append(seconds)
+
+    def _spy(self, argv: list[str], tag: str) -> tuple[list[str], subprocess.Popen[bytes] | None]:
+        if not self.profile:
+            return argv, None
+        n = len(list(Path(self.profile).glob(f"agent-{tag}-*.txt")))
+        out = f"{self.profile}/agent-{tag}-{n}.txt"
+        spy = [str(Path(PY).parent / "py-spy"), "record", "-f", "raw", "-r", "250", "-o"]
+        recv = subprocess.Popen(
+            [*spy, f"{self.profile}/receiver-{tag}-{n}.txt", "--pid", str(self.receiver_pid)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        return [*spy, out, "--", *argv], recv
+
+    def rehost(self, root: Path, compression: str, tag: str = "") -> tuple[float, dict[str, int]]:
         args = {"addr": self.receiver_addr, "token": TOKEN, "fp": self.fingerprint,
                 "root": str(root), "compression": compression}  # fmt: skip
-        argv = self.pair.cmd(self.pair.source, [PY, "-c", AGENT, json.dumps(args)])
+        inner: list[str] = [PY, "-c", AGENT, json.dumps(args)]
+        spy = None
+        if tag:
+            inner, spy = self._spy(inner, tag)
+        argv = self.pair.cmd(self.pair.source, inner)
+        recv0 = _proc_cpu(self.receiver_pid)
+        before = os.times()
         start = time.perf_counter()
-        proc = subprocess.run(argv, capture_output=True, text=True)
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=self.env)
+        out, err = proc.communicate()
         elapsed = time.perf_counter() - start
+        after = os.times()
+        recv = _proc_cpu(self.receiver_pid) - recv0
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)
+            spy.wait()
         if proc.returncode != 0:
-            raise RuntimeError(f"the agent failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-        stats: dict[str, int] = json.loads(proc.stdout.strip().splitlines()[-1])
+            raise RuntimeError(f"the agent failed ({proc.returncode}):\n{err.decode()[-3000:]}")
+        lines = [x for x in out.decode().splitlines() if x.startswith("{")]  # py-spy talks too
+        stats: dict[str, int] = json.loads(lines[-1])
+        if tag:
+            self._cpu(f"{tag}-receiver", recv)
+            self._cpu(f"{tag}-agent", after.children_user + after.children_system
+                      - before.children_user - before.children_system)  # fmt: skip
+            self._cpu(f"{tag}-wire/payload", stats["bytes_on_wire"] / max(stats["bytes_sent"], 1))
         return elapsed, stats
 
-    def rsync(self, root: Path, *extra: str) -> float:
+    def rsync(self, root: Path, *extra: str, tag: str = "") -> float:
         url = f"rsync://{self.pair.dest_ip}:{RSYNC_PORT}/mod/"
         argv = self.pair.cmd(self.pair.source, ["rsync", "-aHAX", "--numeric-ids", *extra,
                                                 f"{root}/", url])  # fmt: skip
+        daemon0 = _proc_cpu(self.rsyncd_pid, children=True)
+        before = os.times()
         start = time.perf_counter()
         proc = subprocess.run(argv, capture_output=True, text=True)
         elapsed = time.perf_counter() - start
+        after = os.times()
+        time.sleep(0.05)  # let the daemon reap its connection's processes
+        if tag:
+            self._cpu(f"{tag}-rsyncd", _proc_cpu(self.rsyncd_pid, children=True) - daemon0)
+            self._cpu(f"{tag}-rsync", after.children_user + after.children_system
+                      - before.children_user - before.children_system)  # fmt: skip
         if proc.returncode != 0:
             raise RuntimeError(f"rsync failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
         return elapsed
@@ -270,6 +324,15 @@ class Bench:
         diffs = [line for line in out.stdout.splitlines() if line.strip()]
         if diffs:
             raise RuntimeError(f"{dst} differs from {root}:\n" + "\n".join(diffs[:20]))
+
+
+def _proc_cpu(pid: int, children: bool = False) -> float:
+    """user+sys CPU seconds of a running process (and of its reaped children)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    ticks = int(fields[11]) + int(fields[12])
+    if children:
+        ticks += int(fields[13]) + int(fields[14])
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def _wait_port(pair: NetnsPair, port: int, proc: subprocess.Popen[bytes]) -> None:
@@ -305,13 +368,38 @@ def tmpfs(size_mib: int) -> Iterator[Path]:
         mnt.rmdir()
 
 
+def _start_receiver(
+    b: Bench, tag: str, port: int, root: Path, env: dict[str, str] | None
+) -> subprocess.Popen[bytes]:
+    work, pair = b.work, b.pair
+    ready = work / f"receiver{tag}.ready"
+    args = {"listen": f"{pair.dest_ip}:{port}", "token": TOKEN,
+            "state": str(work / f"state{tag}"), "root": str(root),
+            "log": str(work / f"receiver{tag}.log"), "ready": str(ready)}  # fmt: skip
+    receiver = subprocess.Popen(
+        pair.cmd(pair.dest, [PY, "-c", RECEIVER, json.dumps(args)]),
+        stdout=subprocess.DEVNULL,
+        env=env,
+    )
+    b.receiver_pid = receiver.pid
+    deadline = time.monotonic() + 30
+    while not ready.exists() or not ready.read_text():
+        if receiver.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError("the receiver did not start")
+        time.sleep(0.05)
+    b.receiver_addr = ready.read_text()
+    b.fingerprint = (work / f"state{tag}" / "fingerprint").read_text().strip()
+    return receiver
+
+
 @contextmanager
-def bench_env() -> Iterator[Bench]:
+def bench_env(profile: str = "", ab: str = "") -> Iterator[Bench]:
     """Namespaces, a tmpfs with the source tree, a receiver and an rsync daemon."""
     procs: list[subprocess.Popen[bytes]] = []
     with tmpfs(5120) as work, netns_pair() as pair:
         try:
-            b = Bench(pair, work, work / "src", work / "dst-rehost", work / "dst-rsync")
+            b = Bench(pair, work, work / "src", work / "dst-rehost", work / "dst-rsync",
+                      profile=profile)  # fmt: skip
             started = time.monotonic()
             build_tree(b.src)
             b.dst_rehost.mkdir()
@@ -319,22 +407,15 @@ def bench_env() -> Iterator[Bench]:
             entries, data = tree_stats(b.src)
             print(f"# tree: {data / 2**30:.2f} GiB of file data in {entries:,} entries, "
                   f"built in {time.monotonic() - started:.0f}s on tmpfs", flush=True)  # fmt: skip
-            ready = work / "receiver.ready"
-            args = {"listen": f"{pair.dest_ip}:{RECEIVER_PORT}", "token": TOKEN,
-                    "state": str(work / "state"), "root": str(b.dst_rehost),
-                    "log": str(work / "receiver.log"), "ready": str(ready)}  # fmt: skip
-            receiver = subprocess.Popen(
-                pair.cmd(pair.dest, [PY, "-c", RECEIVER, json.dumps(args)]),
-                stdout=subprocess.DEVNULL,
-            )
+            receiver = _start_receiver(b, "", RECEIVER_PORT, b.dst_rehost, None)
             procs.append(receiver)
-            deadline = time.monotonic() + 30
-            while not ready.exists() or not ready.read_text():
-                if receiver.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("the receiver did not start")
-                time.sleep(0.05)
-            b.receiver_addr = ready.read_text()
-            b.fingerprint = (work / "state" / "fingerprint").read_text().strip()
+            if ab:
+                # the same receiver and agent, from another source tree, into its own root
+                env = {**os.environ, "PYTHONPATH": ab}
+                b.base = dataclasses.replace(b, dst_rehost=work / "dst-base", env=env)
+                b.base.dst_rehost.mkdir()
+                procs.append(_start_receiver(b.base, "-base", RECEIVER_PORT + 1,
+                                             b.base.dst_rehost, env))  # fmt: skip
             conf = work / "rsyncd.conf"
             conf.write_text(RSYNCD_CONF.format(work=work, addr=pair.dest_ip, port=RSYNC_PORT,
                                                path=b.dst_rsync))  # fmt: skip
@@ -343,6 +424,7 @@ def bench_env() -> Iterator[Bench]:
                 stdout=subprocess.DEVNULL,
             )
             procs.append(daemon)
+            b.rsyncd_pid = daemon.pid
             _wait_port(pair, RSYNC_PORT, daemon)
             yield b
         finally:
@@ -368,25 +450,45 @@ def _ratio_row(name: str, r: Timing, s: Timing) -> None:
           f"per-run ratios {'/'.join(f'{x:.2f}' for x in ratios)}", flush=True)  # fmt: skip
 
 
+def _cpu_row(b: Bench, tag: str) -> None:
+    def med(side: str) -> str:
+        xs = b.cpu.get(f"{tag}-{side}", [])
+        return f"{statistics.median(xs):.2f} ({'/'.join(f'{x:.2f}' for x in xs)})" if xs else "-"
+
+    print(f"{'':<13}CPU s (user+sys, median (runs)): agent {med('agent')}, receiver "
+          f"{med('receiver')}; rsync client {med('rsync')}, daemon {med('rsyncd')}; "
+          f"wire/payload {med('wire/payload')}"
+          f"{'  (py-spy attached)' if b.profile else ''}", flush=True)  # fmt: skip
+
+
 def full(b: Bench, runs: int) -> None:
-    r, s = Timing(), Timing()
+    r, s, base = Timing(), Timing(), Timing()
     for k in range(runs):
         clear(b.dst_rehost)
-        seconds, _stats = b.rehost(b.src, "auto")
+        seconds, _stats = b.rehost(b.src, "auto", tag="full")
         r.seconds.append(seconds)
         if k == 0:
             b.verify(b.src, b.dst_rehost)
+        if b.base is not None:
+            clear(b.base.dst_rehost)
+            base.seconds.append(b.base.rehost(b.src, "auto", tag="base-full")[0])
         clear(b.dst_rsync)
-        s.seconds.append(b.rsync(b.src))
+        s.seconds.append(b.rsync(b.src, tag="full"))
     _ratio_row("full", r, s)
+    _cpu_row(b, "full")
+    if b.base is not None:
+        _ratio_row("  base full", base, s)
+        _cpu_row(b, "base-full")
 
 
 def incremental(b: Bench, runs: int) -> None:
     # both destinations start equal to the source (they are after `full`; cheap if so)
     b.rehost(b.src, "auto")
     b.rsync(b.src)
+    if b.base is not None:
+        b.base.rehost(b.src, "auto")
     rng = random.Random(77)
-    r, s = Timing(), Timing()
+    r, s, base = Timing(), Timing(), Timing()
     changed = 0
     sent: list[int] = []
     for k in range(runs):
@@ -394,14 +496,20 @@ def incremental(b: Bench, runs: int) -> None:
         first = ("rehost", "rsync") if k % 2 == 0 else ("rsync", "rehost")
         for side in first:
             if side == "rehost":
-                seconds, stats = b.rehost(b.src, "auto")
+                seconds, stats = b.rehost(b.src, "auto", tag="incremental")
                 r.seconds.append(seconds)
                 sent.append(stats["bytes_sent"])
             else:
-                s.seconds.append(b.rsync(b.src))
+                s.seconds.append(b.rsync(b.src, tag="incremental"))
+        if b.base is not None:
+            base.seconds.append(b.base.rehost(b.src, "auto", tag="base-incremental")[0])
         if k == 0:
             b.verify(b.src, b.dst_rehost)
     _ratio_row("incremental", r, s)
+    _cpu_row(b, "incremental")
+    if b.base is not None:
+        _ratio_row("  base incr", base, s)
+        _cpu_row(b, "base-incremental")
     print(f"{'':<13}({changed} files changed per run; rehost sent "
           f"{statistics.median(sent) / MiB:.1f} MiB of file data)")  # fmt: skip
 
@@ -451,11 +559,25 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--only", default="", help="comma-separated subset of: " + ",".join(SCENARIOS))
+    ap.add_argument(
+        "--ab",
+        default="",
+        metavar="SRC",
+        help="also run agent and receiver from SRC (another checkout's src/) each run",
+    )
+    ap.add_argument(
+        "--profile",
+        default="",
+        metavar="DIR",
+        help="py-spy record the agent and the receiver (raw format) into DIR",
+    )
     args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("bench/sync.py needs root (network namespaces, tmpfs)")
     names = [n for n in SCENARIOS if not args.only or n in args.only.split(",")]
-    with bench_env() as b:
+    if args.profile:
+        os.makedirs(args.profile, exist_ok=True)
+    with bench_env(os.path.abspath(args.profile) if args.profile else "", args.ab) as b:
         print(f"# {args.runs} alternating runs; medians; veth pair, both trees on tmpfs; "
               f"{time.strftime('%Y-%m-%d')}, {socket.gethostname()}")  # fmt: skip
         print(f"{'name':<13}{'rehost_s':>10}{'rsync_s':>9}{'ratio':>8}")

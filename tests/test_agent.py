@@ -480,17 +480,25 @@ def test_cli_receive_parses(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
         app, [*base, "--listen", ":80", "--system-disk", "/dev/vdb", "--data-disk", "1=/dev/vdc"]
     )
     assert result.exit_code == 0, result.output
-    result = runner.invoke(app, [*base, "--listen", "[::1]:8443", "--root", "root=/srv/r"])
+    result = runner.invoke(
+        app, [*base, "--listen", "[::1]:8443", "--root", "root=/srv/r", "--no-fixups"]
+    )
     assert result.exit_code == 0, result.output
     disks = {"1": "/dev/vdc", "0": "/dev/vdb"}
     assert calls == [
-        ("0.0.0.0:80", "s3cret", state, disks, {"roots": None, "on_finalized": None}),
+        (
+            "0.0.0.0:80",
+            "s3cret",
+            state,
+            disks,
+            {"roots": None, "on_finalized": None, "fixups": True},
+        ),
         (
             "[::1]:8443",
             "s3cret",
             state,
             {},
-            {"roots": {"root": Path("/srv/r")}, "on_finalized": None},
+            {"roots": {"root": Path("/srv/r")}, "on_finalized": None, "fixups": False},
         ),
     ]
     for bad in (["--listen", "host"], ["--data-disk", "0=/dev/x"], ["--data-disk", "1"], []):

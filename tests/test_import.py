@@ -655,3 +655,24 @@ def test_kill_9_resumes_from_s3(
     expected = _data_after(url, report["resumed_from"], open_source(url))
     assert report["bytes_fetched"] <= expected * 1.1 + 8 * MiB
     assert report["bytes_fetched"] >= expected * 0.9
+
+
+def test_fixup_without_a_root_filesystem_fails(tmp_path: Path) -> None:
+    """--fixup on a disk whose only filesystem is no system: FIXUP_FAILED, loop and nodes gone."""
+    from loopdisk import LoopLab, Part
+    from rehost.online.fixup.common import FixupFailed
+
+    lab = LoopLab(tmp_path)
+    try:
+        disk = lab.disk("nosys", 64, "dos", [Part(None, "83", "ext4")])
+    finally:
+        lab.close()
+    loops_before = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
+    dest = tmp_path / "dest.img"
+    with pytest.raises(FixupFailed) as info:
+        run_import(str(disk.image), dest, state_dir=tmp_path / "state", fixup=True)
+    assert info.value.step == "locate"
+    assert "no partition" in str(info.value), info.value
+    assert subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout == loops_before
+    log = (tmp_path / "state").glob("*.log")
+    assert any("fixups failed" in p.read_text() for p in log)

@@ -75,7 +75,7 @@ def reboot():
         f.write("reboot\n")
 receive.reboot = reboot
 if os.environ.get("E2E_HANG_IN_FIXUPS"):
-    def run_fixups(mounts):
+    def run_fixups(mounts, **context):
         points = [line.split()[4] for line in open("/proc/self/mountinfo")]
         (marks / "fixups").write_text(json.dumps({k: str(v) in points for k, v in mounts.items()}))
         time.sleep(3600)
@@ -173,13 +173,20 @@ class Dest:
         path = self.marks / "reboots"
         return len(path.read_text().splitlines()) if path.exists() else 0
 
-    def start(self, *, real_cli: bool = False, hang_in_fixups: bool = False) -> None:
-        """`rehost receive` in the destination namespace; returns when it listens."""
+    def start(
+        self, *, real_cli: bool = False, hang_in_fixups: bool = False, fixups: bool = False
+    ) -> None:
+        """`rehost receive` in the destination namespace; returns when it listens.
+
+        The boot fixups run only with `fixups` (and `hang_in_fixups` replaces them): these
+        sources have no kernel, so `--no-fixups` otherwise (tests/test_boot.py boots one)."""
         self.starts += 1
         out = self.tmp / f"receiver-{self.starts}.out"
         args = ["--listen", self.address, "--token-file", str(self.tmp / "token"),
                 "--state-dir", str(self.state), "--system-disk", self.disks["0"].dev,
                 "--data-disk", f"1={self.disks['1'].dev}"]  # fmt: skip
+        if not fixups and not hang_in_fixups:
+            args.append("--no-fixups")
         if real_cli:
             argv = [str(VENV_BIN / "rehost"), "receive", *args]
         else:
@@ -718,7 +725,7 @@ def test_leaving_migration_mode_only_after_a_successful_finalize(
 
     fixups: list[dict[str, Path]] = []
 
-    def run_fixups(mounts: dict[str, Path]) -> None:
+    def run_fixups(mounts: dict[str, Path], **context: Any) -> None:
         fixups.append(mounts)
         if len(fixups) == 1:
             raise FixupFailed("first try")

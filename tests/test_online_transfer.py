@@ -534,3 +534,64 @@ def test_block_hash_is_stable() -> None:
     assert block_hash("sha256", b"abc") == hashlib.sha256(b"abc").hexdigest()[:32]
     assert delta_block_size(1) == 128 * 1024
     assert delta_block_size(8192 * 128 * 1024 + 1) == 256 * 1024
+
+
+def test_new_small_file_written_in_place_is_resent_after_an_interruption(tmp_path: Path) -> None:
+    """A small file the destination lacks is created under its own name (no partial); cut
+    off mid-stream it keeps a fresh mtime, so the next manifest asks for it again; a hash
+    mismatch zeroes its mtime; a complete one gets owner, mode and times exactly."""
+    from rehost.online.protocol import CHUNK, DATA, END, ENTRY, chunk_frame, encode_frame
+    from rehost.online.receiver.apply import FsApplier
+
+    root = tmp_path / "dst"
+    root.mkdir()
+    applier = FsApplier("root", root, tmp_path / "state")
+    content = os.urandom(10000)
+    mt = 1_600_000_000_123_456_789
+    entries = [
+        {"i": 0, "p": "", "t": "d", "m": 0o40755, "u": 0, "g": 0, "s": 0, "mt": mt, "at": mt,
+         "x": {}, "c": ["f"]},
+        {"i": 1, "p": "f", "t": "f", "m": 0o104750, "u": 1234, "g": 4321, "s": 12000,
+         "mt": mt, "at": mt, "x": {}},
+    ]  # fmt: skip
+
+    def manifest() -> list[Any]:
+        frames = [(ENTRY, json.dumps(e).encode()) for e in entries]
+        needs: list[Any] = applier.manifest(frames, "sha256")["needs"]
+        return needs
+
+    def broken() -> Iterator[tuple[bytes, bytes]]:
+        yield DATA, b'{"i":1}'
+        yield CHUNK, chunk_frame(0, 0, content[:4000])[5:]
+        raise ConnectionResetError("cut off")
+
+    assert manifest() == [[1, "full"]]
+    with pytest.raises(ConnectionResetError):
+        applier.data(applier.batch, broken())
+    st = os.lstat(root / "f")
+    assert st.st_mtime_ns != mt
+    assert not [p for p in os.listdir(root) if p.startswith(".rehost-")]
+
+    def stream(digest: str) -> list[tuple[bytes, bytes]]:
+        end = {"i": 1, "hash": digest, "alg": "sha256"}
+        return [(DATA, b'{"i":1}'), (CHUNK, chunk_frame(0, 0, content)[5:]),
+                (END, encode_frame(END, json.dumps(end).encode())[5:])]  # fmt: skip
+
+    full = content + bytes(2000)  # the last 2000 bytes are a hole
+    (root / "f").unlink()
+    assert manifest() == [[1, "full"]]
+    assert applier.data(applier.batch, stream("0" * 64))["failed"] == [1]
+    assert os.lstat(root / "f").st_mtime_ns == 0
+    assert manifest() == [[1, "full"]]  # exists now: received into a partial, renamed
+    good = hashlib.sha256(full).hexdigest()
+    assert applier.data(applier.batch, stream(good)) == {"files": 1, "bytes": 10000, "failed": []}
+    (root / "f").unlink()
+    assert manifest() == [[1, "full"]]  # absent again: created in place
+    assert applier.data(applier.batch, stream(good))["files"] == 1
+    st = os.lstat(root / "f")
+    assert (root / "f").read_bytes() == full
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (1234, 4321, 0o4750)
+    assert (st.st_mtime_ns, st.st_atime_ns) == (mt, mt)
+    assert manifest() == []
+    assert sorted(os.listdir(root)) == ["f"]
+    applier.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -12,6 +13,11 @@ from rehost.cli.output import emit_json, err_console, human_bytes, out_console, 
 
 if TYPE_CHECKING:
     from rehost.offline import ImportReport
+
+
+class Firmware(StrEnum):
+    bios = "bios"
+    uefi = "uefi"
 
 
 def _expiry(value: str | None) -> datetime | None:
@@ -73,6 +79,18 @@ def import_(
         str | None,
         typer.Option("--format", "-f", help="Skip detection and read as this format (e.g. raw)."),
     ] = None,
+    fixup: Annotated[
+        bool,
+        typer.Option(
+            "--fixup",
+            help="After verification, make the imported system boot here: fstab, grub, "
+            "initramfs with virtio drivers, network to DHCP, cloud-init reset (docs/fixups.md).",
+        ),
+    ] = False,
+    firmware: Annotated[
+        Firmware,
+        typer.Option("--firmware", help="With --fixup: the destination's firmware."),
+    ] = Firmware.bios,
     json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False,
 ) -> None:
     """Import a disk image onto a block device or raw file: precheck, write, verify.
@@ -91,6 +109,8 @@ def import_(
         expires_at=lease,
         format=fmt,
         rate_limit_mbps=rate_limit_mbps,
+        fixup=fixup,
+        firmware=firmware.value,
         progress=lambda description, total: progress_bar(description, total, not json),
         notify=lambda message: err_console.print(message, markup=False, soft_wrap=True),
     )
@@ -125,6 +145,13 @@ def _print_report(r: ImportReport) -> None:
         )
     )
     rows.append(("verified", f"ok, content digest {r.digest}"))
+    if r.fixups is not None:
+        changes, commands = r.fixups.get("changes"), r.fixups.get("commands")
+        n_changes = len(changes) if isinstance(changes, list) else 0
+        n_commands = len(commands) if isinstance(commands, list) else 0
+        rows.append(
+            ("fixups", f"{r.fixups.get('distro')}: {n_changes} changes, {n_commands} commands")
+        )
     out_console.print(f"imported {r.source} -> {r.destination}", markup=False, soft_wrap=True)
     for key, value in rows:
         out_console.print(f"{key:>13}: {value}", markup=False, soft_wrap=True)

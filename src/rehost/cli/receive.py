@@ -108,6 +108,14 @@ def receive(
             help="Reboot into the migrated system once the agent's finalize has succeeded.",
         ),
     ] = False,
+    no_fixups: Annotated[
+        bool,
+        typer.Option(
+            "--no-fixups",
+            help="Skip the boot fixups in the finalize (a data-only migration, or a system "
+            "you fix up yourself).",
+        ),
+    ] = False,
 ) -> None:
     """Receive a migration: serve TLS, check the token, write the source's files to disks.
 
@@ -133,6 +141,7 @@ def receive(
         disks,
         roots=roots or None,
         on_finalized=_reboot_now if reboot_after else None,
+        fixups=not no_fixups,
     )
 
 

@@ -22,7 +22,7 @@ from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from rehost.blob.source import LocalFile, open_source
 from rehost.disk.target import Disk, open_disk
@@ -97,6 +97,8 @@ class ImportReport:
     """Why an earlier run's checkpoint was discarded, if it was."""
     status: str = "done"
     notes: list[str] = field(default_factory=list)
+    fixups: dict[str, object] | None = None
+    """With `fixup`: the boot fixups' report (FixupReport.to_dict); None when they did not run."""
 
     @property
     def rate(self) -> float:
@@ -119,6 +121,8 @@ def run_import(
     progress: ProgressFactory | None = None,
     notify: Notify | None = None,
     workers: int | None = None,
+    fixup: bool = False,
+    firmware: Literal["bios", "uefi"] = "bios",
 ) -> ImportReport:
     """Import `source` onto `dest`, resuming an earlier interrupted import of the same pair.
 
@@ -126,6 +130,10 @@ def run_import(
     DESTINATION_EXPIRED, TASK_TIMEOUT, ...) with the state directory named in the reason, or
     SystemError_ naming the log for anything unexpected. `rate_limit_mbps` caps the reads
     from the source at that many megabits per second.
+
+    With `fixup`, the boot fixups (rehost.online.fixup) then run on the verified destination
+    for `firmware`: its root filesystem is found from the partition table and its fstab.
+    A fixup that cannot apply raises FixupFailed (FIXUP_FAILED); the import stays done.
     """
     began = time.monotonic()
     sd = StateDir(Path(state_dir) if state_dir else default_state_dir(source, dest))
@@ -147,9 +155,30 @@ def run_import(
                 notify=notify,
                 workers=workers,
             )
-            return task.run()
+            report = task.run()
+            if fixup:
+                report.fixups = _fixup(os.fspath(dest), firmware, log, notify)
+            return report
         finally:
             log.close()
+
+
+def _fixup(
+    dest: str, firmware: Literal["bios", "uefi"], log: ImportLog, notify: Notify | None
+) -> dict[str, object]:
+    from rehost.offline.fixup import fixup_disk
+
+    def say(message: str) -> None:
+        log(f"fixup: {message}")
+        if notify is not None:
+            notify(message)
+
+    try:
+        report = fixup_disk(dest, firmware=firmware, log=say)
+    except RehostError as e:
+        log(f"fixups failed: {e}")
+        raise
+    return report.to_dict()
 
 
 @contextmanager

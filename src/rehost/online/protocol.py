@@ -70,13 +70,22 @@ def encode_frame(kind: bytes, payload: bytes) -> bytes:
     return _HEADER.pack(kind, len(payload)) + payload
 
 
+# json.dumps with any non-default argument builds a new encoder per call; one per entry
+# of a 28,000-entry walk shows in a profile
+_COMPACT = json.JSONEncoder(separators=(",", ":"))
+
+
 def json_frame(kind: bytes, obj: Dict[str, Any]) -> bytes:
-    return encode_frame(kind, json.dumps(obj, separators=(",", ":")).encode("utf-8"))
+    return encode_frame(kind, _COMPACT.encode(obj).encode("utf-8"))
+
+
+def chunk_head(offset: int, codec: int, length: int) -> bytes:
+    """The first bytes of a CHUNK frame whose data (`length` bytes) follows them."""
+    return _HEADER.pack(CHUNK, _CHUNK_HEAD.size + length) + _CHUNK_HEAD.pack(offset, codec)
 
 
 def chunk_frame(offset: int, codec: int, data: bytes) -> bytes:
-    head = _HEADER.pack(CHUNK, _CHUNK_HEAD.size + len(data)) + _CHUNK_HEAD.pack(offset, codec)
-    return b"".join((head, data))  # one copy of the data, not two
+    return b"".join((chunk_head(offset, codec, len(data)), data))  # one copy of the data
 
 
 def zero_frame(offset: int, length: int) -> bytes:
@@ -108,19 +117,53 @@ def _read_exact(stream: IO[bytes], n: int) -> bytes:
     return b"".join(parts)
 
 
+_SLAB = 256 * 1024  # bytes read ahead for small frames
+_LARGE = 64 * 1024  # a payload this large, not yet buffered, is read on its own (uncopied)
+
+
 def read_frames(stream: IO[bytes]) -> Iterator[Tuple[bytes, bytes]]:
-    """Yield (type, payload) until the stream ends cleanly between frames."""
+    """Yield (type, payload) until the stream ends cleanly between frames.
+
+    Small frames are cut out of reads of up to _SLAB bytes (a few stream reads per hundred
+    frames rather than three per frame); a large payload that starts a read is read as one
+    piece. `stream.read(n)` may return fewer than n bytes, and must not wait for more than
+    the sender has committed to (a chunked body's current chunk, a Content-Length body).
+    """
+    buf = b""
+    pos = 0
     while True:
-        first = stream.read(1)
-        if not first:
-            return
-        head = first + _read_exact(stream, _HEADER.size - 1)
-        kind, length = _HEADER.unpack(head)
+        avail = len(buf) - pos
+        if avail == 0:
+            buf, pos = stream.read(_HEADER.size), 0
+            if not buf:
+                return
+            if len(buf) < _HEADER.size:
+                buf += _read_exact(stream, _HEADER.size - len(buf))
+        elif avail < _HEADER.size:
+            buf, pos = buf[pos:] + _read_exact(stream, _HEADER.size - avail), 0
+        kind, length = _HEADER.unpack_from(buf, pos)
         if kind not in FRAME_TYPES:
             raise ProtocolError("BAD_FRAME", f"unknown frame type {kind!r}")
         if length > MAX_FRAME:
             raise ProtocolError("BAD_FRAME", f"frame of {length} bytes is too large")
-        yield kind, _read_exact(stream, length)
+        pos += _HEADER.size
+        avail = len(buf) - pos
+        if avail >= length:
+            payload = buf[pos : pos + length]
+            pos += length
+        elif avail == 0 and length >= _LARGE:
+            payload = _read_exact(stream, length)
+            buf, pos = b"", 0
+        else:
+            more = stream.read(max(length - avail, _SLAB))
+            if not more:
+                raise ProtocolError("BAD_FRAME", "stream ended inside a frame")
+            buf = buf[pos:] + more
+            if len(buf) < length:
+                buf += _read_exact(stream, length - len(buf))
+            payload = buf[:length]
+            pos = length
+        yield kind, payload
 
 
 def decode_json(payload: bytes) -> Dict[str, Any]:
@@ -174,6 +217,19 @@ def split_relpath(text: object) -> List[bytes]:
 
 def check_name(text: object) -> bytes:
     """Validate one directory-child name from a "c" list."""
+    if isinstance(text, str):
+        try:
+            raw = text.encode("utf-8", "surrogateescape")
+        except UnicodeError:
+            raw = b""
+        # the common case in one pass; anything odd gets split_relpath's precise error
+        if (
+            0 < len(raw) <= 255
+            and b"/" not in raw
+            and b"\0" not in raw
+            and raw not in (b".", b"..")
+        ):
+            return raw
     parts = split_relpath(text)
     if len(parts) != 1:
         raise ProtocolError("BAD_PATH", f"bad child name {text!r}")

@@ -13,7 +13,7 @@ import socket
 import ssl
 import threading
 import time
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 from rehost.online.protocol import HASH_HEADER, AgentError, hash_algorithms
 
@@ -57,13 +57,18 @@ class _Connection(http.client.HTTPSConnection):
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise TypeError("only bytes are sent")
         view = memoryview(data)
-        for start in range(0, len(view), _SEND_PIECE):
-            piece = view[start : start + _SEND_PIECE]
-            began = time.monotonic()
+        # pieces only matter for pacing: unpaced, one call writes it all (fewer TLS calls)
+        step = _SEND_PIECE if self.owner.bucket is not None else max(len(view), 1)
+        for start in range(0, len(view), step):
+            piece = view[start : start + step]
+            began, cpu = time.monotonic(), time.process_time()
             if self.owner.bucket is not None:
                 self.owner.bucket.take(int(len(piece) * _WIRE_OVERHEAD))
             super().send(piece)
-            self.owner.send_wait += time.monotonic() - began
+            # time blocked, not time encrypting: the CPU this process used meanwhile (TLS,
+            # the walk thread) is not waiting for the link
+            waited = (time.monotonic() - began) - (time.process_time() - cpu)
+            self.owner.send_wait += max(waited, 0.0)
             self.owner.bytes_on_wire += len(piece)
 
 
@@ -100,7 +105,7 @@ class ReceiverClient:
         self.timeout = timeout
         self.bytes_on_wire = 0
         self.payload_bytes = 0
-        # seconds spent writing to the socket, waiting on it or on the bandwidth limit
+        # seconds spent blocked writing to the socket or on the bandwidth limit (not CPU)
         self.send_wait = 0.0
         self.hash_alg = hash_algorithms()[0]
         self._conn = None  # type: Optional[_Connection]
@@ -222,9 +227,13 @@ class ReceiverClient:
     def post_json(self, path: str, obj: Dict[str, Any]) -> Dict[str, Any]:
         return self.request_json("POST", path, obj)
 
-    def post_frames(self, path: str, frames: Iterable[bytes]) -> Dict[str, Any]:
+    def post_frames(
+        self, path: str, frames: Iterable[Union[bytes, Tuple[bytes, bytes]]]
+    ) -> Dict[str, Any]:
         """POST a chunked frame stream. A list is re-sent after a connection failure;
-        a generator cannot be, so then the failure is raised as RECEIVER_UNREACHABLE."""
+        a generator cannot be, so then the failure is raised as RECEIVER_UNREACHABLE.
+        A (head, data) item is one frame given in two parts: it is written without
+        joining them, as its own HTTP chunk."""
         replayable = isinstance(frames, Sequence)
 
         def attempt(conn: _Connection) -> Dict[str, Any]:
@@ -236,25 +245,31 @@ class ReceiverClient:
             try:
                 pending: List[bytes] = []
                 size = 0
+                # the CRLF closing a large frame's HTTP chunk goes out with the next write
+                crlf = b""
                 for frame in frames:
-                    if len(frame) >= _FLUSH:
-                        # a large frame goes as its own HTTP chunk, uncopied: the receiver
-                        # then reads it in one piece too
-                        if size:
-                            conn.send(b"%x\r\n%s\r\n" % (size, b"".join(pending)))
-                            pending, size = [], 0
-                        conn.send(b"%x\r\n" % len(frame))
-                        conn.send(frame)
-                        conn.send(b"\r\n")
+                    if isinstance(frame, tuple):
+                        head, body = frame
+                    elif len(frame) >= _FLUSH:
+                        head, body = b"", frame
+                    else:
+                        pending.append(frame)
+                        size += len(frame)
+                        if size >= _FLUSH:
+                            conn.send(b"%s%x\r\n%s\r\n" % (crlf, size, b"".join(pending)))
+                            pending, size, crlf = [], 0, b""
                         continue
-                    pending.append(frame)
-                    size += len(frame)
-                    if size >= _FLUSH:
-                        conn.send(b"%x\r\n%s\r\n" % (size, b"".join(pending)))
-                        pending, size = [], 0
+                    # a large frame goes as its own HTTP chunk, its data uncopied: the
+                    # receiver then reads it in one piece too; the small frames before it
+                    # and the frame's head go in one write
+                    lead = b"%x\r\n%s\r\n" % (size, b"".join(pending)) if size else b""
+                    conn.send(b"%s%s%x\r\n%s" % (crlf, lead, len(head) + len(body), head))
+                    conn.send(body)
+                    pending, size, crlf = [], 0, b"\r\n"
                 if size:
-                    conn.send(b"%x\r\n%s\r\n" % (size, b"".join(pending)))
-                conn.send(b"0\r\n\r\n")
+                    conn.send(b"%s%x\r\n%s\r\n" % (crlf, size, b"".join(pending)))
+                    crlf = b""
+                conn.send(crlf + b"0\r\n\r\n")
             except OSError as e:
                 # the receiver may have refused the stream and said why before closing
                 try:

@@ -17,7 +17,7 @@ import threading
 import time
 import zlib
 from base64 import b64encode
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 from urllib.parse import quote
 
 from rehost.online.protocol import (
@@ -34,6 +34,7 @@ from rehost.online.protocol import (
     AgentError,
     block_hash,
     chunk_frame,
+    chunk_head,
     encode_frame,
     feed_zeros,
     iter_blocks,
@@ -55,6 +56,9 @@ _BATCH_ATTEMPTS = 5
 _LINK_WINDOW = 0.5  # seconds of streaming per compression decision
 _FAST_LINK = 64 * 1024 * 1024  # file bytes/s: above this, compressing costs more than it saves
 _PREFETCH = 2  # batches walked ahead while the receiver works on the current one
+_UNJOINED = 64 * 1024  # chunk data from this size on is sent after its head, not copied
+# a frame, or a large CHUNK frame as (head, data) that the client writes without joining
+Frame = Union[bytes, Tuple[bytes, bytes]]
 _TYPES = (
     (stat.S_ISREG, "f"),
     (stat.S_ISDIR, "d"),
@@ -271,10 +275,12 @@ class _Sender:
         self.alg = client.hash_alg
         self.zero_hashes = {}  # type: Dict[int, str]
 
-    def _chunk(self, off: int, data: bytes) -> bytes:
+    def _chunk(self, off: int, data: bytes) -> Frame:
         codec, packed = self.compressor.pack(data)
         self.client.payload_bytes += len(data)
         self.stats["bytes_sent"] += len(data)
+        if len(packed) >= _UNJOINED:
+            return chunk_head(off, codec, len(packed)), packed
         return chunk_frame(off, codec, packed)
 
     def _zero_hash(self, n: int) -> str:
@@ -282,7 +288,7 @@ class _Sender:
             self.zero_hashes[n] = block_hash(self.alg, bytes(n))
         return self.zero_hashes[n]
 
-    def frames(self, index: int, path: bytes, size: int, need: List[Any]) -> Iterator[bytes]:
+    def frames(self, index: int, path: bytes, size: int, need: List[Any]) -> Iterator[Frame]:
         try:
             fd = _open_source(path)
         except OSError as e:
@@ -459,7 +465,7 @@ def _send_batch(
 
 def _data_frames(
     batch: List[Tuple[Dict[str, Any], bytes]], needs: List[List[Any]], sender: _Sender
-) -> Iterator[bytes]:
+) -> Iterator[Frame]:
     sender.compressor.new_stream()
     for need in needs:
         index = int(need[0])

@@ -5,7 +5,11 @@ O_NOFOLLOW | O_DIRECTORY and dir_fd, so no "..", absolute path or symlink (recei
 or already there) can make a write land outside the root; such an entry is refused with
 ProtocolError. Files are received under a `.rehost-partial-*` name and renamed into place
 after their hash is verified; an interrupted large file stays as that partial and is
-resumed by delta. Metadata goes on in the order content → lchown → chmod → xattrs
+resumed by delta. A small file (< DELTA_MIN_SIZE) that the destination lacks is instead
+created under its own name (O_CREAT | O_EXCL | O_NOFOLLOW), with fd-only metadata calls:
+its times are set last, so an interrupted one keeps a fresh mtime and the quick check sends
+it again. Every file's content hash is computed while it is written and compared with the
+agent's. Metadata goes on in the order content → lchown → chmod → xattrs
 (security.capability last, since chown clears it) → times.
 """
 
@@ -170,14 +174,17 @@ def _meta_matches(entry: dict[str, Any], kind: str, st: os.stat_result) -> bool:
 class _Incoming:
     """One file being received in a DATA POST."""
 
-    def __init__(self, fd: int, pfd: int, name: bytes, tmp: bytes | None, entry: dict[str, Any]):
+    def __init__(
+        self, fd: int, pfd: int, name: bytes, tmp: bytes | None, entry: dict[str, Any], size: int
+    ):
         self.fd = fd
         self.pfd = pfd
         self.name = name
         self.tmp = tmp  # the partial's name, renamed into place at END; None when in place
         self.entry = entry
-        self.size = required_int(entry, "s")
+        self.size = size
         self.delta = False
+        self.new = False  # created under its own name by this request (O_EXCL)
 
 
 class FsApplier:
@@ -189,7 +196,10 @@ class FsApplier:
         self.root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self.journal = Journal(state_dir, fs_id)
         self.batch = 0
-        self.pending: dict[int, tuple[dict[str, Any], list[bytes], str, bool]] = {}
+        # index → (entry, path, "full"|"delta", where): where the data goes, "partial" (the
+        # .rehost-partial-* file, renamed into place at END), "inplace" (a delta patching the
+        # file itself) or "new" (a small file the destination lacks, created under its name)
+        self.pending: dict[int, tuple[dict[str, Any], list[bytes], str, str]] = {}
         self.deferred: list[tuple[dict[str, Any], list[bytes]]] = []
         self.xattr_warned = False
         self.alg = "sha256"
@@ -279,9 +289,12 @@ class FsApplier:
             os.utime(where, ns=(atime, mtime), **nofollow)
 
     def _set_xattrs(self, entry: dict[str, Any], where: int | bytes, kw: dict[str, Any]) -> None:
-        want = _xattrs(entry)
+        want = _xattrs(entry) if entry.get("x") else {}
         try:
-            have = set(os.listxattr(where, **kw))
+            listed = os.listxattr(where, **kw)
+            if not listed and not want:
+                return  # the usual case: none wanted, none there
+            have = set(listed)
             for name in have - set(want):
                 try:
                     os.removexattr(where, name, **kw)
@@ -334,10 +347,11 @@ class FsApplier:
                 else:
                     self._apply_link(parts, target)
             else:
-                need = self._apply_other(entry, t, parts, alg)
-                if need is not None:
+                wanted = self._apply_other(entry, t, parts, alg)
+                if wanted is not None:
+                    need, where = wanted
                     needs.append([index, *need])
-                    self.pending[index] = (entry, parts, need[0], need[-1] == "partial")
+                    self.pending[index] = (entry, parts, need[0], where)
                     pending_paths.add(b"/".join(parts))
             applied += 1
         self.journal.add_dirs(dirs)
@@ -412,7 +426,7 @@ class FsApplier:
 
     def _apply_other(
         self, entry: dict[str, Any], t: str, parts: list[bytes], alg: str
-    ) -> list[Any] | None:
+    ) -> tuple[list[Any], str] | None:
         pfd = self._open_dir(parts[:-1])
         try:
             name = parts[-1]
@@ -448,7 +462,8 @@ class FsApplier:
 
     def _file_need(
         self, entry: dict[str, Any], pfd: int, name: bytes, st: os.stat_result | None, alg: str
-    ) -> list[Any] | None:
+    ) -> tuple[list[Any], str] | None:
+        """What the file needs (the wire's need, without the index) and where it lands."""
         size = required_int(entry, "s")
         if size < 0:
             raise ProtocolError("BAD_ENTRY", "negative size")
@@ -469,14 +484,17 @@ class FsApplier:
                 os.close(fd)
             return None
         if size < DELTA_MIN_SIZE:
-            return ["full"]
+            # a small file the destination lacks is written under its own name: nothing to
+            # replace atomically, and an interrupted one keeps a fresh mtime (times are set
+            # last), so the quick check sends it again
+            return ["full"], "new" if st is None else "partial"
         partial = partial_name(name)
         pst = _lstat(pfd, partial)
         if pst is not None and stat.S_ISREG(pst.st_mode):
-            return ["delta", *self._hashes(pfd, partial, size, alg), "partial"]
+            return ["delta", *self._hashes(pfd, partial, size, alg), "partial"], "partial"
         if st is not None and not split_link and st.st_size >= DELTA_MIN_SIZE:
-            return ["delta", *self._hashes(pfd, name, size, alg), "inplace"]
-        return ["full"]
+            return ["delta", *self._hashes(pfd, name, size, alg), "inplace"], "inplace"
+        return ["full"], "partial"
 
     def _hashes(self, pfd: int, name: bytes, size: int, alg: str) -> list[Any]:
         block = delta_block_size(size)
@@ -515,8 +533,7 @@ class FsApplier:
                 if kind in (DATA, DELTA):
                     if cur is not None:
                         raise ProtocolError("BAD_FRAME", "a file began before the last ended")
-                    index = required_int(decode_json(payload), "i")
-                    cur = self._open_incoming(index, kind == DELTA)
+                    cur = self._open_incoming(_header_index(payload), kind == DELTA)
                     hasher = new_hash(self.alg) if kind == DATA else None
                     expect = 0
                 elif kind == CHUNK:
@@ -573,24 +590,42 @@ class FsApplier:
     def _open_incoming(self, index: int, delta: bool) -> _Incoming:
         if index not in self.pending:
             raise ProtocolError("BAD_FRAME", f"entry {index} was not asked for")
-        entry, parts, kind, from_partial = self.pending.pop(index)
+        entry, parts, kind, where = self.pending.pop(index)
         if delta != (kind == "delta"):
             raise ProtocolError("BAD_FRAME", f"entry {index} came as the wrong kind")
         pfd = self._open_dir(parts[:-1])
         name = parts[-1]
+        size = required_int(entry, "s")
         try:
             flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC
-            tmp: bytes | None = partial_name(name)
+            if where == "new":
+                # created with its final permission bits (umask allowing), so that chmod is
+                # usually unnecessary; truncated to size at END only if holes remain
+                try:
+                    fd = os.open(
+                        name,
+                        flags | os.O_CREAT | os.O_EXCL,
+                        required_int(entry, "m") & 0o777,
+                        dir_fd=pfd,
+                    )
+                except FileExistsError:  # it appeared since the manifest: replace it safely
+                    where = "partial"
+                else:
+                    incoming = _Incoming(fd, pfd, name, None, entry, size)
+                    incoming.new = True
+                    return incoming
+            partial = partial_name(name)
+            tmp: bytes | None = partial
             if not delta:
-                fd = os.open(partial_name(name), flags | os.O_CREAT | os.O_TRUNC, 0o600, dir_fd=pfd)
-            elif from_partial:
-                fd = os.open(partial_name(name), flags, dir_fd=pfd)
+                fd = os.open(partial, flags | os.O_CREAT | os.O_TRUNC, 0o600, dir_fd=pfd)
+            elif where == "partial":
+                fd = os.open(partial, flags, dir_fd=pfd)
             else:
                 tmp = None
                 fd = os.open(name, flags, dir_fd=pfd)
-            incoming = _Incoming(fd, pfd, name, tmp, entry)
+            incoming = _Incoming(fd, pfd, name, tmp, entry, size)
             incoming.delta = delta
-            os.ftruncate(fd, incoming.size)
+            os.ftruncate(fd, size)
             return incoming
         except BaseException:
             os.close(pfd)
@@ -598,6 +633,9 @@ class FsApplier:
 
     def _commit_file(self, cur: _Incoming) -> None:
         try:
+            if cur.new:
+                self._finish_new(cur)
+                return
             self._set_meta(cur.entry, "f", cur.fd, cur.pfd, cur.name)
             if cur.tmp is not None:
                 st = _lstat(cur.pfd, cur.name)
@@ -607,6 +645,24 @@ class FsApplier:
         finally:
             os.close(cur.fd)
             os.close(cur.pfd)
+
+    def _finish_new(self, cur: _Incoming) -> None:
+        """Size, owner, mode, xattrs, then times on a file this request created: fd calls
+        only, and owner and mode only where the creation did not already get them right."""
+        entry = cur.entry
+        st = os.fstat(cur.fd)
+        if st.st_size != cur.size:
+            os.ftruncate(cur.fd, cur.size)  # a hole at the end
+        uid, gid = required_int(entry, "u"), required_int(entry, "g")
+        mode = required_int(entry, "m") & 0o7777
+        chowned = (st.st_uid, st.st_gid) != (uid, gid)
+        if chowned:
+            os.chown(cur.fd, uid, gid)
+        # chown clears setuid/setgid: set the mode after it whenever those bits are wanted
+        if stat.S_IMODE(st.st_mode) != mode or (chowned and mode & 0o6000):
+            os.chmod(cur.fd, mode)
+        self._set_xattrs(entry, cur.fd, {})
+        os.utime(cur.fd, ns=(required_int(entry, "at"), required_int(entry, "mt")))
 
     def _reject_file(self, cur: _Incoming) -> None:
         """A hash mismatch (the source changed while read): make the next pass resend it."""
@@ -637,6 +693,13 @@ class FsApplier:
                 os.close(fd)
         passes = self.journal.end_pass(self.root_fd)
         return {"deleted": 0, "pass": passes, "directories": len(dirs)}
+
+
+def _header_index(payload: bytes) -> int:
+    """The index of a DATA/DELTA header frame; the agent sends exactly {"i":N}."""
+    if payload[:5] == b'{"i":' and payload[-1:] == b"}" and payload[5:-1].isdigit():
+        return int(payload[5:-1])
+    return required_int(decode_json(payload), "i")
 
 
 def _file_hash(fd: int, size: int, alg: str) -> str:

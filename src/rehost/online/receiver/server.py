@@ -106,9 +106,15 @@ class Receiver:
     """The state behind the handlers: token, disks, filesystems and their appliers."""
 
     def __init__(
-        self, token: str, state_dir: Path, disks: dict[str, str], roots: dict[str, Path] | None
+        self,
+        token: str,
+        state_dir: Path,
+        disks: dict[str, str],
+        roots: dict[str, Path] | None,
+        fixups: bool = True,
     ) -> None:
         self.token = token
+        self.fixups = fixups
         self.state_dir = state_dir
         self.disks = disks
         self.roots = dict(roots or {})
@@ -202,7 +208,16 @@ class Receiver:
             self.ensure_mounted()
             prepared = self.prepared() or {}
             mounts = {k: Path(v["mounted_at"]) for k, v in prepared.get("filesystems", {}).items()}
-            run_fixups(mounts)
+            if self.fixups:
+                record_path = self.state_dir / "layout.json"
+                record = json.loads(record_path.read_text()) if record_path.exists() else {}
+                run_fixups(
+                    mounts,
+                    layout=prepared.get("layout"),
+                    result=record.get("result"),
+                    disks=self.disks,
+                    log=lambda line: log.info("fixup: %s", line),
+                )
             disks.finalize(self.state_dir)
             self.mounted = False
         self.finalized.set()
@@ -385,6 +400,7 @@ def serve(
     ready: Callable[[str], None] | None = None,
     roots: dict[str, Path] | None = None,
     on_finalized: Callable[[], None] | None = None,
+    fixups: bool = True,
 ) -> bool:
     """Serve until a finalize succeeds (migration mode ends) or SIGTERM/SIGINT.
 
@@ -392,7 +408,8 @@ def serve(
     /v1/prepare has mounted (tests, and `rehost receive --root FSID=DIR`). `ready` is called
     with the bound "host:port" once the server accepts connections. After a successful
     POST /v1/finalize has been answered, the server stops and `on_finalized` (the CLI's
-    `--reboot`) is called once. Returns whether the migration was finalized.
+    `--reboot`) is called once. Returns whether the migration was finalized. `fixups=False`
+    (`--no-fixups`) skips the boot fixups in the finalize.
     """
     state_dir.mkdir(parents=True, exist_ok=True)
     cert, key, fingerprint = ensure_certificate(state_dir, cert_dir)
@@ -400,7 +417,9 @@ def serve(
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.load_cert_chain(cert, key)
-    server = _Server(parse_listen(listen), context, Receiver(token, state_dir, disks, roots))
+    server = _Server(
+        parse_listen(listen), context, Receiver(token, state_dir, disks, roots, fixups)
+    )
     bound = f"{server.server_address[0]!s}:{server.server_address[1]}"
     print(f"rehost receiver listening on {bound}, fingerprint {fingerprint}", flush=True)
     log.info("listening on %s, fingerprint %s", bound, fingerprint)
