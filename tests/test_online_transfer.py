@@ -397,6 +397,15 @@ def _wait_bytes(env: Env, proc: subprocess.Popen[str], at_least: int) -> None:
         time.sleep(0.05)
 
 
+def _resume_sends_only_what_is_left(env: Env) -> None:
+    left = left_to_send(env.src, env.dst)
+    result = env.agent(compression="off")
+    assert "error" not in result, result
+    assert_same(env)
+    print(f"resume sent {result['bytes_sent']} of {left} left")
+    assert result["bytes_sent"] <= 1.10 * left + 64 * 1024, (result["bytes_sent"], left)
+
+
 @pytest.mark.parametrize("at", [8 * MiB, 30 * MiB])
 def test_kill_agent_then_resume(env: Env, at: int) -> None:
     _tree_for_kill(env.src)
@@ -404,12 +413,7 @@ def test_kill_agent_then_resume(env: Env, at: int) -> None:
     _wait_bytes(env, proc, at)
     proc.kill()
     proc.wait()
-    left = left_to_send(env.src, env.dst)
-    result = env.agent(compression="off")
-    assert "error" not in result, result
-    assert_same(env)
-    print(f"resume sent {result['bytes_sent']} of {left} left")
-    assert result["bytes_sent"] <= 1.10 * left + 64 * 1024, (result["bytes_sent"], left)
+    _resume_sends_only_what_is_left(env)
 
 
 def test_kill_receiver_then_resume(env: Env) -> None:
@@ -420,12 +424,7 @@ def test_kill_receiver_then_resume(env: Env) -> None:
     out, err = proc.communicate(timeout=120)
     assert json.loads(out.strip().splitlines()[-1])["error"] == "RECEIVER_UNREACHABLE", err
     env.receiver.start()
-    left = left_to_send(env.src, env.dst)
-    result = env.agent(compression="off")
-    assert "error" not in result, result
-    assert_same(env)
-    print(f"resume sent {result['bytes_sent']} of {left} left")
-    assert result["bytes_sent"] <= 1.10 * left + 64 * 1024, (result["bytes_sent"], left)
+    _resume_sends_only_what_is_left(env)
 
 
 def test_receiver_restart_during_a_run_is_retried(env: Env) -> None:
