@@ -9,22 +9,18 @@ from typing import Annotated
 import typer
 
 from rehost.blob.source import open_source
+from rehost.cli.options import Fmt, Json
 from rehost.cli.output import emit_json, human_bytes, out_console, progress_bar
 from rehost.disk.target import open_disk
 from rehost.image import open_image
 from rehost.image.base import DiskImage
 from rehost.image.convert import convert as convert_image
-from rehost.image.convert import require_capacity, survey
+from rehost.image.convert import survey
 from rehost.image.pack import pack as pack_image
 
 app = typer.Typer(help="Inspect, check, convert and pack disk images.", no_args_is_help=True)
 
 Src = Annotated[str, typer.Argument(help="Image path (qcow2, vhd, vhdx, vmdk or raw).")]
-Fmt = Annotated[
-    str | None,
-    typer.Option("--format", "-f", help="Skip detection and read as this format (e.g. raw)."),
-]
-Json = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
 
 
 def _open(src: str, fmt: str | None) -> DiskImage:
@@ -107,7 +103,6 @@ def convert(
         disk = open_disk(dest, create_size=img.virtual_size)
         try:
             with disk, progress_bar("converting", img.virtual_size, not json) as advance:
-                require_capacity(img, disk)
                 result = convert_image(img, disk, progress=advance, digest=digest)
         except BaseException:
             if created:

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from rehost.cli.options import Fmt, Json
 from rehost.cli.output import emit_json, err_console, human_bytes, out_console, progress_bar
 
 if TYPE_CHECKING:
@@ -75,10 +76,7 @@ def import_(
             "--rate-limit-mbps", min=0, help="Cap reads from the source at this many megabits/s."
         ),
     ] = None,
-    fmt: Annotated[
-        str | None,
-        typer.Option("--format", "-f", help="Skip detection and read as this format (e.g. raw)."),
-    ] = None,
+    fmt: Fmt = None,
     fixup: Annotated[
         bool,
         typer.Option(
@@ -91,7 +89,7 @@ def import_(
         Firmware,
         typer.Option("--firmware", help="With --fixup: the destination's firmware."),
     ] = Firmware.bios,
-    json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False,
+    json: Json = False,
 ) -> None:
     """Import a disk image onto a block device or raw file: precheck, write, verify.
 

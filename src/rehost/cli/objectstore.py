@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from rehost import objectstore
+from rehost.cli.options import Json
 from rehost.cli.output import emit_json, out_console, state_dir
 
 app = typer.Typer(
@@ -19,7 +20,6 @@ Dir = Annotated[
     Path | None,
     typer.Option("--dir", help="The store's directory (default: STATE_DIR/objectstore)."),
 ]
-Json = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
 
 
 def _dir(directory: Path | None) -> Path:

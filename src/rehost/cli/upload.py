@@ -10,6 +10,7 @@ from typing import Annotated, Any
 
 import typer
 
+from rehost.cli.options import Json
 from rehost.cli.output import emit_json, human_bytes, out_console, progress_bar
 
 
@@ -72,7 +73,7 @@ def upload(
             show_default=False,
         ),
     ] = None,
-    json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False,
+    json: Json = False,
 ) -> None:
     """Upload FILE to S3 in parallel parts; run the same command again to resume.
 

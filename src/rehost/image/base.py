@@ -58,15 +58,22 @@ class Extent:
     def end(self) -> int:
         return self.offset + self.length
 
+    def cut(self, start: int, end: int) -> Extent:
+        """The part of a DATA or ZERO extent in guest range [start, end)."""
+        if start == self.offset and end == self.end:
+            return self
+        if self.kind is ExtentKind.COMPRESSED:
+            raise ValueError(f"a compressed cluster at {self.offset} cannot be cut at {start}")
+        host = self.host_offset + start - self.offset if self.kind is ExtentKind.DATA else 0
+        return Extent(start, end - start, self.kind, host)
+
     def split(self, max_length: int) -> Iterator[Extent]:
         """Cut a DATA or ZERO extent into pieces of at most max_length bytes."""
-        if self.kind is ExtentKind.COMPRESSED or self.length <= max_length:
+        if self.kind is ExtentKind.COMPRESSED:
             yield self
             return
-        for start in range(0, self.length, max_length):
-            n = min(max_length, self.length - start)
-            host = self.host_offset + start if self.kind is ExtentKind.DATA else 0
-            yield Extent(self.offset + start, n, self.kind, host)
+        for start in range(self.offset, self.end, max_length):
+            yield self.cut(start, min(self.end, start + max_length))
 
 
 ProgressFn = Callable[[int], None]

@@ -87,13 +87,7 @@ def _extents_from(image: DiskImage, start: int, kept: list[Extent] | None) -> It
     for ext in kept if kept is not None else image.extents():
         if ext.end <= start:
             continue
-        if ext.offset < start:
-            if ext.kind is ExtentKind.COMPRESSED:
-                raise ValueError(f"cannot resume at {start}: a compressed cluster straddles it")
-            cut = start - ext.offset
-            host = ext.host_offset + cut if ext.kind is ExtentKind.DATA else 0
-            ext = Extent(start, ext.length - cut, ext.kind, host)
-        yield ext
+        yield ext.cut(max(start, ext.offset), ext.end)
 
 
 def _batches(
@@ -111,24 +105,21 @@ def _batches(
             inner_end = ext.end // BLOCK * BLOCK
             if inner_end - inner_start >= BLOCK:
                 if inner_start > ext.offset:
-                    batch.append(Extent(ext.offset, inner_start - ext.offset, ExtentKind.ZERO))
+                    batch.append(ext.cut(ext.offset, inner_start))
                 if batch:
                     yield start, batch
                     batch = []
-                yield Extent(inner_start, inner_end - inner_start, ExtentKind.ZERO)
+                yield ext.cut(inner_start, inner_end)
                 if inner_end < ext.end:
                     start = inner_end
-                    batch.append(Extent(inner_end, ext.end - inner_end, ExtentKind.ZERO))
+                    batch.append(ext.cut(inner_end, ext.end))
                 continue
         pos = ext.offset
         while pos < ext.end:
             if not batch:
                 start = pos
             end = min(ext.end, start + BATCH_BYTES) if ext.kind is ExtentKind.DATA else ext.end
-            if pos == ext.offset and end == ext.end:
-                batch.append(ext)
-            else:
-                batch.append(Extent(pos, end - pos, ext.kind, ext.host_offset + pos - ext.offset))
+            batch.append(ext.cut(pos, end))
             pos = end
             if end - start >= BATCH_BYTES and end % BLOCK == 0:
                 yield start, batch
@@ -194,19 +185,22 @@ def convert(
     checkpoint: Checkpoint | None = None,
     checkpoint_every: int = SEGMENT,
     digest: bool = True,
+    plan: Survey | None = None,
 ) -> ConvertResult:
     """Write the image's guest bytes onto the disk and return their content digest.
 
     To resume, pass a `resume_from` offset and the `segments` that a `checkpoint`
     call reported for it; only the rest of the image is then read and written.
     With `digest=False` the guest bytes are not hashed (the result's digest is "").
+    A caller that already surveyed the image passes its `plan`, so the metadata is not
+    walked (or fetched) twice.
     """
     if resume_from % SEGMENT or checkpoint_every % SEGMENT:
         raise ValueError("resume points and checkpoints fall on segment boundaries")
     tune_for_streaming()
     began = time.monotonic()
     require_capacity(image, disk)
-    plan = survey(image)
+    plan = plan or survey(image)
     workers = workers or max(2, min(8, os.cpu_count() or 2))  # more only adds GIL contention
     content = ContentDigest(segments)
     written = 0

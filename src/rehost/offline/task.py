@@ -549,6 +549,7 @@ class _Import:
                 resume_from=self.resume_from,
                 segments=self.segments,
                 checkpoint=self._checkpoint,
+                plan=self.plan,
             )
         self.write_seconds = time.monotonic() - began
         self.written = result.written_bytes

@@ -1,0 +1,13 @@
+"""Options that several commands share, defined once so their flags and help agree."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+Json = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
+Fmt = Annotated[
+    str | None,
+    typer.Option("--format", "-f", help="Skip detection and read as this format (e.g. raw)."),
+]
