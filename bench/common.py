@@ -6,6 +6,7 @@ measured in the same run, alternating the commands rather than batching them.
 
 from __future__ import annotations
 
+import compileall
 import os
 import statistics
 import subprocess
@@ -43,10 +44,22 @@ def timed(argv: Sequence[str], before: Callable[[], None] | None = None) -> tupl
     return elapsed, usage.ru_maxrss * 1024
 
 
+def byte_compile_rehost() -> None:
+    """Time rehost as installed from a wheel, whose bytecode pip compiles.
+
+    An editable install compiles on import, and under PYTHONDONTWRITEBYTECODE
+    (set on these machines) every run would recompile: 0.1 s of start-up.
+    """
+    import rehost
+
+    compileall.compile_dir(os.path.dirname(rehost.__file__), quiet=1)
+
+
 def alternate(
     commands: dict[str, Sequence[str]], runs: int, before: Callable[[], None] | None = None
 ) -> dict[str, Timing]:
     """Run each command `runs` times, interleaved, and collect their timings."""
+    byte_compile_rehost()
     results = {name: Timing() for name in commands}
     for _ in range(runs):
         for name, argv in commands.items():

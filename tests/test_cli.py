@@ -91,6 +91,26 @@ def test_help_mentions_every_image_command() -> None:
         assert cmd in proc.stdout
 
 
+def test_every_command_loads_and_images_load_only_theirs() -> None:
+    """Subcommands load lazily; each must still resolve, and `image` must not drag in the rest."""
+    from rehost.cli.app import COMMANDS
+
+    root = rehost("--help")
+    assert root.returncode == 0
+    for name in COMMANDS:
+        assert name in root.stdout
+        assert rehost(name, "--help").returncode == 0, name
+    probe = (
+        "import sys; from rehost.cli.app import main; "
+        "sys.argv = ['rehost', 'image', 'inspect', '/nonexistent']\n"
+        "try: main()\nexcept SystemExit: pass\n"
+        "print(sorted(m for m in sys.modules if m.startswith(('rehost.online', 'rehost.offline', "
+        "'rehost.objectstore', 'boto3'))))"
+    )
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
+
+
 def test_demo(tmp_path: Path) -> None:
     """The README's first command: a whole offline migration that stops what it started."""
     env = dict(os.environ, REHOST_STATE_DIR=str(tmp_path / "state"))

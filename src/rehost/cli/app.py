@@ -1,31 +1,91 @@
-"""The `rehost` command: a thin typer layer over the library."""
+"""The `rehost` command: a thin typer layer over the library.
+
+Subcommands are imported only when they run (click's "lazily loading
+subcommands" pattern): `rehost image convert` must not pay for importing the
+online receiver, the bundler or the object-store launcher. Start-up is part of
+every conversion's wall time, and qemu-img starts in milliseconds.
+"""
 
 from __future__ import annotations
 
+import importlib
 import sys
-from typing import Annotated
+from collections.abc import Iterator, Mapping, MutableMapping
+from typing import Annotated, Any
 
 import typer
+from typer.core import TyperGroup
 
 from rehost import __version__
-from rehost.cli import agent, demo, image, importer, objectstore, receive, upload
 from rehost.cli.output import report_error, setup_logging
+
+COMMANDS: dict[str, str] = {
+    "upload": "rehost.cli.upload:upload",
+    "import": "rehost.cli.importer:import_",
+    "receive": "rehost.cli.receive:receive",
+    "agent": "rehost.cli.agent:agent",
+    "agent-bundle": "rehost.cli.agent:agent_bundle",
+    "demo": "rehost.cli.demo:demo",
+    "image": "rehost.cli.image:app",
+    "objectstore": "rehost.cli.objectstore:app",
+}
+"""Subcommand name → `module:attribute`, a typer app or a command function, in help order."""
+
+
+def load_command(name: str) -> Any:
+    """The click command for one subcommand, imported on first use."""
+    module, _, attr = COMMANDS[name].partition(":")
+    obj = getattr(importlib.import_module(module), attr)
+    if not isinstance(obj, typer.Typer):
+        single = typer.Typer(add_completion=False)
+        single.command(name=name)(obj)
+        obj = single
+    cmd = typer.main.get_command(obj)
+    cmd.name = name
+    return cmd
+
+
+class _LazyCommands(MutableMapping[str, Any]):
+    """The group's command table; entries are built from COMMANDS when looked up."""
+
+    def __init__(self, eager: Mapping[str, Any]) -> None:
+        self._loaded: dict[str, Any] = dict(eager)
+
+    def __getitem__(self, name: str) -> Any:
+        if name not in self._loaded:
+            if name not in COMMANDS:
+                raise KeyError(name)
+            self._loaded[name] = load_command(name)
+        return self._loaded[name]
+
+    def __setitem__(self, name: str, cmd: Any) -> None:
+        self._loaded[name] = cmd
+
+    def __delitem__(self, name: str) -> None:
+        del self._loaded[name]
+
+    def __iter__(self) -> Iterator[str]:
+        yield from COMMANDS
+        yield from (n for n in self._loaded if n not in COMMANDS)
+
+    def __len__(self) -> int:
+        return len(COMMANDS.keys() | self._loaded.keys())
+
+
+class LazyGroup(TyperGroup):
+    def __init__(self, **attrs: Any) -> None:
+        super().__init__(**attrs)
+        self.commands = _LazyCommands(self.commands)
+
 
 app = typer.Typer(
     name="rehost",
+    cls=LazyGroup,
     help="Move servers and disk images into a cloud or KVM fleet.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-app.add_typer(image.app, name="image")
-app.add_typer(objectstore.app, name="objectstore")
-app.command(name="upload")(upload.upload)
-app.command(name="import")(importer.import_)
-app.command(name="receive")(receive.receive)
-app.command(name="agent")(agent.agent)
-app.command(name="agent-bundle")(agent.agent_bundle)
-app.command(name="demo")(demo.demo)
 
 
 def _version(value: bool) -> None:

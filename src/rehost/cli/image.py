@@ -18,7 +18,9 @@ from rehost.image.convert import convert as convert_image
 from rehost.image.convert import survey
 from rehost.image.pack import pack as pack_image
 
-app = typer.Typer(help="Inspect, check, convert and pack disk images.", no_args_is_help=True)
+app = typer.Typer(
+    help="Inspect, check, convert and pack disk images.", no_args_is_help=True, add_completion=False
+)
 
 Src = Annotated[str, typer.Argument(help="Image path (qcow2, vhd, vhdx, vmdk or raw).")]
 

@@ -14,6 +14,7 @@ from rehost.cli.output import emit_json, out_console, state_dir
 app = typer.Typer(
     help="Run a local S3-compatible object store (SeaweedFS) for trying rehost out.",
     no_args_is_help=True,
+    add_completion=False,
 )
 
 Dir = Annotated[
