@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,6 +51,15 @@ def blkid(dev: str, tag: str) -> str:
     return sh("blkid", "-p", "-o", "value", "-s", tag, dev, check=False).strip()
 
 
+def _mountinfo() -> list[str]:
+    return Path("/proc/self/mountinfo").read_text().splitlines()
+
+
+def kernel_has(fs: str) -> bool:
+    """Whether the running kernel can mount `fs` (listed in /proc/filesystems)."""
+    return fs in Path("/proc/filesystems").read_text().split()
+
+
 def part_sysfs(disk: str, number: int) -> str | None:
     """The kernel name of partition `number` of `disk`, if the kernel knows it."""
     base = Path("/sys/class/block") / Path(disk).name
@@ -68,6 +78,7 @@ class LoopLab:
         self.loops: list[str] = []
         self.nodes: list[Path] = []
         self.mounts: list[Path] = []
+        self.fuse: list[subprocess.Popen[bytes]] = []
 
     def disk(self, name: str, size_mib: int, label: str = "", parts: list[Part] = ()) -> LoopDisk:  # type: ignore[assignment]
         image = self.directory / f"{name}.img"
@@ -130,8 +141,30 @@ class LoopLab:
 
     def mount(self, dev: str, where: Path) -> None:
         where.mkdir(parents=True, exist_ok=True)
-        sh("mount", dev, where)
+        if blkid(dev, "TYPE") == "vfat" and not kernel_has("vfat"):
+            self._fusefat(dev, where)
+        else:
+            sh("mount", dev, where)
         self.mounts.append(where)
+
+    def _fusefat(self, dev: str, where: Path) -> None:
+        """vfat through FUSE on a kernel without it (test fixtures only: fusefat 0.1a creates
+        files reliably, but cannot overwrite or truncate them; see docs/fixups.md).
+
+        A block-device mount (fuseblk): mountinfo shows DEV and its device number like a kernel
+        mount, and umount waits until the FAT is written back. Run in the foreground, so that
+        close() can reap it by PID."""
+        proc = subprocess.Popen(
+            ["fusefat", "-f", "-o", f"rw+,blkdev,fsname={dev}", dev, str(where)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        self.fuse.append(proc)
+        deadline = time.monotonic() + 30
+        while not any(ln.split()[4] == str(where) for ln in _mountinfo()):
+            assert proc.poll() is None, f"fusefat {dev} {where} exited {proc.returncode}"
+            assert time.monotonic() < deadline, f"fusefat {dev} {where} did not mount"
+            time.sleep(0.05)
 
     def mount_tree(self, root: Path, disks: list[tuple[LoopDisk, list[Part]]]) -> None:
         """Mount every partition with a mount point under root, shallowest first, then fill."""
@@ -155,6 +188,13 @@ class LoopLab:
             proc = subprocess.run(["umount", where], capture_output=True, text=True)
             if proc.returncode != 0 and "not mounted" not in proc.stderr:
                 errors.append(proc.stderr)
+        for daemon in self.fuse:  # unmounted above: they exit by themselves
+            try:
+                daemon.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                daemon.kill()
+                daemon.wait(timeout=30)
+                errors.append(f"fusefat (pid {daemon.pid}) did not exit after its unmount")
         for dev in reversed(self.loops):
             subprocess.run(["losetup", "-d", dev], capture_output=True)
         for node in self.nodes:

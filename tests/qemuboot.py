@@ -11,12 +11,13 @@ import re
 import shutil
 import subprocess
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from bootimage import MARKER
+from bootimage import MARKER, MOUNTS_MARKER
 
 BOOT_TIMEOUT = 150.0
 
@@ -29,6 +30,15 @@ class Boot:
 
     def tail(self, n: int = 4000) -> str:
         return self.console[-n:]
+
+    def mounts(self) -> dict[str, str]:
+        """The guest's `REHOST-MOUNTS` facts: {"boot": "DEV:FSTYPE:UUID", "data": ..., "swap":
+        "DEV:UUID,..."}, "" where nothing is mounted; {} if the line never came."""
+        m = re.search(
+            re.escape(MOUNTS_MARKER) + r" boot=(\S*) data=(\S*) swap=(\S*)(?=[ \t]*[\r\n])",
+            self.console,
+        )
+        return dict(zip(("boot", "data", "swap"), m.groups(), strict=True)) if m else {}
 
 
 def overlay(base: Path, fmt: str, directory: Path) -> Path:
@@ -47,9 +57,16 @@ OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
 
 
 def boot(
-    disk: Path, fmt: str, log: Path, timeout: float = BOOT_TIMEOUT, firmware: str = "bios"
+    disk: Path,
+    fmt: str,
+    log: Path,
+    timeout: float = BOOT_TIMEOUT,
+    firmware: str = "bios",
+    more: Sequence[Path] = (),
 ) -> Boot:
     """Boot `disk` (virtio disk, user-mode virtio-net) until the marker or `timeout`.
+
+    `more` are further disks in the same format, attached after `disk` in order (vdb, ...).
 
     UEFI boots with Debian's OVMF (package `ovmf`) and a fresh copy of its empty variable
     store, so nothing but the removable-media path (EFI/BOOT/BOOTX64.EFI) can boot.
@@ -82,6 +99,7 @@ def boot(
         f"file:{log}",
         "-drive",
         f"file={disk},format={fmt},if=virtio",
+        *(a for d in more for a in ("-drive", f"file={d},format={fmt},if=virtio")),
         "-netdev",
         "user,id=n0",
         "-device",

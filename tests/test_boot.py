@@ -1,10 +1,13 @@
 """Issue 5's proof by booting: migrated disks boot in QEMU (TCG) and reach the network.
 
-The source system (tests/bootimage.py) is Debian bookworm with a static IP and a unit that
-prints `REHOST-BOOT-OK <hostname> <ipv4>` on the serial console once the network is up. The
-untouched source must boot with its static address (so a failure elsewhere can be told apart
-from a broken fixture); a migrated destination must boot with the DHCP address QEMU hands out
-(10.0.2.15), which proves the network fixup replaced the static configuration.
+The source systems (tests/bootimage.py) are Debian bookworm with a static IP and a unit that
+prints what is mounted (`REHOST-MOUNTS ...`) and then `REHOST-BOOT-OK <hostname> <ipv4>` on the
+serial console once the network is up. The "full" layout has a separate /boot, a swap partition
+and a data disk, all in fstab by UUID. The untouched sources must boot with their static
+address (so a failure elsewhere can be told apart from a broken fixture); a migrated
+destination must boot with the DHCP address QEMU hands out (10.0.2.15), which proves the
+network fixup replaced the static configuration, and with the same /boot, swap and /data
+active, on the destination's disks.
 """
 
 from __future__ import annotations
@@ -16,9 +19,20 @@ from pathlib import Path
 
 import pytest
 
-from bootimage import DHCP_IP, HOSTNAME, MARKER, SOURCE_IP, source_image
+from bootimage import (
+    DATA_FILE,
+    DHCP_IP,
+    HOSTNAME,
+    MARKER,
+    SOURCE_IP,
+    SourceDisks,
+    require_kernel_vfat,
+    source_disks,
+    source_image,
+)
 from helpers import MiB, run, s3_client
-from qemuboot import boot, overlay
+from loopdisk import sh
+from qemuboot import Boot, boot, overlay
 from rehost.objectstore import StoreInfo
 
 pytestmark = pytest.mark.slow
@@ -27,17 +41,50 @@ REHOST = Path(sys.executable).parent / "rehost"
 
 
 FIRMWARES = pytest.mark.parametrize("firmware", ["bios", "uefi"])
+LAYOUTS = pytest.mark.parametrize(
+    ("firmware", "layout"), [("bios", "simple"), ("bios", "full"), ("uefi", "simple")]
+)
 
 
-@FIRMWARES
-def test_untouched_source_boots(tmp_path: Path, firmware: str) -> None:
+def _uuids(image: Path) -> dict[int, str]:
+    """Partition number -> filesystem (or swap) UUID of a raw disk image, read from the file."""
+    table = json.loads(run("sfdisk", "--json", image))["partitiontable"]
+    sector = int(table.get("sectorsize", 512))
+    found = {}
+    for p in table["partitions"]:
+        number = int(p["node"][len(str(image)) :])
+        offset = str(int(p["start"]) * sector)
+        uuid = sh("blkid", "-p", "-O", offset, "-o", "value", "-s", "UUID", image, check=False)
+        if uuid.strip():
+            found[number] = uuid.strip()
+    return found
+
+
+def assert_full_mounts(result: Boot, disks: SourceDisks) -> None:
+    """/boot, the data disk's /data and the swap are active in the guest, on its virtio disks,
+    with the source's UUIDs (prepare keeps them; fstab names them so)."""
+    assert disks.data is not None
+    system, data = _uuids(disks.system), _uuids(disks.data)
+    assert result.mounts() == {
+        "boot": f"/dev/vda2:ext4:{system[2]}",
+        "data": f"/dev/vdb1:ext4:{data[1]}",
+        "swap": f"/dev/vda3:{system[3]}",
+    }, result.tail()
+
+
+@LAYOUTS
+def test_untouched_source_boots(tmp_path: Path, firmware: str, layout: str) -> None:
     began = time.monotonic()
-    image = source_image(firmware)
+    disks = source_disks(firmware, layout)
     built = time.monotonic() - began
-    disk = overlay(image, "raw", tmp_path)
-    result = boot(disk, "qcow2", tmp_path / "console.log", firmware=firmware)
+    overlays = [overlay(d, "raw", tmp_path) for d in disks.all]
+    result = boot(
+        overlays[0], "qcow2", tmp_path / "console.log", firmware=firmware, more=overlays[1:]
+    )
     print(f"image ready in {built:.1f}s; marker after {result.seconds:.1f}s: {result.marker}")
     assert result.marker == f"{MARKER} {HOSTNAME} {SOURCE_IP}", result.tail()
+    if layout == "full":
+        assert_full_mounts(result, disks)
 
 
 @FIRMWARES
@@ -45,6 +92,8 @@ def test_offline_import_with_fixup_boots(
     tmp_path: Path, s3_env: StoreInfo, s3_bucket: str, firmware: str
 ) -> None:
     """The source disk packed to qcow2, uploaded, imported with --fixup: it boots with DHCP."""
+    if firmware == "uefi":
+        require_kernel_vfat()
     image = source_image(firmware)
     began = time.monotonic()
     packed = tmp_path / "source.qcow2"
@@ -95,50 +144,78 @@ def _read_from_disk(disk: Path, path: str, tmp: Path, offset: int) -> str:
         run("losetup", "-d", loop)
 
 
-@FIRMWARES
-def test_online_migration_boots(tmp_path: Path, firmware: str) -> None:
-    """Agent -> receiver in two network namespaces onto a smaller empty disk, with the real
-    fixups in the finalize: the destination boots with DHCP."""
+@pytest.mark.parametrize(("firmware", "layout"), [("bios", "full"), ("uefi", "simple")])
+def test_online_migration_boots(tmp_path: Path, firmware: str, layout: str) -> None:
+    """Agent -> receiver in two network namespaces, with the real fixups in the finalize,
+    onto an empty system disk smaller than the source's (and, for the full layout, the data
+    disk mapped by DataDisks onto a larger one): the destination boots with DHCP, with its
+    /boot, swap and /data active."""
     from loopdisk import LoopDisk, LoopLab
     from netns import netns_pair
     from test_online_e2e import Source, make_dest, start_agent, write_config
 
-    image = source_image(firmware)
+    if firmware == "uefi":
+        require_kernel_vfat()
+    disks = source_disks(firmware, layout)
     began = time.monotonic()
     lab = LoopLab(tmp_path)
     dest = None
     try:
-        copy = tmp_path / "source.img"
-        run("cp", "--sparse=always", image, copy)
-        loop = run("losetup", "-fP", "--show", copy).strip()
-        lab.loops.append(loop)
-        disk = LoopDisk(copy, loop)
-        lab.sync_partitions(disk)
+        loops: list[LoopDisk] = []
+        for image in disks.all:
+            copy = tmp_path / f"source-{len(loops)}.img"
+            run("cp", "--sparse=always", image, copy)
+            loop = run("losetup", "-fP", "--show", copy).strip()
+            lab.loops.append(loop)
+            loops.append(LoopDisk(copy, loop))
+            lab.sync_partitions(loops[-1])
         root = tmp_path / "src"
-        root_part = 1 if firmware == "bios" else 2
-        lab.mount(disk.parts[root_part], root)
-        if firmware == "uefi":
-            lab.mount(disk.parts[1], root / "boot/efi")
-        source = Source(root, {"0": disk}, {"root": ("0", root_part)}, {"root": root})
+        if layout == "full":
+            parts = {"root": ("0", 4), "boot": ("0", 2), "data-data": ("1", 1)}
+            mounts = {"root": root, "boot": root / "boot", "data-data": root / "data"}
+        elif firmware == "uefi":
+            parts = {"root": ("0", 2), "efi": ("0", 1)}
+            mounts = {"root": root, "efi": root / "boot/efi"}
+        else:
+            parts = {"root": ("0", 1)}
+            mounts = {"root": root}
+        for fs_id, (index, number) in parts.items():  # root first: the others mount inside
+            lab.mount(loops[int(index)].parts[number], mounts[fs_id])
+        source = Source(root, {str(i): d for i, d in enumerate(loops)}, parts, mounts)
         bundle = tmp_path / "rehost-agent.pyz"
         run(REHOST, "agent-bundle", bundle)
         with netns_pair() as pair:
-            # the source's root partition is 2047 MiB with ~0.7 GiB used: 1536 MiB is smaller
-            dest = make_dest(lab, pair, tmp_path / "dest", (1536, 64))
+            # the source's system disk is 2048 MiB with ~0.7 GiB used: 1536 MiB is smaller;
+            # its data disk is 256 MiB: 384 MiB is larger
+            dest = make_dest(lab, pair, tmp_path / "dest", (1536, 384))
             dest.start(fixups=True)
-            config = write_config(dest, bundle, DataDisks=[])
+            data_disks = [{"Index": 1, "MountPoint": "/data"}] if layout == "full" else []
+            config = write_config(dest, bundle, DataDisks=data_disks)
             status, lines = start_agent(dest, config, source, "--stage", "all").wait(900)
             assert status == 0, "\n".join(lines) + dest.output()
             assert lines[-1].startswith("ready to boot"), lines[-1]
             assert dest.proc is not None and dest.proc.wait(timeout=60) == 0, dest.output()
         migrated = time.monotonic() - began
-        target = dest.disks["0"].image
+        targets = [dest.disks["0"].image, *([dest.disks["1"].image] if disks.data else [])]
+        assert targets[0].stat().st_size < disks.system.stat().st_size
+        overlays = [overlay(t, "raw", tmp_path) for t in targets]
         result = boot(
-            overlay(target, "raw", tmp_path), "qcow2", tmp_path / "console.log", firmware=firmware
+            overlays[0], "qcow2", tmp_path / "console.log", firmware=firmware, more=overlays[1:]
         )
         print(f"online migration {migrated:.1f}s; marker after {result.seconds:.1f}s")
         assert result.marker == f"{MARKER} {HOSTNAME} {DHCP_IP}", result.tail()
+        if layout == "full":
+            assert_full_mounts(result, disks)
+            offset = _part_offset(targets[1], 1)
+            data = _read_from_disk(targets[1], f"/{DATA_FILE}", tmp_path, offset)
+            assert data == f"the data disk of {HOSTNAME}\n"
     finally:
         if dest is not None:
             dest.kill()
         lab.close()
+
+
+def _part_offset(image: Path, number: int) -> int:
+    table = json.loads(run("sfdisk", "--json", image))["partitiontable"]
+    part = next(p for p in table["partitions"] if p["node"] == f"{image}{number}")
+    return int(part["start"]) * int(table.get("sectorsize", 512))

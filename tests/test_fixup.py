@@ -49,6 +49,12 @@ def put(root: Path, path: str, text: str = "") -> Path:
     return target
 
 
+def executable(root: Path, path: str) -> Path:
+    target = put(root, path, "#!/bin/sh\n")
+    target.chmod(0o755)
+    return target
+
+
 def read(root: Path, path: str) -> str:
     return (root / path.lstrip("/")).read_text()
 
@@ -249,6 +255,8 @@ def debian_tree(root: Path) -> Path:
     put(root, "/boot/efi/EFI/debian/grubx64.efi", "grub")
     put(root, "/etc/network/interfaces", INTERFACES)
     put(root, "/etc/netplan/50-cloud-init.yaml", NETPLAN)
+    executable(root, "/usr/sbin/dhclient")  # isc-dhcp-client, for ifupdown
+    executable(root, "/usr/lib/systemd/systemd-networkd")  # netplan's default renderer
     put(root, "/etc/udev/rules.d/70-persistent-net.rules", PERSISTENT_NET)
     (root / "etc/udev/rules.d/75-persistent-net-generator.rules").symlink_to("/dev/null")
     put(root, "/var/lib/cloud/instances/i-0abc/user-data.txt", "#cloud-config\n")
@@ -412,6 +420,110 @@ def test_static_address_left_behind_fails(tmp_path: Path) -> None:
         run_fixups(root, plan(), ok)
 
 
+def _network_only(root: Path, keep: str) -> None:
+    """Leave only one network system (`keep`) and no DHCP client in a synthetic tree."""
+    systems = {
+        "ifupdown": "etc/network",
+        "netplan": "etc/netplan",
+        "keyfiles": "etc/NetworkManager",
+        "ifcfg": "etc/sysconfig/network-scripts",
+    }
+    for name, where in systems.items():
+        if name != keep:
+            shutil.rmtree(root / where, ignore_errors=True)
+    for client in (
+        "usr/sbin/dhclient",
+        "usr/lib/systemd/systemd-networkd",
+        "usr/sbin/NetworkManager",
+    ):
+        (root / client).unlink(missing_ok=True)
+
+
+@pytest.mark.parametrize(
+    ("system", "package"),
+    [
+        ("ifupdown", "isc-dhcp-client (or dhcpcd-base, or udhcpc)"),
+        ("netplan", "systemd-networkd"),
+        ("keyfiles", "NetworkManager (network-manager on Debian)"),
+        ("ifcfg", "NetworkManager (or dhclient for the legacy network-scripts)"),
+    ],
+)
+def test_dhcp_without_a_client_fails(tmp_path: Path, system: str, package: str) -> None:
+    """The first NIC switched to DHCP, nothing to run DHCP with: the step fails before the
+    initramfs and grub, naming the step and the package to install."""
+    tree = rocky9_tree if system in ("keyfiles", "ifcfg") else debian_tree
+    root = tree(tmp_path / "root")
+    _network_only(root, system)
+    runner = Recorder()
+    with pytest.raises(FixupFailed) as info:
+        run_fixups(root, plan(), runner)
+    err = info.value
+    assert err.code == "FIXUP_FAILED" and err.step == "network", err
+    assert err.reason.startswith("network: the first NIC is set to DHCP in /etc/"), err.reason
+    assert f"install {package}" in err.reason, err.reason
+    assert err.hint is not None and package in err.hint
+    assert runner.commands == []  # nothing after the network step ran
+
+
+DHCP_CLIENTS_OK = {
+    "dhclient": {"/usr/sbin/dhclient": ""},
+    "dhcpcd-base": {"/usr/sbin/dhcpcd": ""},
+    "udhcpc (busybox)": {"/usr/bin/busybox": "", "/usr/sbin/udhcpc": "-> /usr/bin/busybox"},
+}
+
+
+@pytest.mark.parametrize("client", sorted(DHCP_CLIENTS_OK))
+def test_ifupdown_dhcp_with_any_client_passes(tmp_path: Path, client: str) -> None:
+    root = debian_tree(tmp_path / "root")
+    _network_only(root, "ifupdown")
+    for path, what in DHCP_CLIENTS_OK[client].items():
+        if what.startswith("-> "):
+            (root / path.lstrip("/")).symlink_to(what[3:])
+        else:
+            executable(root, path)
+    run_fixups(root, plan(), Recorder(debian_effects(root)))
+    assert "iface eth0 inet dhcp\n" in read(root, "/etc/network/interfaces")
+
+
+def test_dhcp_client_must_be_a_runnable_file(tmp_path: Path) -> None:
+    """A dangling udhcpc link (busybox removed) or a non-executable file is no client."""
+    root = debian_tree(tmp_path / "root")
+    _network_only(root, "ifupdown")
+    (root / "usr/sbin/udhcpc").symlink_to("/usr/bin/busybox")
+    put(root, "/usr/sbin/dhclient", "not executable")
+    with pytest.raises(FixupFailed, match="no DHCP client for ifupdown"):
+        run_fixups(root, plan(), Recorder(debian_effects(root)))
+
+
+def test_no_dhcp_no_client_needed(tmp_path: Path) -> None:
+    """A first NIC configured `manual` (brought up by something else) needs no DHCP client."""
+    root = debian_tree(tmp_path / "root")
+    _network_only(root, "ifupdown")
+    put(
+        root,
+        "/etc/network/interfaces",
+        "auto lo\niface lo inet loopback\n\niface eth0 inet manual\n",
+    )
+    run_fixups(root, plan(), Recorder(debian_effects(root)))
+
+
+@pytest.mark.parametrize("installed", ["NetworkManager", "systemd-networkd"])
+def test_netplan_renderer_network_manager_needs_it(tmp_path: Path, installed: str) -> None:
+    root = debian_tree(tmp_path / "root")
+    _network_only(root, "netplan")
+    put(root, "/etc/netplan/01-network-manager-all.yaml", "network:\n  renderer: NetworkManager\n")
+    daemon = {
+        "NetworkManager": "/usr/sbin/NetworkManager",
+        "systemd-networkd": "/usr/lib/systemd/systemd-networkd",
+    }
+    executable(root, daemon[installed])
+    if installed == "NetworkManager":
+        run_fixups(root, plan(), Recorder(debian_effects(root)))
+        return
+    with pytest.raises(FixupFailed, match="client for netplan with renderer NetworkManager"):
+        run_fixups(root, plan(), Recorder(debian_effects(root)))
+
+
 def test_unknown_distribution_refused(tmp_path: Path) -> None:
     put(tmp_path, "/etc/os-release", "ID=alpine\nVERSION_ID=3.19\n")
     with pytest.raises(FixupFailed) as info:
@@ -498,6 +610,7 @@ def rocky9_tree(root: Path) -> Path:
     put(root, "/etc/sysconfig/network-scripts/ifcfg-eth0", IFCFG)
     put(root, "/etc/sysconfig/network-scripts/ifcfg-lo", "DEVICE=lo\nIPADDR=127.0.0.1\n")
     put(root, "/etc/NetworkManager/system-connections/cloud.nmconnection", KEYFILE).chmod(0o600)
+    executable(root, "/usr/sbin/NetworkManager")
     put(root, "/etc/selinux/config", "SELINUX=enforcing\nSELINUXTYPE=targeted\n")
     put(root, "/boot/efi/EFI/rocky/shimx64.efi", "shim")
     put(root, "/boot/efi/EFI/rocky/grubx64.efi", "grub")
@@ -595,6 +708,8 @@ def test_centos7_uefi_config_in_esp(tmp_path: Path) -> None:
     put(root, "/boot/efi/EFI/centos/grub.cfg", "### the source's full config\n")
     put(root, "/boot/efi/EFI/BOOT/BOOTX64.EFI", "shim from the shim package")
     put(root, "/etc/sysconfig/network-scripts/ifcfg-eth0", IFCFG)
+    executable(root, "/usr/sbin/dhclient")  # network-scripts, no NetworkManager
+    (root / "sbin").symlink_to("usr/sbin")
     cfg = (
         "menuentry 'CentOS Linux (3.10.0-1160.el7.x86_64) 7 (Core)' {\n"
         f"\tlinuxefi /vmlinuz-{kver} root=/dev/loop3p2 ro crashkernel=auto rhgb quiet\n"

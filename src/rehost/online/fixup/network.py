@@ -19,6 +19,12 @@ whichever system the source uses (all that are present are fixed):
 ifcfg files keep their DEVICE= unless the plan names the destination's NIC (they cannot match
 by pattern). When the plan lists the source's static addresses, the step fails if any of them
 is still configured in those files (say, in an `up ip addr add` line it cannot interpret).
+
+The step also fails when the first NIC ends up configured by DHCP but the migrated system has
+nothing to run it with (DHCP_CLIENTS: a DHCP client for ifupdown, systemd-networkd or
+NetworkManager for netplan, NetworkManager for keyfiles, NetworkManager or dhclient for ifcfg):
+that system would boot without network. ifupdown only Recommends a client, so a minimal
+Debian without one is the common case; the failure names the package to install.
 """
 
 from __future__ import annotations
@@ -50,6 +56,48 @@ IFCFG_STATIC = re.compile(
     r"|IPV6ADDR|IPV6ADDR_SECONDARIES|IPV6_DEFAULTGW)$"
 )
 PERSISTENT_NET = re.compile(r'SUBSYSTEM=="net".*ATTR\{address\}==.*\bNAME:?=')
+NETPLAN_NM = re.compile(r"(?m)^\s*renderer\s*:\s*[\"']?NetworkManager\b")
+PATH_DIRS = ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin")
+
+
+@dataclass(frozen=True)
+class _Client:
+    """What brings a network system's DHCP configuration up, and the package that provides it."""
+
+    names: tuple[str, ...]
+    paths: tuple[str, ...]
+    package: str
+
+
+def _on_path(*names: str) -> tuple[str, ...]:
+    return tuple(f"{d}/{n}" for n in names for d in PATH_DIRS)
+
+
+# ifupdown 0.8 runs the first of dhclient, udhcpc, dhcpcd (pump in older versions) it finds on
+# PATH and otherwise fails ("No DHCP client software found!"); it only Recommends
+# isc-dhcp-client. netplan's
+# default renderer is systemd-networkd (built-in DHCP client); NetworkManager has one built in
+# too (keyfiles, and ifcfg through its ifcfg-rh plugin); the legacy network-scripts run
+# /sbin/dhclient.
+_NM = ("/usr/sbin/NetworkManager", "/sbin/NetworkManager")
+DHCP_CLIENTS = {
+    "ifupdown": _Client(
+        ("dhclient", "dhcpcd", "udhcpc", "pump"),
+        _on_path("dhclient", "dhcpcd", "udhcpc", "pump"),
+        "isc-dhcp-client (or dhcpcd-base, or udhcpc)",
+    ),
+    "netplan": _Client(
+        ("systemd-networkd",),
+        ("/usr/lib/systemd/systemd-networkd", "/lib/systemd/systemd-networkd"),
+        "systemd-networkd (in the systemd package on older releases)",
+    ),
+    "keyfiles": _Client(("NetworkManager",), _NM, "NetworkManager (network-manager on Debian)"),
+    "ifcfg": _Client(
+        ("NetworkManager", "dhclient"),
+        (*_NM, "/sbin/dhclient", "/usr/sbin/dhclient"),
+        "NetworkManager (or dhclient for the legacy network-scripts)",
+    ),
+}
 
 
 def _is_comment(line: str) -> bool:
@@ -77,7 +125,7 @@ def _mentions(ctx: Context, line: str) -> bool:
     return any(_address_re(a).search(line) for a in ctx.plan.static_addresses)
 
 
-def _ifupdown(ctx: Context) -> list[str]:
+def _ifupdown(ctx: Context) -> tuple[list[str], str]:
     paths = ["/etc/network/interfaces", *ctx.listdir("/etc/network/interfaces.d")]
     texts = {p: t for p in paths if (t := ctx.read(p)) is not None}
     files = {p: t.splitlines() for p, t in texts.items()}
@@ -128,14 +176,18 @@ def _ifupdown(ctx: Context) -> list[str]:
             indent = line[: len(line) - len(line.lstrip())]
             rest = line.split()[4:]
             edits[(s.path, s.index)] = [" ".join([f"{indent}iface", name, s.family, method, *rest])]
+    dhcp = ""
     if primary:
         _ifupdown_auto(files, edits, stanzas, primary, nic)
+        head = next(st for st in stanzas if st.name == primary and st.family == "inet")
+        if head.method in ("static", "dhcp"):
+            dhcp = f"{head.path} (iface {rename.get(primary, primary)} inet dhcp)"
     for path, lines in files.items():
         out = []
         for i, line in enumerate(lines):
             out += edits.get((path, i), [line])
         ctx.write(path, _join(out, texts[path]))
-    return list(files)
+    return list(files), dhcp
 
 
 def _ifupdown_auto(
@@ -181,9 +233,10 @@ def _indent(line: str) -> int:
     return len(line) - len(line.lstrip(" "))
 
 
-def _netplan(ctx: Context) -> list[str]:
+def _netplan(ctx: Context) -> tuple[list[str], str]:
     paths = [*ctx.listdir("/etc/netplan", ".yaml"), *ctx.listdir("/etc/netplan", ".yml")]
     primary = None
+    dhcp = ""
     for path in sorted(paths):
         text = ctx.read(path) or ""
         lines = text.splitlines()
@@ -214,7 +267,8 @@ def _netplan(ctx: Context) -> list[str]:
             i += 1
             while i < len(lines) and (_is_comment(lines[i]) or _indent(lines[i]) > child):
                 i += 1
-            primary = primary or name
+            if primary is None:
+                primary, dhcp = name, f"{path} (ethernets: {name}: dhcp4: true)"
             step = max(child - top, 2)
             pad, pad2, pad3 = " " * child, " " * (child + step), " " * (child + 2 * step)
             if name == primary:
@@ -229,21 +283,24 @@ def _netplan(ctx: Context) -> list[str]:
                 out += [f"{pad}{name}:", f"{pad2}dhcp4: true", f"{pad2}optional: true"]
         out += lines[i:]
         ctx.write(path, _join(out, text))
-    return paths
+    return paths, dhcp
 
 
 # -- NetworkManager keyfiles ---------------------------------------------------------------
 
 
-def _keyfiles(ctx: Context) -> list[str]:
+def _keyfiles(ctx: Context) -> tuple[list[str], str]:
     paths = ctx.listdir("/etc/NetworkManager/system-connections")
     primary_seen = False
+    dhcp = ""
     for path in paths:
         text = ctx.read(path) or ""
         if not re.search(r"(?m)^\s*type\s*=\s*(ethernet|802-3-ethernet)\s*$", text):
             continue
         primary, primary_seen = not primary_seen, True
         section = ""
+        if primary:
+            dhcp = f"{path} ([ipv4] method=auto)"
         out = []
         for line in text.splitlines():
             stripped = line.strip()
@@ -267,13 +324,13 @@ def _keyfiles(ctx: Context) -> list[str]:
                     continue
             out.append(line)
         ctx.write(path, _join(out, text))
-    return paths
+    return paths, dhcp
 
 
 # -- ifcfg ---------------------------------------------------------------------------------
 
 
-def _ifcfg(ctx: Context) -> list[str]:
+def _ifcfg(ctx: Context) -> tuple[list[str], str]:
     scripts = "/etc/sysconfig/network-scripts"
     paths = [
         p
@@ -281,6 +338,7 @@ def _ifcfg(ctx: Context) -> list[str]:
         if PurePosixPath(p).name.startswith("ifcfg-") and PurePosixPath(p).name != "ifcfg-lo"
     ]
     primary_seen = False
+    dhcp = ""
     for path in paths:
         text = ctx.read(path) or ""
         values = {}
@@ -291,6 +349,8 @@ def _ifcfg(ctx: Context) -> list[str]:
         if values.get("TYPE", "Ethernet") != "Ethernet" or values.get("DEVICE") == "lo":
             continue
         primary, primary_seen = not primary_seen, True
+        if primary:
+            dhcp = f"{path} (BOOTPROTO=dhcp)"
         out = []
         for line in text.splitlines():
             key, sep, value = line.strip().partition("=")
@@ -306,7 +366,7 @@ def _ifcfg(ctx: Context) -> list[str]:
         if "BOOTPROTO" not in values:
             out.append("BOOTPROTO=dhcp")
         ctx.write(path, _join(out, text))
-    return paths
+    return paths, dhcp
 
 
 # -- udev and the check --------------------------------------------------------------------
@@ -343,7 +403,41 @@ def _check_addresses(ctx: Context, paths: list[str]) -> None:
                     )
 
 
+def _executable(ctx: Context, path: str) -> bool:
+    host = ctx.path(path)
+    return host.is_file() and bool(host.stat().st_mode & 0o111)
+
+
+def _check_dhcp_client(ctx: Context, system: str, where: str) -> None:
+    """Fail unless the migrated system has what brings `system`'s DHCP configuration up."""
+    need = DHCP_CLIENTS[system]
+    renderer = system
+    if system == "netplan" and any(
+        NETPLAN_NM.search(ctx.read(p) or "")
+        for p in [*ctx.listdir("/etc/netplan", ".yaml"), *ctx.listdir("/etc/netplan", ".yml")]
+    ):
+        need, renderer = DHCP_CLIENTS["keyfiles"], "netplan with renderer NetworkManager"
+    if any(_executable(ctx, path) for path in need.paths):
+        return
+    ctx.log(f"network: no DHCP client for {renderer}: none of {', '.join(need.paths)} exists")
+    raise ctx.fail(
+        f"the first NIC is set to DHCP in {where}, but the migrated system has no DHCP "
+        f"client for {renderer}: none of {', '.join(need.names)} is installed, so it would "
+        f"come up without network; install {need.package}",
+        hint=f"install {need.package} in the migrated system (on the source before the "
+        "final pass, or in a chroot of the destination) and run the finalize again",
+    )
+
+
 def fix_network(ctx: Context) -> None:
-    paths = _ifupdown(ctx) + _netplan(ctx) + _keyfiles(ctx) + _ifcfg(ctx)
+    found = {
+        "ifupdown": _ifupdown(ctx),
+        "netplan": _netplan(ctx),
+        "keyfiles": _keyfiles(ctx),
+        "ifcfg": _ifcfg(ctx),
+    }
     _udev(ctx)
-    _check_addresses(ctx, paths)
+    _check_addresses(ctx, [p for paths, _ in found.values() for p in paths])
+    for system, (_, dhcp) in found.items():
+        if dhcp:
+            _check_dhcp_client(ctx, system, dhcp)
