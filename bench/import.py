@@ -6,8 +6,10 @@ local SeaweedFS and, alternating, times for each:
 - what a user would otherwise do: download the object with boto3's multi-threaded
   `download_file`, then `qemu-img convert -O raw`;
 - a plain single-stream GET of the object to /dev/null (the wire's anchor).
-Prints median ratios: import time / download-then-convert time, and for raw and
-uncompressed images rehost's throughput over the single-stream GET's.
+Prints, as min/median over the runs, the times and the ratios import time /
+download-then-convert time and, for raw and uncompressed images, rehost's
+throughput over the single-stream GET's; then rehost's peak RSS and the load
+average (1 min) before and after each format's runs: the machine is shared.
 
     .venv/bin/python bench/import.py [--size-mib 2048] [--runs 3] [--only raw,...]
 """
@@ -48,6 +50,10 @@ boto3.client("s3").download_file(sys.argv[1], sys.argv[2], sys.argv[3])
 """
 
 
+def _pair(low: float, mid: float) -> str:
+    return f"{low:.2f}/{mid:.2f}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size-mib", type=int, default=2048)
@@ -78,8 +84,9 @@ def main() -> None:
         write_sample_disk(raw, args.size_mib << 20, seed=2025)
         names = [n for n in FORMATS if not args.only or n in args.only.split(",")]
         print(f"# {args.size_mib} MiB mixed-content disk in local SeaweedFS, {args.runs} runs")
-        print(f"{'format':<13}{'object MiB':>11}{'import s':>10}{'dl+convert s':>14}"
-              f"{'GET s':>8}{'ratio':>8}{'vs GET':>8}{'import RSS':>12}")  # fmt: skip
+        print("# each figure is min/median")
+        print(f"{'format':<13}{'object MiB':>11}{'import s':>12}{'dl+convert s':>14}"
+              f"{'GET s':>12}{'ratio':>12}{'vs GET':>12}{'import RSS':>12}{'load':>11}")  # fmt: skip
         for name in names:
             img = raw if name == "raw" else work / f"guest.{name}"
             if name != "raw":
@@ -88,6 +95,7 @@ def main() -> None:
             size = img.stat().st_size
             if name != "raw":
                 img.unlink()
+            load_before = os.getloadavg()[0]
             t = alternate(
                 {
                     "import": [
@@ -104,11 +112,15 @@ def main() -> None:
                 args.runs,
                 before=clear,
             )  # fmt: skip
-            i, d, g = t["import"].median, t["dlconvert"].median, t["get"].median
+            i, d, g = t["import"], t["dlconvert"], t["get"]
             # Throughput compares bytes of the object moved per second.
             print(
-                f"{name:<13}{size / 2**20:>11.0f}{i:>10.2f}{d:>14.2f}{g:>8.2f}"
-                f"{i / d:>8.2f}{g / i:>8.2f}{max(t['import'].max_rss) / 2**20:>8.0f} MiB",
+                f"{name:<13}{size / 2**20:>11.0f}{_pair(i.minimum, i.median):>12}"
+                f"{_pair(d.minimum, d.median):>14}{_pair(g.minimum, g.median):>12}"
+                f"{_pair(i.minimum / d.minimum, i.median / d.median):>12}"
+                f"{_pair(g.minimum / i.minimum, g.median / i.median):>12}"
+                f"{max(i.max_rss) / 2**20:>8.0f} MiB"
+                f"{load_before:>6.1f}>{os.getloadavg()[0]:.1f}",
                 flush=True,
             )
     finally:

@@ -25,6 +25,7 @@ import pytest
 
 from helpers import MiB, oracle_sha256, run, s3_client, sha256_file, write_guest
 from rehost.blob.source import LocalFile
+from rehost.disk.target import Disk
 from rehost.errors import (
     DestinationError,
     DestinationExpired,
@@ -38,6 +39,7 @@ from rehost.objectstore import StoreInfo
 from rehost.offline import StateDir, StateDirInUse, default_state_dir, run_import
 from rehost.offline import task as task_module
 from rehost.offline.state import import_key
+from rehost.offline.verify import Verifier
 
 _RUNNER = """
 import sys
@@ -268,7 +270,7 @@ def test_timeout_leaves_it_resumable_then_rerun_completes(guest_raw: Path, tmp_p
 def test_verification_mismatch(
     guest_raw: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(task_module, "read_digest", lambda *a, **k: "f" * 64)
+    monkeypatch.setattr(Verifier, "digest", lambda *a, **k: "f" * 64)
     sd = tmp_path / "state"
     with pytest.raises(ImageVerificationError) as info:
         run_import(str(guest_raw), tmp_path / "out.raw", state_dir=sd)
@@ -405,6 +407,49 @@ def test_resume_after_a_crash(big: Big, tmp_path: Path) -> None:
     assert not (sd / "INCOMPLETE").exists()
 
 
+def _flip_byte(path: Path, offset: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0xFF]))
+
+
+def test_a_bad_write_fails_verification(
+    big: Big, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A byte that lands wrong in the second segment is caught by its re-read, which runs
+    while later segments are written; the import is not reported done."""
+    write = Disk.write
+
+    def corrupt(self: Disk, offset: int, *parts: bytes | bytearray | memoryview) -> None:
+        write(self, offset, *parts)
+        if offset <= 100 * MiB < offset + sum(len(p) for p in parts):
+            _flip_byte(Path(self.path), 100 * MiB)
+
+    monkeypatch.setattr(Disk, "write", corrupt)
+    dest, sd = tmp_path / "out.raw", tmp_path / "state"
+    with pytest.raises(ImageVerificationError):
+        run_import(str(big.raw), dest, state_dir=sd)
+    saved = json.loads((sd / "state.json").read_text())
+    assert saved["status"] == "failed" and saved["checkpoint"]["offset"] == 0
+    assert (sd / "INCOMPLETE").exists()
+
+
+@pytest.mark.usefixtures("save_every_checkpoint")
+def test_a_resumed_import_rereads_what_the_earlier_run_wrote(big: Big, tmp_path: Path) -> None:
+    """The resumed run writes from 64 MiB on, but verifies the whole disk: damage to the
+    first segment after the crash fails it, and the next run starts over."""
+    dest, sd = tmp_path / "out.raw", tmp_path / "state"
+    _interrupt(big.raw, dest, sd, after=100 * MiB)
+    _flip_byte(dest, 5 * MiB)
+    with pytest.raises(ImageVerificationError):
+        run_import(str(big.raw), dest, state_dir=sd)
+    report = run_import(str(big.raw), dest, state_dir=sd)
+    assert report.resumed_from == 0 and report.verified
+    assert sha256_file(dest) == big.raw_sha
+
+
 def test_interrupt_saves_the_last_checkpoint(big: Big, tmp_path: Path) -> None:
     """Ctrl-C is recorded, and the checkpoint not yet saved (they are saved once a second
     at most) is saved on the way out."""
@@ -426,7 +471,7 @@ def test_resume_at_the_verify_step(
 
     dest, sd = tmp_path / "out.raw", tmp_path / "state"
     with monkeypatch.context() as m:
-        m.setattr(task_module, "read_digest", crash)
+        m.setattr(Verifier, "digest", crash)
         with pytest.raises(Stop):
             run_import(str(guest_raw), dest, state_dir=sd)
     saved = json.loads((sd / "state.json").read_text())

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit, urlunsplit
 
@@ -179,15 +180,15 @@ class HttpsSource(ReadAheadSource):
                 raise self._status_error(resp)
             self.etag = resp.headers.get("ETag", "")
             self.last_modified = resp.headers.get("Last-Modified")
-            data = self._body(resp) if resp.status == 206 else b""
+            data = self._body(resp, [1])[0] if resp.status == 206 else b""
         finally:
             self._discard(resp)
         if resp.status == 206 and len(data) != 1:
             raise Transient(f"{self._name}: short body ({len(data)} of 1 byte)")
         self._size = total
 
-    def _fetch(self, start: int, length: int) -> bytes:
-        end = start + length - 1
+    def _fetch(self, start: int, sizes: Sequence[int]) -> list[bytes]:
+        end = start + sum(sizes) - 1
         resp = self._request(start, end, pinned=True)
         try:
             if resp.status != 206:
@@ -199,17 +200,17 @@ class HttpsSource(ReadAheadSource):
                     f"{self._name} was replaced during the import "
                     f"(its size changed from {self._size} to {total} bytes)"
                 )
-            return self._body(resp)
+            return self._body(resp, sizes)
         finally:
             self._discard(resp)
 
-    def _body(self, resp: BaseHTTPResponse) -> bytes:
+    def _body(self, resp: BaseHTTPResponse, sizes: Sequence[int]) -> list[bytes]:
         try:
-            data = resp.read()
+            pieces = [resp.read(n) for n in sizes]
         except Exception as e:
             raise self._map_exception(e) from None
-        self._count_bytes(len(data))
-        return data
+        self._count_bytes(sum(len(p) for p in pieces))
+        return pieces
 
     @staticmethod
     def _discard(resp: BaseHTTPResponse) -> None:

@@ -23,6 +23,7 @@ Botocore's own retries are off: `RetryPolicy` retries, with one budget.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from rehost.blob.readahead import (
@@ -147,21 +148,22 @@ class S3Source(ReadAheadSource):
             return True
         return True
 
-    def _fetch(self, start: int, length: int) -> bytes:
+    def _fetch(self, start: int, sizes: Sequence[int]) -> list[bytes]:
         from botocore.exceptions import ClientError
 
         self._count_request()
+        end = start + sum(sizes) - 1
         try:
             pin: dict[str, Any] = {"IfMatch": self.etag} if self.etag else {}
             resp = self._client.get_object(
-                Bucket=self.bucket, Key=self.key, Range=f"bytes={start}-{start + length - 1}", **pin
+                Bucket=self.bucket, Key=self.key, Range=f"bytes={start}-{end}", **pin
             )
             body = resp["Body"]
             try:
                 got = resp.get("ETag")
                 if self.etag and got and got != self.etag:
                     raise self._changed(got)
-                data = body.read()
+                pieces = [body.read(n) for n in sizes]
             finally:
                 body.close()
         except ClientError as e:
@@ -170,8 +172,8 @@ class S3Source(ReadAheadSource):
             raise
         except Exception as e:
             raise self._map_other(e) from e
-        self._count_bytes(len(data))
-        return data
+        self._count_bytes(sum(len(p) for p in pieces))
+        return pieces
 
     def _changed(self, new_etag: str | None) -> SourceChanged:
         return SourceChanged(

@@ -139,6 +139,62 @@ def _compressed_span(batch: list[Extent]) -> tuple[int, int] | None:
     return (lo, hi) if hi - lo <= budget else None
 
 
+def _whole_blocks(start: int, parts: list[bytes]) -> Iterator[tuple[int, bytes]]:
+    """Cut a batch's parts into buffers of whole blocks, each on a block boundary.
+
+    Parts are joined only where a block spans them, so aligned clusters and runs are
+    hashed and written without a copy. The last buffer may end where the batch does.
+    """
+    pending: list[bytes] = []
+    size = 0
+    for part in parts:
+        pending.append(part)
+        size += len(part)
+        if (start + size) % BLOCK == 0:
+            yield start, pending[0] if len(pending) == 1 else b"".join(pending)
+            start += size
+            pending, size = [], 0
+    if pending:
+        yield start, b"".join(pending)
+
+
+class _Runs:
+    """Coalesces a batch's blocks: one (gather) write per run of data, one zero() per run
+    of zero blocks, which a disk known to be zero skips."""
+
+    def __init__(self, disk: Disk) -> None:
+        self.disk = disk
+        self.written = 0
+        self._at = self._length = 0
+        self._data: list[memoryview] | None = None
+        """The pending run's buffers, or None for a run of zeros."""
+
+    def add(self, offset: int, length: int, data: memoryview | None) -> None:
+        if (
+            self._length
+            and self._at + self._length == offset
+            and (data is None) == (self._data is None)
+        ):
+            self._length += length
+        else:
+            self.flush()
+            self._at, self._length = offset, length
+            self._data = None if data is None else []
+        if data is not None:
+            assert self._data is not None
+            self._data.append(data)
+
+    def flush(self) -> None:
+        if not self._length:
+            return
+        if self._data is None:
+            self.disk.zero(self._at, self._length)
+        else:
+            self.disk.write(self._at, *self._data)
+            self.written += self._length
+        self._length = 0
+
+
 def _run_batch(
     image: DiskImage, disk: Disk, start: int, batch: list[Extent], hashed: bool
 ) -> tuple[bytes, int]:
@@ -146,27 +202,25 @@ def _run_batch(
     window = _compressed_span(batch)
     with image.host_window(*window) if window else nullcontext():
         parts = [image.read(ext) for ext in batch]
-    buf = parts[0] if len(parts) == 1 else b"".join(parts)
-    records, zero_blocks = block_records(start, buf, hashed=hashed)
-    written = 0
-    # Write maximal runs of non-zero blocks; zero blocks are skipped or zeroed.
-    zero_set = set(zero_blocks)
-    view = memoryview(buf)
-    pos = 0
-    n = len(buf)
-    while pos < n:
-        is_zero = pos in zero_set
-        end = pos
-        while end < n and (end in zero_set) == is_zero:
-            end += BLOCK
-        end = min(end, n)
-        if is_zero:
-            disk.zero(start + pos, end - pos)
-        else:
-            disk.write(start + pos, view[pos:end])
-            written += end - pos
-        pos = end
-    return records, written
+    records: list[bytes] = []
+    runs = _Runs(disk)
+    for offset, buf in _whole_blocks(start, parts):
+        recs, zero_blocks = block_records(offset, buf, hashed=hashed)
+        records.append(recs)
+        # Maximal runs of zero or non-zero blocks.
+        zero_set = set(zero_blocks)
+        view = memoryview(buf)
+        pos, n = 0, len(buf)
+        while pos < n:
+            is_zero = pos in zero_set
+            end = pos
+            while end < n and (end in zero_set) == is_zero:
+                end += BLOCK
+            end = min(end, n)
+            runs.add(offset + pos, end - pos, None if is_zero else view[pos:end])
+            pos = end
+    runs.flush()
+    return b"".join(records), runs.written
 
 
 Checkpoint = Callable[[int, dict[int, str]], None]

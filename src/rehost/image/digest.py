@@ -11,16 +11,17 @@ any format, and a re-read of the destination can be compared with it.
 
 Block hashes are computed by whichever thread holds the block (hashlib releases
 the GIL). Finished segment digests are small and can be saved, which is what
-lets an interrupted import resume without re-reading what it already wrote.
+lets an interrupted import resume without re-reading what it already wrote, and
+a re-read of a disk can be hashed segment by segment, in parallel or as soon as
+each segment is written.
 """
 
 from __future__ import annotations
 
-import bisect
 import hashlib
 import struct
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from blake3 import blake3
@@ -33,10 +34,14 @@ SEGMENT_BLOCKS = SEGMENT // BLOCK
 RECORD = 40
 ALGORITHM = "rehost-content-v1"
 _ZERO_BLOCK = bytes(BLOCK)
+READ_CHUNK = 4 << 20
+"""Bytes per read when re-reading a disk."""
 _LE64 = struct.Struct("<Q")
 
 
-def block_records(offset: int, data: bytes, *, hashed: bool = True) -> tuple[bytes, list[int]]:
+def block_records(
+    offset: int, data: bytes | bytearray, *, hashed: bool = True
+) -> tuple[bytes, list[int]]:
     """Hash the non-zero blocks of `data`, which starts at a block-aligned guest offset.
 
     Returns the concatenated records and the in-buffer offsets of the zero blocks,
@@ -87,62 +92,70 @@ class ContentDigest:
             self._close_segment()
         return {k: v for k, v in self.segments.items() if k < limit}
 
-    def finish(self, virtual_size: int) -> str:
+    def close(self) -> dict[int, str]:
+        """Every segment digest, once all the records have been added."""
         self._close_segment()
-        h = hashlib.sha256(ALGORITHM.encode())
-        for segment in sorted(self.segments):
-            h.update(_LE64.pack(segment) + bytes.fromhex(self.segments[segment]))
-        h.update(_LE64.pack(virtual_size))
-        return h.hexdigest()
+        return self.segments
+
+    def finish(self, virtual_size: int) -> str:
+        return combine(self.close(), virtual_size)
 
 
-def read_digest(
-    read: Callable[[int, int], bytes],
-    size: int,
-    workers: int = 4,
-    data_runs: Iterable[tuple[int, int, bool]] | None = None,
-) -> str:
+def combine(segments: Mapping[int, str], virtual_size: int) -> str:
+    """The content digest from the digests of the segments with data."""
+    h = hashlib.sha256(ALGORITHM.encode())
+    for segment in sorted(segments):
+        h.update(_LE64.pack(segment) + bytes.fromhex(segments[segment]))
+    h.update(_LE64.pack(virtual_size))
+    return h.hexdigest()
+
+
+Read = Callable[[int, int], bytes | bytearray]
+"""`read(offset, length)`: exactly `length` bytes of the disk, fewer only at its end."""
+
+
+def range_digests(
+    read: Read,
+    start: int,
+    end: int,
+    *,
+    skip: Callable[[int, int], bool] | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> dict[int, str]:
+    """Re-read [start, end) through `read` and return the digests of its segments with data.
+
+    `start` is on a segment boundary and `end` is one or the end of the disk, so the
+    result is final for those segments. `skip(offset, end)` may say that a chunk lies
+    wholly in a hole (which reads as zeros, and zeros count for nothing) so it need not
+    be read; `progress(n)` is told of every chunk done, read or skipped.
+    """
+    assert start % SEGMENT == 0, start
+    content = ContentDigest()
+    for offset in range(start, end, READ_CHUNK):
+        n = min(READ_CHUNK, end - offset)
+        if skip is None or not skip(offset, offset + n):
+            data = read(offset, n)
+            if len(data) != n:
+                raise OSError(f"short read at {offset}: {len(data)} of {n} bytes")
+            content.add(block_records(offset, data)[0])
+        if progress is not None:
+            progress(n)
+    return content.close()
+
+
+def read_digest(read: Read, size: int, workers: int = 4) -> str:
     """Re-read `size` bytes through `read(offset, length)` and return their content digest.
 
-    `data_runs` ((start, end, has_data) in order, e.g. a sparse file's SEEK_DATA map)
-    lets chunks that lie wholly in holes be skipped: a hole reads as zeros, which the
-    digest leaves out anyway.
+    Segments are hashed in parallel, one per worker at a time.
     """
     tune_for_streaming()
-    digest = ContentDigest()
-    chunk = 4 << 20
-    holes = _HoleIndex(data_runs)
-
-    def one(offset: int) -> bytes:
-        data = read(offset, min(chunk, size - offset))
-        if len(data) != min(chunk, size - offset):
-            raise OSError(f"short read at {offset}: {len(data)} bytes")
-        return block_records(offset, data)[0]
-
-    pending: deque[Future[bytes]] = deque()
+    segments: dict[int, str] = {}
+    pending: deque[Future[dict[int, str]]] = deque()
     with ThreadPoolExecutor(workers, thread_name_prefix="verify") as pool:
-        for offset in range(0, size, chunk):
-            if holes.covers(offset, min(offset + chunk, size)):
-                continue
-            pending.append(pool.submit(one, offset))
+        for start in range(0, size, SEGMENT):
+            pending.append(pool.submit(range_digests, read, start, min(start + SEGMENT, size)))
             if len(pending) >= 2 * workers:
-                digest.add(pending.popleft().result())
+                segments.update(pending.popleft().result())
         while pending:
-            digest.add(pending.popleft().result())
-    return digest.finish(size)
-
-
-class _HoleIndex:
-    """Answers "is [start, end) entirely a hole?" from a file's allocation runs."""
-
-    def __init__(self, runs: Iterable[tuple[int, int, bool]] | None) -> None:
-        self._starts: list[int] = []
-        self._ends: list[int] = []
-        for start, end, has_data in runs or ():
-            if not has_data:
-                self._starts.append(start)
-                self._ends.append(end)
-
-    def covers(self, start: int, end: int) -> bool:
-        i = bisect.bisect_right(self._starts, start) - 1
-        return i >= 0 and self._ends[i] >= end
+            segments.update(pending.popleft().result())
+    return combine(segments, size)

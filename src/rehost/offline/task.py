@@ -3,8 +3,9 @@
 `run_import(source, dest)` streams an image (a path, s3:// object or https URL)
 straight onto a block device or raw file, checkpointing as it goes, so that the
 same call after a crash, kill or timeout resumes from the last checkpoint. It
-always finishes by re-reading the whole destination and comparing its content
-digest with the digest of the image's guest bytes.
+always re-reads the whole destination and compares its content digest with the
+digest of the image's guest bytes; the re-read of each checkpointed segment
+overlaps the write of the next ones (see `offline.verify`).
 
 The state lives in a directory per (source, destination); see `offline.state`.
 """
@@ -24,7 +25,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from rehost.blob.source import LocalFile, open_source
+from rehost.blob.source import open_source
 from rehost.disk.target import Disk, open_disk
 from rehost.errors import (
     DestinationError,
@@ -37,8 +38,9 @@ from rehost.errors import (
 )
 from rehost.image.base import DiskImage
 from rehost.image.convert import Survey, convert, survey
-from rehost.image.digest import SEGMENT, read_digest
+from rehost.image.digest import SEGMENT
 from rehost.image.probe import open_image
+from rehost.malloc import tune_for_streaming
 from rehost.offline.meter import MeteredSource
 from rehost.offline.state import (
     Checkpoint,
@@ -54,6 +56,7 @@ from rehost.offline.state import (
     is_url,
     source_identity,
 )
+from rehost.offline.verify import Verifier
 
 Advance = Callable[[int], None]
 ProgressFactory = Callable[[str, int], AbstractContextManager[Advance]]
@@ -247,6 +250,7 @@ class _Import:
         self.meter: MeteredSource | None = None
         self.image: DiskImage | None = None
         self.disk: Disk | None = None
+        self.verifier: Verifier | None = None
         self.plan = Survey()
         self.fetched_before: int | None = None
         self.requests_before: int | None = None
@@ -331,6 +335,8 @@ class _Import:
         except Exception as e:
             raise self._unexpected(e) from e
         finally:
+            if self.verifier is not None:
+                self.verifier.close()
             if self.disk is not None:
                 self.disk.close()
             if self._claim >= 0:
@@ -379,6 +385,7 @@ class _Import:
         self.log("step precheck")
         self.check_time()
 
+        tune_for_streaming()  # before the source's threads allocate their buffers
         src = open_source(self.source)
         self.meter = MeteredSource(src, self.rate)
         self.fetched_before = getattr(src, "bytes_fetched", None)
@@ -531,6 +538,9 @@ class _Import:
         st.dest_identity = dest_identity(self.dest, self.disk.size)
         self.save()
         self._saved_at = time.monotonic()
+        # What earlier runs wrote is re-read while this run writes the rest.
+        self.verifier = Verifier(self.dest, img.virtual_size)
+        self.verifier.submit(self.resume_from)
 
         began = time.monotonic()
         total = img.virtual_size - self.resume_from
@@ -569,6 +579,8 @@ class _Import:
         once a second, and less often as the state grows; a checkpoint not saved is
         saved if the run stops early.
         """
+        assert self.verifier is not None
+        self.verifier.submit(offset)
         self._reported = Checkpoint(offset, dict(segments))
         interval = max(CHECKPOINT_INTERVAL, len(segments) / 2000)
         if time.monotonic() - self._saved_at >= interval:
@@ -591,19 +603,20 @@ class _Import:
         self.set_step("verifying")
         self.check_time()
         if self.disk is not None:
-            self.disk.flush()
-            # Drop the cached pages, so the re-read comes from the disk, not from memory.
-            os.posix_fadvise(self.disk.fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            self.disk.flush()  # the segments not handed over yet are durable
+        if self.verifier is None:  # the write finished in an earlier run
+            self.verifier = Verifier(self.dest, st.virtual_size)
         began = time.monotonic()
-        with LocalFile(self.dest) as landed, self.progress("verifying", st.virtual_size) as bar:
+        with self.progress("verifying", st.virtual_size) as bar:
+            shown = 0
 
-            def read(offset: int, length: int) -> bytes:
+            def poll(done: int) -> None:
+                nonlocal shown
                 self.check_time()
-                data = landed.read(offset, length)
-                bar(len(data))
-                return data
+                bar(done - shown)
+                shown = done
 
-            got = read_digest(read, st.virtual_size, data_runs=landed.allocation())
+            got = self.verifier.digest(poll)
         self.verify_seconds = time.monotonic() - began
         if got != st.digest:
             expected = st.digest
