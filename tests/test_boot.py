@@ -8,11 +8,17 @@ address (so a failure elsewhere can be told apart from a broken fixture); a migr
 destination must boot with the DHCP address QEMU hands out (10.0.2.15), which proves the
 network fixup replaced the static configuration, and with the same /boot, swap and /data
 active, on the destination's disks.
+
+This machine's kernel has no vfat, so the online UEFI case runs the receiver in a QEMU rescue
+guest whose kernel has it (tests/rescuevm.py); the offline UEFI case still skips here.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
+import re
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,9 +37,10 @@ from bootimage import (
     source_image,
 )
 from helpers import MiB, run, s3_client
-from loopdisk import sh
+from loopdisk import ESP, LoopDisk, LoopLab, sh
 from qemuboot import Boot, boot, overlay
 from rehost.objectstore import StoreInfo
+from test_online_e2e import Source
 
 pytestmark = pytest.mark.slow
 
@@ -144,44 +151,48 @@ def _read_from_disk(disk: Path, path: str, tmp: Path, offset: int) -> str:
         run("losetup", "-d", loop)
 
 
-@pytest.mark.parametrize(("firmware", "layout"), [("bios", "full"), ("uefi", "simple")])
-def test_online_migration_boots(tmp_path: Path, firmware: str, layout: str) -> None:
-    """Agent -> receiver in two network namespaces, with the real fixups in the finalize,
-    onto an empty system disk smaller than the source's (and, for the full layout, the data
-    disk mapped by DataDisks onto a larger one): the destination boots with DHCP, with its
-    /boot, swap and /data active."""
-    from loopdisk import LoopDisk, LoopLab
-    from netns import netns_pair
-    from test_online_e2e import Source, make_dest, start_agent, write_config
+def _mount_source(
+    lab: LoopLab, disks: SourceDisks, firmware: str, layout: str, tmp: Path
+) -> Source:
+    """Copies of the cached source disks on loop devices, mounted like the running source
+    server (the ESP through fusefat where the kernel has no vfat), for the agent."""
+    loops: list[LoopDisk] = []
+    for image in disks.all:
+        copy = tmp / f"source-{len(loops)}.img"
+        run("cp", "--sparse=always", image, copy)
+        loop = run("losetup", "-fP", "--show", copy).strip()
+        lab.loops.append(loop)
+        loops.append(LoopDisk(copy, loop))
+        lab.sync_partitions(loops[-1])
+    root = tmp / "src"
+    if layout == "full":
+        parts = {"root": ("0", 4), "boot": ("0", 2), "data-data": ("1", 1)}
+        mounts = {"root": root, "boot": root / "boot", "data-data": root / "data"}
+    elif firmware == "uefi":
+        parts = {"root": ("0", 2), "efi": ("0", 1)}
+        mounts = {"root": root, "efi": root / "boot/efi"}
+    else:
+        parts = {"root": ("0", 1)}
+        mounts = {"root": root}
+    for fs_id, (index, number) in parts.items():  # root first: the others mount inside
+        lab.mount(loops[int(index)].parts[number], mounts[fs_id])
+    return Source(root, {str(i): d for i, d in enumerate(loops)}, parts, mounts)
 
-    if firmware == "uefi":
-        require_kernel_vfat()
-    disks = source_disks(firmware, layout)
+
+def test_online_migration_boots(tmp_path: Path) -> None:
+    """Agent -> receiver in two network namespaces, with the real fixups in the finalize,
+    onto an empty system disk smaller than the source's and the data disk mapped by
+    DataDisks onto a larger one: the destination boots with DHCP, with its /boot, swap and
+    /data active."""
+    from netns import netns_pair
+    from test_online_e2e import make_dest, start_agent, write_config
+
+    disks = source_disks("bios", "full")
     began = time.monotonic()
     lab = LoopLab(tmp_path)
     dest = None
     try:
-        loops: list[LoopDisk] = []
-        for image in disks.all:
-            copy = tmp_path / f"source-{len(loops)}.img"
-            run("cp", "--sparse=always", image, copy)
-            loop = run("losetup", "-fP", "--show", copy).strip()
-            lab.loops.append(loop)
-            loops.append(LoopDisk(copy, loop))
-            lab.sync_partitions(loops[-1])
-        root = tmp_path / "src"
-        if layout == "full":
-            parts = {"root": ("0", 4), "boot": ("0", 2), "data-data": ("1", 1)}
-            mounts = {"root": root, "boot": root / "boot", "data-data": root / "data"}
-        elif firmware == "uefi":
-            parts = {"root": ("0", 2), "efi": ("0", 1)}
-            mounts = {"root": root, "efi": root / "boot/efi"}
-        else:
-            parts = {"root": ("0", 1)}
-            mounts = {"root": root}
-        for fs_id, (index, number) in parts.items():  # root first: the others mount inside
-            lab.mount(loops[int(index)].parts[number], mounts[fs_id])
-        source = Source(root, {str(i): d for i, d in enumerate(loops)}, parts, mounts)
+        source = _mount_source(lab, disks, "bios", "full", tmp_path)
         bundle = tmp_path / "rehost-agent.pyz"
         run(REHOST, "agent-bundle", bundle)
         with netns_pair() as pair:
@@ -189,30 +200,126 @@ def test_online_migration_boots(tmp_path: Path, firmware: str, layout: str) -> N
             # its data disk is 256 MiB: 384 MiB is larger
             dest = make_dest(lab, pair, tmp_path / "dest", (1536, 384))
             dest.start(fixups=True)
-            data_disks = [{"Index": 1, "MountPoint": "/data"}] if layout == "full" else []
-            config = write_config(dest, bundle, DataDisks=data_disks)
+            config = write_config(dest, bundle, DataDisks=[{"Index": 1, "MountPoint": "/data"}])
             status, lines = start_agent(dest, config, source, "--stage", "all").wait(900)
             assert status == 0, "\n".join(lines) + dest.output()
             assert lines[-1].startswith("ready to boot"), lines[-1]
             assert dest.proc is not None and dest.proc.wait(timeout=60) == 0, dest.output()
         migrated = time.monotonic() - began
-        targets = [dest.disks["0"].image, *([dest.disks["1"].image] if disks.data else [])]
+        targets = [dest.disks["0"].image, dest.disks["1"].image]
         assert targets[0].stat().st_size < disks.system.stat().st_size
         overlays = [overlay(t, "raw", tmp_path) for t in targets]
-        result = boot(
-            overlays[0], "qcow2", tmp_path / "console.log", firmware=firmware, more=overlays[1:]
-        )
+        result = boot(overlays[0], "qcow2", tmp_path / "console.log", more=overlays[1:])
         print(f"online migration {migrated:.1f}s; marker after {result.seconds:.1f}s")
         assert result.marker == f"{MARKER} {HOSTNAME} {DHCP_IP}", result.tail()
-        if layout == "full":
-            assert_full_mounts(result, disks)
-            offset = _part_offset(targets[1], 1)
-            data = _read_from_disk(targets[1], f"/{DATA_FILE}", tmp_path, offset)
-            assert data == f"the data disk of {HOSTNAME}\n"
+        assert_full_mounts(result, disks)
+        offset = _part_offset(targets[1], 1)
+        data = _read_from_disk(targets[1], f"/{DATA_FILE}", tmp_path, offset)
+        assert data == f"the data disk of {HOSTNAME}\n"
     finally:
         if dest is not None:
             dest.kill()
         lab.close()
+
+
+TOKEN = "uefi-rescue-token-0123456789"
+
+
+@pytest.mark.uefi_vm
+@pytest.mark.timeout(1800)
+def test_online_uefi_migration_boots(tmp_path: Path) -> None:
+    """Issue 5 case 3: the UEFI source (GPT, ESP at /boot/efi, grub-efi-amd64) migrated online
+    onto a smaller empty disk, the receiver in migration mode in a QEMU rescue guest whose
+    kernel has vfat (tests/rescuevm.py): prepare formats and mounts the ESP, the transfer
+    writes it, the finalize's fixups run `grub-install --removable` into it and rebuild the
+    initramfs. The destination then boots with OVMF and an empty NVRAM (so only
+    EFI/BOOT/BOOTX64.EFI can boot it), with DHCP."""
+    from rescuevm import rescue_receiver
+
+    disks = source_disks("uefi", "simple")
+    began = time.monotonic()
+    timings: dict[str, float] = {}
+    lab = LoopLab(tmp_path)
+    try:
+        source = _mount_source(lab, disks, "uefi", "simple", tmp_path)
+        bundle = tmp_path / "agent" / "rehost-agent.pyz"
+        bundle.parent.mkdir()
+        run(REHOST, "agent-bundle", bundle)
+        token = tmp_path / "token"
+        token.write_text(TOKEN + "\n")
+        target = tmp_path / "dest-system.img"
+        with open(target, "wb") as f:  # the source's is 2048 MiB with ~0.7 GiB used
+            f.truncate(1536 * MiB)
+        timings["source"] = time.monotonic() - began
+        with rescue_receiver(tmp_path / "rescue", [target], token) as vm:
+            timings["rescue boot"] = vm.timings["listening"]
+            config = bundle.parent / "config.json"
+            config.write_text(json.dumps({
+                "Destination": {"Address": vm.address, "Token": TOKEN,
+                                "Fingerprint": vm.fingerprint},
+                "DataDisks": [],
+                "Compression": "off",
+            }, indent=1))  # fmt: skip
+            mark = time.monotonic()
+            agent = subprocess.run(
+                ["/usr/bin/python3", bundle, "--config", config, "--stage", "all",
+                 "--source-root", source.root],
+                capture_output=True, text=True, timeout=1500,
+            )  # fmt: skip
+            timings["agent (prepare, transfer, finalize with fixups)"] = time.monotonic() - mark
+            lines = (agent.stdout + agent.stderr).splitlines()
+            assert agent.returncode == 0, "\n".join(lines) + vm.logs()
+            assert lines[-1].startswith("ready to boot"), "\n".join(lines) + vm.logs()
+            assert vm.wait_exit(120) == 0, vm.logs()
+            log = vm.log.read_text(errors="replace")
+        timings.update(_fixup_timings(log))
+        grub = "grub-install --target=x86_64-efi --efi-directory=/boot/efi --removable --no-nvram"
+        assert f"fixup: bootloader: $ {grub}" in log, log
+        assert "fixup: initramfs: $ update-initramfs -u -k" in log, log
+        assert re.search(r"fixup: network: \S*etc/network/interfaces: ", log), log
+        assert target.stat().st_size < disks.system.stat().st_size
+        _check_esp(target, tmp_path)
+        result = boot(
+            overlay(target, "raw", tmp_path), "qcow2", tmp_path / "console.log", firmware="uefi"
+        )
+        timings["destination boot (OVMF)"] = result.seconds
+        print("; ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
+        assert result.marker == f"{MARKER} {HOSTNAME} {DHCP_IP}", result.tail()
+    finally:
+        lab.close()
+
+
+def _fixup_timings(log: str) -> dict[str, float]:
+    """Seconds each fixup command took in the chroot, from the timestamps of the receiver's
+    log ("2026-01-01 10:00:00,123 INFO rehost.receiver: fixup: chroot: $ ARGV"): from that
+    line to the next one."""
+    lines = []
+    pattern = r"^\S+ (\d+):(\d+):(\d+),(\d+) \S+ \S+ (.*)$"
+    for m in re.finditer(pattern, log, re.M):
+        h, mi, s, ms = (int(g) for g in m.groups()[:4])
+        lines.append((h * 3600 + mi * 60 + s + ms / 1000, m.group(5)))
+    spans: dict[str, float] = {}
+    for (t, text), (after, _) in itertools.pairwise(lines):
+        if text.startswith("fixup: chroot: $ "):
+            name = text.split()[3]
+            spans[name] = spans.get(name, 0.0) + after - t
+    return spans
+
+
+def _check_esp(image: Path, tmp: Path) -> None:
+    """The destination's ESP is a consistent FAT (`fsck.vfat -n`) holding the removable-media
+    loader, checked from the host without mounting it (no vfat here)."""
+    table = json.loads(run("sfdisk", "--json", image))["partitiontable"]
+    esp = next(p for p in table["partitions"] if p["type"].upper() == ESP)
+    sector = int(table.get("sectorsize", 512))
+    loop = run("losetup", "-f", "-r", "--show", "-o", str(int(esp["start"]) * sector),
+               "--sizelimit", str(int(esp["size"]) * sector), image).strip()  # fmt: skip
+    try:
+        run("fsck.vfat", "-n", loop)
+        listing = run("fsck.vfat", "-n", "-l", loop)
+    finally:
+        run("losetup", "-d", loop)
+    assert "/EFI/BOOT/BOOTX64.EFI" in listing.upper(), listing
 
 
 def _part_offset(image: Path, number: int) -> int:
