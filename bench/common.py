@@ -7,12 +7,19 @@ measured in the same run, alternating the commands rather than batching them.
 from __future__ import annotations
 
 import compileall
+import functools
 import os
+import shutil
 import statistics
 import subprocess
+import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
+
+from rehost import objectstore
 
 
 @dataclass
@@ -44,6 +51,7 @@ def timed(argv: Sequence[str], before: Callable[[], None] | None = None) -> tupl
     return elapsed, usage.ru_maxrss * 1024
 
 
+@functools.cache
 def byte_compile_rehost() -> None:
     """Time rehost as installed from a wheel, whose bytecode pip compiles.
 
@@ -67,3 +75,15 @@ def alternate(
             results[name].seconds.append(seconds)
             results[name].max_rss.append(rss)
     return results
+
+
+@contextmanager
+def local_store() -> Iterator[None]:
+    """A SeaweedFS on free ports in a temporary dir, its credentials in `os.environ`."""
+    store_dir = Path(tempfile.mkdtemp(prefix="rehost-bench-store-"))
+    os.environ.update(objectstore.start(store_dir).env())
+    try:
+        yield
+    finally:
+        objectstore.stop(store_dir)
+        shutil.rmtree(store_dir, ignore_errors=True)

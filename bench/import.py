@@ -21,12 +21,10 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import alternate
-from rehost import objectstore
+from common import alternate, local_store
 from rehost.sample import write_sample_disk
 
 FORMATS: dict[str, list[str]] = {
@@ -63,72 +61,68 @@ def main() -> None:
     args = ap.parse_args()
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    store_dir = Path(tempfile.mkdtemp(prefix="rehost-bench-store-"))
-    info = objectstore.start(store_dir)
-    os.environ.update(info.env())
-    py = sys.executable
-    rehost = str(Path(py).parent / "rehost")
-    out, downloaded, state = work / "out.raw", work / "downloaded.img", work / "state"
+    with local_store():
+        py = sys.executable
+        rehost = str(Path(py).parent / "rehost")
+        out, downloaded, state = work / "out.raw", work / "downloaded.img", work / "state"
 
-    def clear() -> None:
-        out.unlink(missing_ok=True)
-        downloaded.unlink(missing_ok=True)
-        shutil.rmtree(state, ignore_errors=True)
+        def clear() -> None:
+            out.unlink(missing_ok=True)
+            downloaded.unlink(missing_ok=True)
+            shutil.rmtree(state, ignore_errors=True)
 
-    try:
-        import boto3
+        try:
+            import boto3
 
-        s3 = boto3.client("s3")
-        s3.create_bucket(Bucket=BUCKET)
-        raw = work / "guest.raw"
-        write_sample_disk(raw, args.size_mib << 20, seed=2025)
-        names = [n for n in FORMATS if not args.only or n in args.only.split(",")]
-        print(f"# {args.size_mib} MiB mixed-content disk in local SeaweedFS, {args.runs} runs")
-        print("# each figure is min/median")
-        print(f"{'format':<13}{'object MiB':>11}{'import s':>12}{'dl+convert s':>14}"
-              f"{'GET s':>12}{'ratio':>12}{'vs GET':>12}{'import RSS':>12}{'load':>11}")  # fmt: skip
-        for name in names:
-            img = raw if name == "raw" else work / f"guest.{name}"
-            if name != "raw":
-                subprocess.run(["qemu-img", "convert", *FORMATS[name], raw, img], check=True)
-            s3.upload_file(str(img), BUCKET, name)
-            size = img.stat().st_size
-            if name != "raw":
-                img.unlink()
-            load_before = os.getloadavg()[0]
-            t = alternate(
-                {
-                    "import": [
-                        rehost, "import", f"s3://{BUCKET}/{name}", "--to", str(out),
-                        "--state-dir", str(state),
-                    ],
-                    "dlconvert": [
-                        "sh", "-c",
-                        f'"{py}" -c \'{_DOWNLOAD}\' {BUCKET} {name} {downloaded} && '
-                        f"qemu-img convert -f {QEMU_FMT[name]} -O raw {downloaded} {out}",
-                    ],
-                    "get": [py, "-c", _GET, BUCKET, name],
-                },
-                args.runs,
-                before=clear,
-            )  # fmt: skip
-            i, d, g = t["import"], t["dlconvert"], t["get"]
-            # Throughput compares bytes of the object moved per second.
-            print(
-                f"{name:<13}{size / 2**20:>11.0f}{_pair(i.minimum, i.median):>12}"
-                f"{_pair(d.minimum, d.median):>14}{_pair(g.minimum, g.median):>12}"
-                f"{_pair(i.minimum / d.minimum, i.median / d.median):>12}"
-                f"{_pair(g.minimum / i.minimum, g.median / i.median):>12}"
-                f"{max(i.max_rss) / 2**20:>8.0f} MiB"
-                f"{load_before:>6.1f}>{os.getloadavg()[0]:.1f}",
-                flush=True,
-            )
-    finally:
-        clear()
-        objectstore.stop(store_dir)
-        shutil.rmtree(store_dir, ignore_errors=True)
-        if os.environ.get("REHOST_BENCH_KEEP") != "1":
-            shutil.rmtree(work, ignore_errors=True)
+            s3 = boto3.client("s3")
+            s3.create_bucket(Bucket=BUCKET)
+            raw = work / "guest.raw"
+            write_sample_disk(raw, args.size_mib << 20, seed=2025)
+            names = [n for n in FORMATS if not args.only or n in args.only.split(",")]
+            print(f"# {args.size_mib} MiB mixed-content disk in local SeaweedFS, {args.runs} runs")
+            print("# each figure is min/median")
+            print(f"{'format':<13}{'object MiB':>11}{'import s':>12}{'dl+convert s':>14}"
+                  f"{'GET s':>12}{'ratio':>12}{'vs GET':>12}{'import RSS':>12}{'load':>11}")  # fmt: skip
+            for name in names:
+                img = raw if name == "raw" else work / f"guest.{name}"
+                if name != "raw":
+                    subprocess.run(["qemu-img", "convert", *FORMATS[name], raw, img], check=True)
+                s3.upload_file(str(img), BUCKET, name)
+                size = img.stat().st_size
+                if name != "raw":
+                    img.unlink()
+                load_before = os.getloadavg()[0]
+                t = alternate(
+                    {
+                        "import": [
+                            rehost, "import", f"s3://{BUCKET}/{name}", "--to", str(out),
+                            "--state-dir", str(state),
+                        ],
+                        "dlconvert": [
+                            "sh", "-c",
+                            f'"{py}" -c \'{_DOWNLOAD}\' {BUCKET} {name} {downloaded} && '
+                            f"qemu-img convert -f {QEMU_FMT[name]} -O raw {downloaded} {out}",
+                        ],
+                        "get": [py, "-c", _GET, BUCKET, name],
+                    },
+                    args.runs,
+                    before=clear,
+                )  # fmt: skip
+                i, d, g = t["import"], t["dlconvert"], t["get"]
+                # Throughput compares bytes of the object moved per second.
+                print(
+                    f"{name:<13}{size / 2**20:>11.0f}{_pair(i.minimum, i.median):>12}"
+                    f"{_pair(d.minimum, d.median):>14}{_pair(g.minimum, g.median):>12}"
+                    f"{_pair(i.minimum / d.minimum, i.median / d.median):>12}"
+                    f"{_pair(g.minimum / i.minimum, g.median / i.median):>12}"
+                    f"{max(i.max_rss) / 2**20:>8.0f} MiB"
+                    f"{load_before:>6.1f}>{os.getloadavg()[0]:.1f}",
+                    flush=True,
+                )
+        finally:
+            clear()
+            if os.environ.get("REHOST_BENCH_KEEP") != "1":
+                shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -14,12 +14,10 @@ import argparse
 import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import alternate
-from rehost import objectstore
+from common import alternate, local_store
 from rehost.sample import write_sample_disk
 
 BUCKET = "bench"
@@ -33,57 +31,53 @@ def main() -> None:
     args = ap.parse_args()
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    store_dir = Path(tempfile.mkdtemp(prefix="rehost-bench-store-"))
-    info = objectstore.start(store_dir)
-    os.environ.update(info.env())
-    aws_config = work / "aws-config"
-    aws_config.write_text("[default]\ns3 =\n  multipart_chunksize = 16MB\n")
-    os.environ["AWS_CONFIG_FILE"] = str(aws_config)
-    bindir = Path(sys.executable).parent
-    try:
-        import boto3
+    with local_store():
+        aws_config = work / "aws-config"
+        aws_config.write_text("[default]\ns3 =\n  multipart_chunksize = 16MB\n")
+        os.environ["AWS_CONFIG_FILE"] = str(aws_config)
+        bindir = Path(sys.executable).parent
+        try:
+            import boto3
 
-        boto3.client("s3").create_bucket(Bucket=BUCKET)
-        data = work / "disk.raw"
-        write_sample_disk(data, args.size_mib << 20, seed=77)
-        state = work / "state"
+            boto3.client("s3").create_bucket(Bucket=BUCKET)
+            data = work / "disk.raw"
+            write_sample_disk(data, args.size_mib << 20, seed=77)
+            state = work / "state"
 
-        def fresh() -> None:
-            shutil.rmtree(state, ignore_errors=True)
+            def fresh() -> None:
+                shutil.rmtree(state, ignore_errors=True)
 
-        # Each command gets a fresh key per run, so nothing is resumed or overwritten.
-        runs = {
-            name: [
-                [str(bindir / "rehost"), "upload", str(data), f"s3://{BUCKET}/{name}-{i}",
-                 "--state-dir", str(state)]
-                if name == "rehost"
-                else [str(bindir / "aws"), "s3", "cp", "--only-show-errors", str(data),
-                      f"s3://{BUCKET}/{name}-{i}"]
-                for i in range(args.runs)
-            ]
-            for name in ("rehost", "aws")
-        }  # fmt: skip
-        times: dict[str, list[float]] = {"rehost": [], "aws": []}
-        rss: dict[str, list[int]] = {"rehost": [], "aws": []}
-        for i in range(args.runs):
-            t = alternate({name: argv[i] for name, argv in runs.items()}, 1, before=fresh)
-            for name in times:
-                times[name] += t[name].seconds
-                rss[name] += t[name].max_rss
-        size = data.stat().st_size
-        med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
-        print(f"# {args.size_mib} MiB file to local SeaweedFS, {args.runs} alternating runs")
-        for name in ("rehost", "aws"):
-            print(
-                f"{name:<7} median {med[name]:.2f} s ({size / med[name] / 2**20:.0f} MiB/s), "
-                f"min {min(times[name]):.2f} s, max {max(times[name]):.2f} s, "
-                f"peak RSS {max(rss[name]) / 2**20:.0f} MiB"
-            )
-        print(f"throughput ratio rehost / aws s3 cp: {med['aws'] / med['rehost']:.2f}")
-    finally:
-        objectstore.stop(store_dir)
-        shutil.rmtree(store_dir, ignore_errors=True)
-        shutil.rmtree(work, ignore_errors=True)
+            # Each command gets a fresh key per run, so nothing is resumed or overwritten.
+            runs = {
+                name: [
+                    [str(bindir / "rehost"), "upload", str(data), f"s3://{BUCKET}/{name}-{i}",
+                     "--state-dir", str(state)]
+                    if name == "rehost"
+                    else [str(bindir / "aws"), "s3", "cp", "--only-show-errors", str(data),
+                          f"s3://{BUCKET}/{name}-{i}"]
+                    for i in range(args.runs)
+                ]
+                for name in ("rehost", "aws")
+            }  # fmt: skip
+            times: dict[str, list[float]] = {"rehost": [], "aws": []}
+            rss: dict[str, list[int]] = {"rehost": [], "aws": []}
+            for i in range(args.runs):
+                t = alternate({name: argv[i] for name, argv in runs.items()}, 1, before=fresh)
+                for name in times:
+                    times[name] += t[name].seconds
+                    rss[name] += t[name].max_rss
+            size = data.stat().st_size
+            med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+            print(f"# {args.size_mib} MiB file to local SeaweedFS, {args.runs} alternating runs")
+            for name in ("rehost", "aws"):
+                print(
+                    f"{name:<7} median {med[name]:.2f} s ({size / med[name] / 2**20:.0f} MiB/s), "
+                    f"min {min(times[name]):.2f} s, max {max(times[name]):.2f} s, "
+                    f"peak RSS {max(rss[name]) / 2**20:.0f} MiB"
+                )
+            print(f"throughput ratio rehost / aws s3 cp: {med['aws'] / med['rehost']:.2f}")
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

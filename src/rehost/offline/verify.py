@@ -105,9 +105,7 @@ class Verifier:
         try:
             return os.lseek(self._fd, start, os.SEEK_DATA) >= end
         except OSError as e:
-            if (
-                e.errno == errno.ENXIO
-            ):  # no data from `start` on: a hole, if the file is long enough
+            if e.errno == errno.ENXIO:  # no data from `start` on: a hole if the file is long enough
                 return os.fstat(self._fd).st_size >= end
             if e.errno == errno.EINVAL:  # no hole support: all data
                 return False
