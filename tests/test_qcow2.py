@@ -25,7 +25,7 @@ from helpers import MiB, oracle_sha256, rehost_sha256, run
 from rehost.blob.source import LocalFile
 from rehost.disk.target import open_disk
 from rehost.errors import ENCRYPTED_HINT, SINGLE_FILE_HINT, ImageMetadataError
-from rehost.image import open_image, qcow2
+from rehost.image import open_image, qcow2, signatures
 from rehost.image.base import DiskImage, ExtentKind
 from rehost.image.convert import convert
 
@@ -291,9 +291,9 @@ def test_sparse_8t_converts_onto_sparse_file(images: Images) -> None:
 
 
 def test_detect() -> None:
-    assert qcow2.detect(b"QFI\xfb\0\0\0\3" + bytes(100), b"")
-    assert qcow2.detect(b"QFI\xfb\0\0\0\1" + bytes(100), b"")  # so that v1 is refused by name
-    assert not qcow2.detect(b"QFI\xfa" + bytes(100), b"")
+    assert signatures.qcow2(b"QFI\xfb\0\0\0\3" + bytes(100), b"")
+    assert signatures.qcow2(b"QFI\xfb\0\0\0\1" + bytes(100), b"")  # so that v1 is refused by name
+    assert not signatures.qcow2(b"QFI\xfa" + bytes(100), b"")
 
 
 # -- the hostile corpus -------------------------------------------------------------

@@ -16,7 +16,6 @@ from rehost.image import open_image
 from rehost.image.base import DiskImage
 from rehost.image.convert import convert as convert_image
 from rehost.image.convert import survey
-from rehost.image.pack import pack as pack_image
 
 app = typer.Typer(
     help="Inspect, check, convert and pack disk images.", no_args_is_help=True, add_completion=False
@@ -138,6 +137,8 @@ def pack(
     """
     if compression not in ("zstd", "zlib"):
         raise typer.BadParameter("must be zstd or zlib", param_hint="--compression")
+    from rehost.image.pack import pack as pack_image  # here: the other commands skip its import
+
     with _open(src, fmt) as img, progress_bar("packing", img.virtual_size, not json) as advance:
         result = pack_image(img, dest, compression=compression, progress=advance)
     data = {"source": src, "destination": str(dest), "compression": compression, **result.__dict__}

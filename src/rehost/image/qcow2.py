@@ -55,8 +55,8 @@ from rehost.image.base import (
     require,
 )
 from rehost.image.codecs import decompress
+from rehost.image.signatures import QCOW2_MAGIC
 
-MAGIC = b"QFI\xfb"
 _HEADER_V2 = struct.Struct(">4sIQIIQIIQQIIQ")  # the 72 bytes common to v2 and v3
 _HEADER_V3 = struct.Struct(">QQQII")  # features, refcount_order, header_length at 72
 _EXT_HEADER = struct.Struct(">II")
@@ -120,11 +120,6 @@ MAX_HOST_OFFSET = 1 << 56
 COMPRESSED_SECTOR = 512
 
 
-def detect(head: bytes, tail: bytes) -> bool:
-    # Matches qcow version 1 too, so that open() can refuse it by name.
-    return head[:4] == MAGIC
-
-
 def _round_up(n: int, align: int) -> int:
     return -(-n // align) * align
 
@@ -183,7 +178,7 @@ class Qcow2Image(DiskImage):
             nb_snapshots,
             snapshots_offset,
         ) = _HEADER_V2.unpack(self.read_exact(0, _HEADER_V2.size, "qcow2 header"))
-        require(magic == MAGIC, f"bad qcow2 magic {magic!r}")
+        require(magic == QCOW2_MAGIC, f"bad qcow2 magic {magic!r}")
         require(
             version != 1,
             "qcow version 1 is not supported",

@@ -46,11 +46,11 @@ from rehost.image.base import (
     merge_extents,
     require,
 )
+from rehost.image.signatures import VHD_COOKIE
 
 SECTOR = 512
 FOOTER_SIZE = 512
 DYN_HEADER_SIZE = 1024
-COOKIE = b"conectix"
 DYN_COOKIE = b"cxsparse"
 
 TYPE_FIXED = 2
@@ -69,10 +69,6 @@ _FOOTER = struct.Struct(">8sIIQI4sI4sQQHBBII16sB")
 _DYN_HEADER = struct.Struct(">8sQQIIII16sI4x")
 _LOCATOR = struct.Struct(">4sIIIQ")
 _LOCATORS_AT = 576
-
-
-def detect(head: bytes, tail: bytes) -> bool:
-    return head[:8] == COOKIE or tail[-512:-504] == COOKIE
 
 
 def vpc_checksum(data: bytes, checksum_at: int) -> int:
@@ -105,7 +101,7 @@ class Footer:
         require(len(raw) == FOOTER_SIZE, f"the VHD footer {where} is truncated")
         fields = _FOOTER.unpack_from(raw)
         cookie, checksum = fields[0], fields[14]  # the timestamp, fields[4], is not needed
-        require(cookie == COOKIE, f"no VHD footer signature (conectix) {where}")
+        require(cookie == VHD_COOKIE, f"no VHD footer signature (conectix) {where}")
         computed = vpc_checksum(raw, 64)
         require(
             computed == checksum,
@@ -150,7 +146,7 @@ class VhdImage(DiskImage):
             f"the {self.file_size}-byte file is too small to hold a VHD footer",
         )
         head = self.read_exact(0, FOOTER_SIZE, "VHD footer copy")
-        if head[:8] == COOKIE:
+        if head[:8] == VHD_COOKIE:
             self._open_dynamic(head)
         else:
             self._open_fixed()

@@ -60,10 +60,10 @@ from rehost.image.base import (
     merge_extents,
     require,
 )
+from rehost.image.signatures import VHDX_FILE_ID
 
 KiB = 1 << 10
 MiB = 1 << 20
-FILE_ID = b"vhdxfile"
 HEADER_OFFSETS = (64 * KiB, 128 * KiB)
 HEADER_SIZE = 4 * KiB
 REGION_TABLE_OFFSETS = (192 * KiB, 256 * KiB)
@@ -114,10 +114,6 @@ _LOG_DESCRIPTOR = struct.Struct("<4s4s8sQQ")
 _LOG_DATA = struct.Struct("<4sI4084sI")
 _ZERO_SECTOR = bytes(LOG_SECTOR)
 _NO_GUID = bytes(16)
-
-
-def detect(head: bytes, tail: bytes) -> bool:
-    return head[:8] == FILE_ID
 
 
 def crc32c_valid(data: bytes, checksum_at: int) -> bool:
@@ -188,7 +184,7 @@ class VhdxImage(DiskImage):
             "it is truncated",
         )
         ident = self.read_exact(0, 520, "VHDX file identifier")
-        require(ident[:8] == FILE_ID, "no VHDX file identifier (vhdxfile) at offset 0")
+        require(ident[:8] == VHDX_FILE_ID, "no VHDX file identifier (vhdxfile) at offset 0")
         self.details["creator"] = ident[8:].decode("utf-16-le", "replace").split("\0")[0].strip()
         header = self._current_header()
         self._open_log(header)

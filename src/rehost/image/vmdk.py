@@ -58,10 +58,9 @@ from rehost.image.base import (
     require,
 )
 from rehost.image.codecs import decompress
+from rehost.image.signatures import VMDK_COWD_MAGIC, VMDK_MAGIC, is_vmdk_descriptor
 
 SECTOR = 512
-MAGIC = b"KDMV"
-COWD_MAGIC = b"COWD"
 _HEADER = struct.Struct("<4sIIQQQQIQQQB4sH")  # 79 bytes; the rest of the sector is padding
 _GRAIN_MARKER = struct.Struct("<QI")  # lba, size of the compressed stream that follows
 _META_MARKER = struct.Struct("<QII")  # value, size (always 0), type
@@ -131,22 +130,6 @@ _NO_DESCRIPTOR = (
 )
 
 
-def detect(head: bytes, tail: bytes) -> bool:
-    return head[:4] in (MAGIC, COWD_MAGIC) or _is_descriptor_text(head)
-
-
-def _is_descriptor_text(head: bytes) -> bool:
-    """qemu's probe: comment and blank lines, then a `version=1|2|3` line."""
-    if head.startswith(b"# Disk DescriptorFile"):
-        return True
-    for raw in head[:2048].split(b"\n")[:-1]:
-        line = raw.rstrip(b"\r").strip(b" ")
-        if not line or line.startswith(b"#"):
-            continue
-        return line in (b"version=1", b"version=2", b"version=3")
-    return False
-
-
 @dataclass(frozen=True, slots=True)
 class _Header:
     version: int
@@ -166,7 +149,9 @@ class _Header:
     @classmethod
     def parse(cls, sector: bytes, where: str) -> _Header:
         fields = _HEADER.unpack_from(sector)
-        require(fields[0] == MAGIC, f"{where}: bad magic {fields[0]!r}, expected {MAGIC!r}")
+        require(
+            fields[0] == VMDK_MAGIC, f"{where}: bad magic {fields[0]!r}, expected {VMDK_MAGIC!r}"
+        )
         return cls(*fields[1:])
 
 
@@ -246,17 +231,17 @@ class VmdkImage(DiskImage):
     def __init__(self, src: RangeSource) -> None:
         super().__init__(src)
         magic = src.read(0, min(src.size, 4))
-        if magic == COWD_MAGIC:
+        if magic == VMDK_COWD_MAGIC:
             raise ImageMetadataError(
                 "ESX sparse extents (COWD magic, vmfsSparse) are not supported: such a file "
                 "is one extent or a snapshot delta of a multi-file VMFS disk",
                 hint=SINGLE_FILE_HINT,
             )
-        if magic != MAGIC and _is_descriptor_text(src.read(0, min(src.size, 2048))):
+        if magic != VMDK_MAGIC and is_vmdk_descriptor(src.read(0, min(src.size, 2048))):
             _refuse_descriptor_file(src)
         require(
-            magic == MAGIC,
-            f"bad magic {magic!r} at offset 0: not a VMDK sparse extent (expected {MAGIC!r})",
+            magic == VMDK_MAGIC,
+            f"bad magic {magic!r} at offset 0: not a VMDK sparse extent (expected {VMDK_MAGIC!r})",
         )
         head = _Header.parse(self.read_exact(0, SECTOR, "the VMDK header"), "VMDK header")
         self.footer: _Span | None = None
