@@ -25,6 +25,8 @@ from rehost.blob.upload import (
     UploadResult,
     UploadVerificationError,
     choose_part_size,
+    composite_crc32c,
+    crc32c_b64,
     default_state_dir,
     multipart_etag,
     parse_s3_url,
@@ -88,12 +90,16 @@ def test_fresh_upload_is_byte_exact_and_verified(
     assert result.parts == 9 and result.parts_uploaded_this_run == 9
     assert result.bytes_uploaded_this_run == result.size and result.bytes_skipped == 0
     assert not result.resumed and result.restarted_reason is None and not messages
-    assert result.sha256 == sha256_file(src)
-    assert object_sha256(s3_env, s3_bucket, "img.raw") == result.sha256
-    head = s3_client(s3_env).head_object(Bucket=s3_bucket, Key="img.raw")
-    assert head["Metadata"]["sha256"] == result.sha256
+    assert object_sha256(s3_env, s3_bucket, "img.raw") == sha256_file(src)
+    head = s3_client(s3_env).head_object(Bucket=s3_bucket, Key="img.raw", ChecksumMode="ENABLED")
     assert head["ETag"].strip('"') == result.etag and result.etag.endswith("-9")
-    assert result.verification.startswith("ETag")
+    # SeaweedFS takes CRC32C checksums, so each part was checked by the server on arrival
+    # and the object's composite checksum is the one computed from the file's parts.
+    data = src.read_bytes()
+    crcs = [crc32c_b64(data[i : i + PART]) for i in range(0, len(data), PART)]
+    assert result.checksum == "crc32c" and head["ChecksumCRC32C"] == composite_crc32c(crcs)
+    assert result.verification.startswith(f"CRC32C {head['ChecksumCRC32C']} = the file's parts")
+    assert f"ETag {result.etag}" in result.verification
     assert not list((tmp_path / "state").iterdir())  # state (and lock) removed on success
 
 
@@ -102,7 +108,8 @@ def test_small_file_single_put(s3_env: StoreInfo, s3_bucket: str, tmp_path: Path
     result = upload(src, s3_bucket, tmp_path / "state")
     assert result.parts == 1 and result.bytes_uploaded_this_run == src.stat().st_size
     assert result.etag == hashlib.md5(src.read_bytes()).hexdigest()
-    assert object_sha256(s3_env, s3_bucket, "img.raw") == sha256_file(src) == result.sha256
+    assert object_sha256(s3_env, s3_bucket, "img.raw") == sha256_file(src)
+    assert result.checksum == "md5" and result.verification.startswith(f"ETag {result.etag} = MD5")
     empty = tmp_path / "empty"
     empty.touch()
     assert upload(empty, s3_bucket, tmp_path / "state").size == 0
@@ -128,7 +135,7 @@ def test_resume_reconciles_with_the_server(
         "inode",
         "device",
     } <= set(state)
-    assert len(state["parts"]) >= 3 and {"number", "etag", "md5"} <= set(state["parts"][0])
+    assert len(state["parts"]) >= 3 and {"number", "etag", "checksum"} <= set(state["parts"][0])
     client = s3_client(s3_env)
     uid = state["upload_id"]
     on_server = {
@@ -140,11 +147,12 @@ def test_resume_reconciles_with_the_server(
     # but never reached the server; part 1 is recorded with a wrong ETag (the server's
     # copy is ours, so it is adopted, not re-sent).
     client.upload_part(
-        Bucket=s3_bucket, Key="img.raw", UploadId=uid, PartNumber=7, Body=b"x" * PART
-    )
+        Bucket=s3_bucket, Key="img.raw", UploadId=uid, PartNumber=7, Body=b"x" * PART,
+        ChecksumCRC32C=crc32c_b64(b"x" * PART),
+    )  # fmt: skip
     parts = {p["number"]: p for p in state["parts"]}
-    parts[8] = {"number": 8, "etag": "0" * 32, "md5": "0" * 32}
-    parts[1] = {"number": 1, "etag": "1" * 32, "md5": "1" * 32}
+    parts[8] = {"number": 8, "etag": "0" * 32, "checksum": "AAAAAA=="}
+    parts[1] = {"number": 1, "etag": "1" * 32, "checksum": "AAAAAA=="}
     state["parts"] = list(parts.values())
     sfile.write_text(json.dumps(state))
 
@@ -200,16 +208,18 @@ def test_completed_but_state_left_behind(s3_env: StoreInfo, s3_bucket: str, tmp_
     state_dir = tmp_path / "state"
     first = upload(src, s3_bucket, state_dir)
     data = src.read_bytes()
-    md5s = [hashlib.md5(data[i : i + PART]).hexdigest() for i in range(0, len(data), PART)]
+    chunks = [data[i : i + PART] for i in range(0, len(data), PART)]
+    md5s = [hashlib.md5(c).hexdigest() for c in chunks]
     st = src.stat()
     state_path(state_dir, s3_bucket, "img.raw", src).write_text(
         json.dumps(
             {
-                "version": 1, "bucket": s3_bucket, "key": "img.raw", "path": str(src),
+                "version": 2, "bucket": s3_bucket, "key": "img.raw", "path": str(src),
                 "upload_id": "gone", "part_size": PART, "size": st.st_size,
                 "mtime_ns": st.st_mtime_ns, "inode": st.st_ino, "device": st.st_dev,
-                "sha256": first.sha256,
-                "parts": [{"number": i + 1, "etag": m, "md5": m} for i, m in enumerate(md5s)],
+                "checksum": "crc32c",
+                "parts": [{"number": i + 1, "etag": m, "checksum": crc32c_b64(c)}
+                          for i, (m, c) in enumerate(zip(md5s, chunks, strict=True))],
             }
         )
     )  # fmt: skip
@@ -242,6 +252,78 @@ def test_etag_mismatch_is_an_error(s3_env: StoreInfo, s3_bucket: str, tmp_path: 
         upload(src, s3_bucket, tmp_path / "state", client=client)
     assert failed.value.code == "UPLOAD_VERIFICATION_FAILED"
     assert "differs from the file's" in str(failed.value)
+
+
+class NoChecksums:
+    """A store that knows nothing of CRC32C (mocked: SeaweedFS supports it): it neither
+    confirms the algorithm at CreateMultipartUpload nor echoes a part's checksum."""
+
+    def __init__(self, client: Any, corrupt_part: int = 0) -> None:
+        self._client = client
+        self.corrupt_part = corrupt_part
+        self.part_headers: list[set[str]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+    def create_multipart_upload(self, **kw: Any) -> Any:
+        kw.pop("ChecksumAlgorithm", None)
+        return self._client.create_multipart_upload(**kw)
+
+    def upload_part(self, **kw: Any) -> Any:
+        self.part_headers.append(set(kw) & {"ContentMD5", "ChecksumCRC32C"})
+        resp = self._client.upload_part(**kw)
+        resp.pop("ChecksumCRC32C", None)
+        if kw["PartNumber"] == self.corrupt_part:
+            resp["ETag"] = '"' + "0" * 32 + '"'
+        return resp
+
+
+def test_store_without_crc32c_gets_content_md5(
+    s3_env: StoreInfo, s3_bucket: str, tmp_path: Path
+) -> None:
+    src = write_random(tmp_path / "disk.raw", 12 * MiB, seed=11)
+    client = NoChecksums(s3_client(s3_env))
+    result = upload(src, s3_bucket, tmp_path / "state", client=cast("S3Client", client))
+    assert result.checksum == "md5" and client.part_headers == [{"ContentMD5"}] * 3
+    assert result.verification.startswith(f"ETag {result.etag} = its parts'")
+    assert object_sha256(s3_env, s3_bucket, "img.raw") == sha256_file(src)
+
+
+class SilentCrc(NoChecksums):
+    """Confirms CRC32C at creation but drops the echo of every part."""
+
+    def create_multipart_upload(self, **kw: Any) -> Any:
+        return self._client.create_multipart_upload(**kw)
+
+
+def test_unconfirmed_part_checksum_falls_back_to_its_md5(
+    s3_env: StoreInfo, s3_bucket: str, tmp_path: Path
+) -> None:
+    src = write_random(tmp_path / "disk.raw", 12 * MiB, seed=12)
+    ok = upload(
+        src, s3_bucket, tmp_path / "state", client=cast("S3Client", SilentCrc(s3_client(s3_env)))
+    )
+    assert ok.checksum == "crc32c" and object_sha256(s3_env, s3_bucket, "img.raw") == sha256_file(
+        src
+    )
+    lying = SilentCrc(s3_client(s3_env), corrupt_part=2)
+    with pytest.raises(UploadVerificationError, match="part 2: the server neither confirmed"):
+        upload(src, s3_bucket, tmp_path / "state2", client=cast("S3Client", lying))
+
+
+def test_corrupted_part_is_refused_by_its_crc32c(
+    s3_env: StoreInfo, s3_bucket: str, tmp_path: Path
+) -> None:
+    """The server checks each body against its CRC32C: bytes changed on the way are refused."""
+    client = s3_client(s3_env)
+    up = client.create_multipart_upload(Bucket=s3_bucket, Key="x", ChecksumAlgorithm="CRC32C")
+    with pytest.raises(Exception, match="BadDigest"):
+        client.upload_part(
+            Bucket=s3_bucket, Key="x", UploadId=up["UploadId"], PartNumber=1,
+            Body=b"y" * PART, ChecksumCRC32C=crc32c_b64(b"x" * PART),
+        )  # fmt: skip
+    client.abort_multipart_upload(Bucket=s3_bucket, Key="x", UploadId=up["UploadId"])
 
 
 def test_errors_are_typed(
@@ -300,7 +382,7 @@ def test_cli_help_and_json(s3_env: StoreInfo, s3_bucket: str, tmp_path: Path) ->
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout)
     assert out["destination"] == f"s3://{s3_bucket}/dir/d.raw" and out["parts"] == 3
-    assert out["sha256"] == sha256_file(src)
+    assert out["checksum"] == "crc32c" and "sha256" not in out
     res = runner.invoke(app, [str(src), "s3://", "--json"])
     assert res.exit_code == 2  # a usage error
 
@@ -355,5 +437,5 @@ def test_resume_after_kill_9(s3_env: StoreInfo, s3_bucket: str, tmp_path: Path) 
     assert result["resumed"] and result["restarted_reason"] is None
     assert abs(result["bytes_uploaded_this_run"] - remainder) <= 0.1 * remainder
     assert result["bytes_skipped"] == src.stat().st_size - result["bytes_uploaded_this_run"]
-    assert object_sha256(s3_env, s3_bucket, "img.raw") == sha256_file(src) == result["sha256"]
+    assert object_sha256(s3_env, s3_bucket, "img.raw") == sha256_file(src)
     assert not sfile.exists()

@@ -64,7 +64,9 @@ def make_client(
     from botocore.config import Config
 
     config = Config(
-        s3={"addressing_style": addressing_style()},
+        # On an http:// endpoint botocore would sha256 every body for the signature, a
+        # third pass over each byte; bodies carry a signed Content-MD5 or CRC32C instead.
+        s3={"addressing_style": addressing_style(), "payload_signing_enabled": False},
         retries={"mode": "standard", "max_attempts": 8}
         if botocore_retries
         else {"total_max_attempts": 1},
@@ -72,7 +74,8 @@ def make_client(
         connect_timeout=10,
         read_timeout=read_timeout,
         # Not every S3-compatible store understands the newer flexible-checksum headers;
-        # uploads send Content-MD5 per part, and ranged reads cannot use a whole-object sum.
+        # uploads choose per store (blob/upload.py), and ranged reads cannot use a
+        # whole-object sum.
         request_checksum_calculation="when_required",
         response_checksum_validation="when_required",
     )

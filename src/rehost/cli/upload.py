@@ -15,7 +15,7 @@ from rehost.cli.output import emit_json, human_bytes, out_console, progress_bar
 
 
 class _Phases:
-    """One progress bar per phase (hashing, uploading), each closed when the next opens."""
+    """One progress bar per phase of the upload, each closed when the next opens."""
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
@@ -77,7 +77,7 @@ def upload(
 ) -> None:
     """Upload FILE to S3 in parallel parts; run the same command again to resume.
 
-    An interrupted upload (killed, network lost) continues where it stopped: only the parts the server does not have are sent. If FILE changed since, the upload starts over and says why. The object is verified against the file (multipart ETag and size) and carries the file's sha256 as x-amz-meta-sha256.
+    An interrupted upload (killed, network lost) continues where it stopped: only the parts the server does not have are sent. If FILE changed since, the upload starts over and says why. Each part's checksum (CRC32C, or Content-MD5 where the store lacks CRC32C) is checked by the server, and the finished object is verified against the file (its checksum, ETag and size).
 
     Upload a compressed image to shorten the upload: `rehost image pack IMAGE packed.qcow2` leaves out zero regions and compresses the rest, often making the file several times smaller.
 
@@ -118,6 +118,6 @@ def upload(
         f"part(s); {human_bytes(result.bytes_uploaded_this_run)} sent this run "
         f"({result.parts_uploaded_this_run} part(s)), {human_bytes(result.bytes_skipped)} "
         f"already uploaded; {result.elapsed:.1f}s, {human_bytes(result.rate)}/s\n"
-        f"verified: {result.verification}\nsha256 {result.sha256} (x-amz-meta-sha256)",
+        f"verified: {result.verification}",
         soft_wrap=True,
     )
