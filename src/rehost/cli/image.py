@@ -93,7 +93,7 @@ def convert(
         bool,
         typer.Option(
             "--digest",
-            help="Also hash the guest content (rehost-content-v1), to compare with a re-read later.",
+            help="Also hash the guest content (rehost-content-v2), to compare with a re-read later.",
         ),
     ] = False,
     json: Json = False,

@@ -2,15 +2,20 @@
 
 sha256 over a whole disk would hash terabytes of zeros for a sparse 8 TiB image.
 Instead the guest space is cut into aligned 64 KiB blocks; each non-zero block
-yields a record `index (u64 LE) || blake3(block)` (blake3: ~4x sha256's speed here). Blocks group into 64 MiB
+yields a record `index (u64 LE) || xxh3_128(block)`. Blocks group into 64 MiB
 segments; a segment with any non-zero block has the digest sha256(its records).
 The content digest is sha256 over `segment (u64 LE) || segment digest` for those
 segments, in order, then the virtual size. Zero blocks contribute nothing,
 however they are stored, so the same guest content gives the same digest from
 any format, and a re-read of the destination can be compared with it.
 
-Block hashes are computed by whichever thread holds the block (hashlib releases
-the GIL). Finished segment digests are small and can be saved, which is what
+The block hash guards against corruption, not against an adversary (the image's
+author already chooses every byte), so it is XXH3-128, as rsync uses for its
+file checksums: ~7 GB/s on one core here against blake3's ~2.5 GB/s, and an
+import hashes every data byte twice (written, then re-read). v1 used blake3.
+
+Block hashes are computed by whichever thread holds the block (XXH3 keeps the GIL
+for the ~9 us of a block; reads, decompression and writes release it). Finished segment digests are small and can be saved, which is what
 lets an interrupted import resume without re-reading what it already wrote, and
 a re-read of a disk can be hashed segment by segment, in parallel or as soon as
 each segment is written.
@@ -24,15 +29,15 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from blake3 import blake3
+import xxhash
 
 from rehost.malloc import tune_for_streaming
 
 BLOCK = 64 * 1024
 SEGMENT = 64 << 20
 SEGMENT_BLOCKS = SEGMENT // BLOCK
-RECORD = 40
-ALGORITHM = "rehost-content-v1"
+RECORD = 24
+ALGORITHM = "rehost-content-v2"
 _ZERO_BLOCK = bytes(BLOCK)
 READ_CHUNK = 4 << 20
 """Bytes per read when re-reading a disk."""
@@ -57,7 +62,7 @@ def block_records(
         if data.startswith(_ZERO_BLOCK[: min(BLOCK, len(data) - start)], start):
             zeros.append(start)
         elif hashed:
-            records += _LE64.pack(index) + blake3(view[start : start + BLOCK]).digest()
+            records += _LE64.pack(index) + xxhash.xxh3_128_digest(view[start : start + BLOCK])
         index += 1
     return bytes(records), zeros
 

@@ -35,7 +35,7 @@ from rehost.errors import RehostError
 
 _log = logging.getLogger("rehost.offline")
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: segment digests of rehost-content-v2
 STATE_FILE = "state.json"
 INCOMPLETE_FILE = "INCOMPLETE"
 LOG_FILE = "import.log"
