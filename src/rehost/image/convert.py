@@ -85,9 +85,10 @@ def require_capacity(image: DiskImage, disk: Disk) -> None:
 def _extents_from(image: DiskImage, start: int, kept: list[Extent] | None) -> Iterator[Extent]:
     """The image's extents from guest offset `start` (a segment boundary) on."""
     for ext in kept if kept is not None else image.extents():
-        if ext.end <= start:
-            continue
-        yield ext.cut(max(start, ext.offset), ext.end)
+        if ext.offset >= start:
+            yield ext
+        elif ext.offset + ext.length > start:
+            yield ext.cut(start, ext.offset + ext.length)
 
 
 def _batches(
@@ -100,6 +101,15 @@ def _batches(
     """
     batch: list[Extent] = []
     for ext in _extents_from(image, start, kept):
+        if ext.kind is ExtentKind.COMPRESSED:  # the common case of a packed image: never cut
+            if not batch:
+                start = ext.offset
+            batch.append(ext)
+            end = ext.offset + ext.length
+            if end - start >= BATCH_BYTES and end % BLOCK == 0:
+                yield start, batch
+                batch = []
+            continue
         if ext.kind is ExtentKind.ZERO:
             inner_start = -(-ext.offset // BLOCK) * BLOCK
             inner_end = ext.end // BLOCK * BLOCK
@@ -118,7 +128,7 @@ def _batches(
         while pos < ext.end:
             if not batch:
                 start = pos
-            end = min(ext.end, start + BATCH_BYTES) if ext.kind is ExtentKind.DATA else ext.end
+            end = min(ext.end, start + BATCH_BYTES)
             batch.append(ext.cut(pos, end))
             pos = end
             if end - start >= BATCH_BYTES and end % BLOCK == 0:

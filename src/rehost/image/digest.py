@@ -77,12 +77,25 @@ class ContentDigest:
         self._h = hashlib.sha256()
 
     def add(self, records: bytes) -> None:
-        for pos in range(0, len(records), RECORD):
-            segment = _LE64.unpack_from(records, pos)[0] // SEGMENT_BLOCKS
+        """Each segment's run of records goes to sha256 in one update, not one per block."""
+        view = memoryview(records)
+        pos, n = 0, len(records)
+        while pos < n:
+            segment = self._segment_at(records, pos)
             if segment != self._current:
                 self._close_segment()
                 self._current = segment
-            self._h.update(records[pos : pos + RECORD])
+            end = n
+            if self._segment_at(records, n - RECORD) != segment:  # a batch spans 1-2 segments
+                end = pos + RECORD
+                while self._segment_at(records, end) == segment:
+                    end += RECORD
+            self._h.update(view[pos:end])
+            pos = end
+
+    @staticmethod
+    def _segment_at(records: bytes, pos: int) -> int:
+        return int(_LE64.unpack_from(records, pos)[0]) // SEGMENT_BLOCKS
 
     def _close_segment(self) -> None:
         if self._current >= 0:
