@@ -12,6 +12,7 @@ import errno
 import fnmatch
 import os
 import queue
+import re
 import stat
 import threading
 import time
@@ -59,15 +60,15 @@ _PREFETCH = 2  # batches walked ahead while the receiver works on the current on
 _UNJOINED = 64 * 1024  # chunk data from this size on is sent after its head, not copied
 # a frame, or a large CHUNK frame as (head, data) that the client writes without joining
 Frame = Union[bytes, Tuple[bytes, bytes]]
-_TYPES = (
-    (stat.S_ISREG, "f"),
-    (stat.S_ISDIR, "d"),
-    (stat.S_ISLNK, "l"),
-    (stat.S_ISCHR, "c"),
-    (stat.S_ISBLK, "b"),
-    (stat.S_ISFIFO, "p"),
-    (stat.S_ISSOCK, "s"),
-)
+_KINDS = {
+    stat.S_IFREG: "f",
+    stat.S_IFDIR: "d",
+    stat.S_IFLNK: "l",
+    stat.S_IFCHR: "c",
+    stat.S_IFBLK: "b",
+    stat.S_IFIFO: "p",
+    stat.S_IFSOCK: "s",
+}
 
 
 class _Compressor:
@@ -136,8 +137,13 @@ class _Compressor:
         return CODEC_RAW, data
 
 
-def _matches(path: str, patterns: List[str]) -> bool:
-    return any(fnmatch.fnmatchcase(path, p) for p in patterns)
+def _matcher(patterns: List[str]) -> Callable[[str], bool]:
+    """One regex for all the patterns: fnmatch per pattern per path showed in the walk's
+    profile (28,000 paths × a dozen default excludes)."""
+    if not patterns:
+        return lambda path: False
+    regex = re.compile("|".join(fnmatch.translate(p) for p in patterns))
+    return lambda path: regex.match(path) is not None
 
 
 def _xattrs(path: bytes) -> Dict[str, str]:
@@ -160,10 +166,7 @@ def _xattrs(path: bytes) -> Dict[str, str]:
 
 
 def _kind(mode: int) -> str:
-    for test, kind in _TYPES:
-        if test(mode):
-            return kind
-    return "?"
+    return _KINDS.get(stat.S_IFMT(mode), "?")
 
 
 class _Walker:
@@ -171,8 +174,9 @@ class _Walker:
 
     def __init__(self, root: str, excludes: List[str], log: Log) -> None:
         self.root = os.fsencode(root).rstrip(b"/") or b"/"
-        self.excludes = [p for p in excludes if p not in ("", "/", "/*")]
-        self.dir_excludes = [p[:-2] for p in self.excludes if p.endswith("/*")]
+        patterns = [p for p in excludes if p not in ("", "/", "/*")]
+        self.excluded = _matcher(patterns)
+        self.dir_excluded = _matcher([p[:-2] for p in patterns if p.endswith("/*")])
         self.log = log
         self.links = {}  # type: Dict[Tuple[int, int], str]
 
@@ -219,7 +223,7 @@ class _Walker:
             return out
         for name in names:
             crel = rel + b"/" + name if rel else name
-            if _matches("/" + path_to_wire(crel), self.excludes):
+            if self.excluded("/" + path_to_wire(crel)):
                 continue
             path = self._abs(crel)
             try:
@@ -237,7 +241,7 @@ class _Walker:
         while stack:
             rel, path, st = stack.pop()
             empty = bool(rel) and (
-                st.st_dev != root_st.st_dev or _matches("/" + path_to_wire(rel), self.dir_excludes)
+                st.st_dev != root_st.st_dev or self.dir_excluded("/" + path_to_wire(rel))
             )
             children = [] if empty else self._children(rel)
             entry = self._entry(rel, path, st)
