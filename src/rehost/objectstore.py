@@ -68,8 +68,21 @@ def _port_free(port: int) -> bool:
         return True
 
 
-def free_base_port(start: int = 20000, stop: int = 40000) -> int:
+def base_port_range() -> tuple[int, int]:
+    """Base ports whose ports all lie below the kernel's ephemeral range (32768 by default),
+    so that no outgoing connection can take one between our check and weed's bind."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 0
+    stop = min(40000, low - 10000 - _PORTS)
+    return (20000, stop) if stop - 20000 >= 2000 else (20000, 40000)
+
+
+def free_base_port(start: int | None = None, stop: int | None = None) -> int:
     """A base port P such that P..P+6 and P+10000..P+10004 (gRPC) are all free on loopback."""
+    if start is None or stop is None:
+        start, stop = base_port_range()
     rng = secrets.SystemRandom()
     for _ in range(200):
         base = rng.randrange(start, stop - _PORTS, 10)
