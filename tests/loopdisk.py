@@ -195,11 +195,13 @@ class LoopLab:
                 daemon.kill()
                 daemon.wait(timeout=30)
                 errors.append(f"fusefat (pid {daemon.pid}) did not exit after its unmount")
-        for dev in reversed(self.loops):
-            subprocess.run(["losetup", "-d", dev], capture_output=True)
+        # the partition nodes go while the loops are still ours: once detached, another test
+        # process (a second xdist worker) may attach the same loopN and mknod its own loopNpM
         for node in self.nodes:
             node.unlink(missing_ok=True)
         for dev in self.loops:  # nodes the code under test made for these loops
             for node in Path("/dev").glob(Path(dev).name + "p*"):
                 node.unlink(missing_ok=True)
+        for dev in reversed(self.loops):
+            subprocess.run(["losetup", "-d", dev], capture_output=True)
         assert not errors, errors

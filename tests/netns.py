@@ -10,9 +10,11 @@ from __future__ import annotations
 import itertools
 import os
 import subprocess
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 _counter = itertools.count(1)
 
@@ -37,8 +39,21 @@ class NetnsPair:
     def run(self, ns: str, args: Sequence[str], **kw: object) -> subprocess.CompletedProcess[str]:
         return subprocess.run(self.cmd(ns, args), capture_output=True, text=True, **kw)  # type: ignore[call-overload, no-any-return]
 
+    holder: subprocess.Popen[bytes] | None = None  # a process that sits in the source ns
+
     def tx_bytes(self) -> int:
-        """Bytes the source's interface has sent."""
+        """Bytes the source's interface has sent.
+
+        Read from /proc/HOLDER/net/dev (the source namespace's counters, as in its sysfs), a
+        plain file read: sampling through `ip netns exec cat` forks and execs, and on a
+        loaded machine (the other xdist worker booting QEMU) its delay varies by tens of
+        milliseconds, which the 1-second rates of the bandwidth test would see as noise."""
+        if self.holder is not None and self.holder.poll() is None:
+            for line in Path(f"/proc/{self.holder.pid}/net/dev").read_text().splitlines():
+                name, sep, counters = line.partition(":")
+                if sep and name.strip() == self.source_if:
+                    return int(counters.split()[8])  # 8 receive counters, then tx bytes
+            raise AssertionError(f"{self.source_if} is not in the source namespace")
         out = self.run(self.source, ["cat", f"/sys/class/net/{self.source_if}/statistics/tx_bytes"])
         return int(out.stdout)
 
@@ -55,10 +70,27 @@ class NetnsPair:
         )  # fmt: skip
 
 
+def _holder(ns: str) -> subprocess.Popen[bytes]:
+    """`sleep` inside namespace `ns`, returned once it is there (its /proc/PID/net is then
+    the namespace's); the caller kills it by PID."""
+    proc = subprocess.Popen(["ip", "netns", "exec", ns, "sleep", "infinity"],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+    want = f"net:[{os.stat(f'/run/netns/{ns}').st_ino}]"
+    deadline = time.monotonic() + 30
+    while os.readlink(f"/proc/{proc.pid}/ns/net") != want:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            proc.wait(timeout=30)
+            raise AssertionError(f"no process could be started in {ns}")
+        time.sleep(0.01)
+    return proc
+
+
 @contextmanager
 def netns_pair(rate_kbit: int | None = None) -> Iterator[NetnsPair]:
     n = next(_counter)
-    tag = f"{os.getpid() % 100000}{n}"
+    tag = f"{os.getpid()}x{n}"  # "vs" + 7-digit pid + "x" + n fits IFNAMSIZ (15)
     x = (os.getpid() + n) % 250 + 1
     pair = NetnsPair(f"rhs{tag}", f"rhd{tag}", f"vs{tag}", f"vd{tag}", f"10.200.{x}.1",
                      f"10.200.{x}.2")  # fmt: skip
@@ -77,8 +109,12 @@ def netns_pair(rate_kbit: int | None = None) -> Iterator[NetnsPair]:
             _ip("-n", ns, "link", "set", "lo", "up")
         if rate_kbit is not None:
             pair.set_rate(rate_kbit)
+        pair.holder = _holder(pair.source)
         yield pair
     finally:
+        if pair.holder is not None:
+            pair.holder.kill()
+            pair.holder.wait(timeout=30)
         for ns in made:
             subprocess.run(["ip", "netns", "del", ns], check=False, capture_output=True)
         subprocess.run(["ip", "link", "del", pair.source_if], check=False, capture_output=True)

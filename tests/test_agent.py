@@ -652,9 +652,11 @@ def source_tree(bullseye: Path, tmp_path: Path) -> Iterator[Path]:
     tree = bullseye / "srv" / "tree"
     try:
         subprocess.run(["partx", "-u", dev], check=False)
+        major_minor = Path(f"/sys/class/block/{Path(dev).name}p1/dev").read_text().strip()
+        maj, mnr = major_minor.split(":")
+        if os.path.exists(part) and os.stat(part).st_rdev != os.makedev(int(maj), int(mnr)):
+            os.unlink(part)  # a stale node: partition minors are reused by other loop devices
         if not os.path.exists(part):
-            major_minor = Path(f"/sys/class/block/{Path(dev).name}p1/dev").read_text().strip()
-            maj, mnr = major_minor.split(":")
             _run("mknod", part, "b", maj, mnr)
             made_node = True
         _run("mkfs.ext4", "-q", "-L", "srcroot", part)
@@ -682,9 +684,9 @@ def source_tree(bullseye: Path, tmp_path: Path) -> Iterator[Path]:
         finally:
             subprocess.run(["umount", tree], check=False)
     finally:
-        subprocess.run(["losetup", "-d", dev], check=False)
-        if made_node:
+        if made_node:  # before the detach, after which another worker may reuse this loopN
             os.unlink(part)
+        subprocess.run(["losetup", "-d", dev], check=False)
 
 
 def _free_port() -> int:
