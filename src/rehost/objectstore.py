@@ -156,10 +156,14 @@ def start(directory: Path, *, timeout: float = 30.0, base_port: int | None = Non
         # Listeners with fixed default ports would collide between stores: turn them off.
         "-s3.port.iceberg=0", "-s3.port.lance=0",
     ]  # fmt: skip
+    # weed also makes a directory of its own under $TMPDIR at every start and leaves it behind
+    # (one per start, 300 of them in /tmp after a day of tests); keep it with the store's data.
+    scratch = directory / "tmp"
+    scratch.mkdir(exist_ok=True)
     with open(directory / "weed.log", "ab") as log:
         proc = subprocess.Popen(
             argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True, cwd=directory,
+            start_new_session=True, cwd=directory, env={**os.environ, "TMPDIR": str(scratch)},
         )  # fmt: skip
     info = StoreInfo(
         endpoint=f"http://127.0.0.1:{p + 3}",
