@@ -216,20 +216,36 @@ def stop(directory: Path, *, timeout: float = 10.0) -> bool:
         return False
     _info_path(directory).unlink(missing_ok=True)
     try:
-        os.killpg(info.pid, signal.SIGTERM)
+        return _end(info.pid, timeout)
+    finally:
+        _remove_sockets(info.base_port)
+
+
+def _end(pid: int, timeout: float) -> bool:
+    try:
+        os.killpg(pid, signal.SIGTERM)
     except ProcessLookupError:
         return False
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            pid, _ = os.waitpid(info.pid, os.WNOHANG)
-            if pid:
+            ended, _ = os.waitpid(pid, os.WNOHANG)
+            if ended:
                 return True
         except ChildProcessError:
             try:
-                os.kill(info.pid, 0)
+                os.kill(pid, 0)
             except ProcessLookupError:
                 return True
         time.sleep(0.1)
-    os.killpg(info.pid, signal.SIGKILL)
+    os.killpg(pid, signal.SIGKILL)
     return True
+
+
+def _remove_sockets(base: int) -> None:
+    """weed makes unix sockets in /tmp, named by port, whatever TMPDIR says, and leaves them."""
+    ports = {base + i for i in range(_PORTS)} | {base + 10000 + i for i in range(_PORTS)}
+    for sock in Path("/tmp").glob("seaweedfs-*.sock"):
+        port = sock.stem.rpartition("-")[2]
+        if port.isdigit() and int(port) in ports:
+            sock.unlink(missing_ok=True)
