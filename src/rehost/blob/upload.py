@@ -81,7 +81,8 @@ STATE_VERSION = 2
 CRC32C = "crc32c"
 MD5 = "md5"
 
-# A progress reporter: `phase(description, total_bytes)` starts a phase ("uploading") and returns the callback that is then given byte counts as they finish.
+# A progress reporter: `phase(description, total_bytes)` starts a phase ("uploading") and
+# returns the callback that is then given byte counts as they finish.
 PhaseProgress = Callable[[str, int], Callable[[int], None]]
 
 

@@ -101,15 +101,6 @@ def _batches(
     """
     batch: list[Extent] = []
     for ext in _extents_from(image, start, kept):
-        if ext.kind is ExtentKind.COMPRESSED:  # the common case of a packed image: never cut
-            if not batch:
-                start = ext.offset
-            batch.append(ext)
-            end = ext.offset + ext.length
-            if end - start >= BATCH_BYTES and end % BLOCK == 0:
-                yield start, batch
-                batch = []
-            continue
         if ext.kind is ExtentKind.ZERO:
             inner_start = -(-ext.offset // BLOCK) * BLOCK
             inner_end = ext.end // BLOCK * BLOCK
@@ -128,7 +119,7 @@ def _batches(
         while pos < ext.end:
             if not batch:
                 start = pos
-            end = min(ext.end, start + BATCH_BYTES)
+            end = min(ext.end, start + BATCH_BYTES) if ext.kind is ExtentKind.DATA else ext.end
             batch.append(ext.cut(pos, end))
             pos = end
             if end - start >= BATCH_BYTES and end % BLOCK == 0:

@@ -15,7 +15,8 @@ file checksums: ~7 GB/s on one core here against blake3's ~2.5 GB/s, and an
 import hashes every data byte twice (written, then re-read). v1 used blake3.
 
 Block hashes are computed by whichever thread holds the block (XXH3 keeps the GIL
-for the ~9 us of a block; reads, decompression and writes release it). Finished segment digests are small and can be saved, which is what
+for the ~9 us of a block; reads, decompression and writes release it). Finished
+segment digests are small and can be saved, which is what
 lets an interrupted import resume without re-reading what it already wrote, and
 a re-read of a disk can be hashed segment by segment, in parallel or as soon as
 each segment is written.

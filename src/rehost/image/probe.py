@@ -19,7 +19,7 @@ from rehost.image.base import DiskImage
 HEAD_BYTES = 64 * 1024
 TAIL_BYTES = 512
 
-FORMATS = ("qcow2", "vhd", "vhdx", "vmdk", "raw")
+FORMATS = (*signatures.CONTAINERS, "raw")
 """Each names its driver module, `rehost.image.<format>`, imported only when opened."""
 
 
