@@ -72,6 +72,12 @@ class _Connection(http.client.HTTPSConnection):
             self.owner.bytes_on_wire += len(piece)
 
 
+def _common_hash(theirs: Any) -> str:
+    """The fastest hash both sides have; a receiver that lists none has blake3 and sha256."""
+    offered = theirs if isinstance(theirs, list) else ["blake3", "sha256"]
+    return next((alg for alg in hash_algorithms() if alg in offered), "sha256")
+
+
 def split_address(address: str, default_port: int = 443) -> Tuple[str, int]:
     """ "host:port", "[v6]:port", "host" → (host, port)."""
     if address.startswith("["):
@@ -107,7 +113,7 @@ class ReceiverClient:
         self.payload_bytes = 0
         # seconds spent blocked writing to the socket or on the bandwidth limit (not CPU)
         self.send_wait = 0.0
-        self.hash_alg = hash_algorithms()[0]
+        self.hash_alg = "sha256"  # until a hello says what the receiver has
         self._conn = None  # type: Optional[_Connection]
         self.last_hello = {}  # type: Dict[str, Any]
 
@@ -148,6 +154,7 @@ class ReceiverClient:
         except BaseException:
             conn.close()
             raise
+        self.hash_alg = _common_hash(self.last_hello.get("hashes"))
         self._conn = conn
         return conn
 

@@ -76,10 +76,11 @@ class _Compressor:
 
     In "auto" mode a run of chunks that do not compress (media, archives) makes it try only
     every 16th chunk, so incompressible data costs little CPU; and compression is used only
-    while the link is the bottleneck: over each half second of a data stream, the agent must
-    have spent most of its time waiting to write (socket or bandwidth limit) while moving
-    under _FAST_LINK bytes/s of file data. On a fast LAN the CPUs are the bottleneck, and
-    compressing only slows both ends down.
+    while the link is the bottleneck: over each half second spent streaming data (summed
+    over a pass's data streams, most of which are shorter), the agent must have spent most
+    of its time waiting to write (socket or bandwidth limit) while moving under _FAST_LINK
+    bytes/s of file data. On a fast LAN the CPUs are the bottleneck, and compressing only
+    slows both ends down.
     """
 
     def __init__(self, mode: str, client: Any = None) -> None:
@@ -98,23 +99,41 @@ class _Compressor:
         self.skipped = 0
         self.client = client
         self.slow_link = True
-        self.window = (0.0, 0.0, 0)  # (start, client.send_wait, client.payload_bytes)
+        # (seconds, client.send_wait, client.payload_bytes) streamed since the last decision
+        # by streams that ended, and the same counters where the current stream started
+        self.window = (0.0, 0.0, 0)
+        self.mark = None  # type: Optional[Tuple[float, float, int]]
+
+    def _counters(self) -> Tuple[float, float, int]:
+        return (time.monotonic(), self.client.send_wait, self.client.payload_bytes)
 
     def new_stream(self) -> None:
-        """A data stream starts: judge the link only on time spent streaming."""
+        """A data stream starts: the link is judged only on time spent streaming."""
         if self.client is not None:
-            self.window = (time.monotonic(), self.client.send_wait, self.client.payload_bytes)
+            self.mark = self._counters()
+
+    def end_stream(self) -> None:
+        if self.client is not None and self.mark is not None:
+            self.window = self._since_decision()
+            self.mark = None
+
+    def _since_decision(self) -> Tuple[float, float, int]:
+        assert self.mark is not None
+        now = self._counters()
+        return (
+            self.window[0] + now[0] - self.mark[0],
+            self.window[1] + now[1] - self.mark[1],
+            self.window[2] + now[2] - self.mark[2],
+        )
 
     def _link_is_slow(self) -> bool:
-        if self.client is None:
-            return True
-        start, wait, payload = self.window
-        now = time.monotonic()
-        if now - start >= _LINK_WINDOW:
-            busy = (self.client.send_wait - wait) / (now - start)
-            rate = (self.client.payload_bytes - payload) / (now - start)
-            self.slow_link = busy >= 0.5 and rate < _FAST_LINK
-            self.new_stream()
+        if self.client is None or self.mark is None:
+            return self.slow_link
+        seconds, waited, payload = self._since_decision()
+        if seconds >= _LINK_WINDOW:
+            self.slow_link = waited / seconds >= 0.5 and payload / seconds < _FAST_LINK
+            self.window = (0.0, 0.0, 0)
+            self.mark = self._counters()
         return self.slow_link
 
     def pack(self, data: bytes) -> Tuple[int, bytes]:
@@ -276,8 +295,7 @@ class _Sender:
         self.compressor = compressor
         self.stats = stats
         self.log = log
-        self.alg = client.hash_alg
-        self.zero_hashes = {}  # type: Dict[int, str]
+        self.zero_hashes = {}  # type: Dict[Tuple[str, int], str]
 
     def _chunk(self, off: int, data: bytes) -> Frame:
         codec, packed = self.compressor.pack(data)
@@ -287,10 +305,11 @@ class _Sender:
             return chunk_head(off, codec, len(packed)), packed
         return chunk_frame(off, codec, packed)
 
-    def _zero_hash(self, n: int) -> str:
-        if n not in self.zero_hashes:
-            self.zero_hashes[n] = block_hash(self.alg, bytes(n))
-        return self.zero_hashes[n]
+    def _zero_hash(self, alg: str, n: int) -> str:
+        key = (alg, n)
+        if key not in self.zero_hashes:
+            self.zero_hashes[key] = block_hash(alg, bytes(n))
+        return self.zero_hashes[key]
 
     def frames(self, index: int, path: bytes, size: int, need: List[Any]) -> Iterator[Frame]:
         try:
@@ -299,8 +318,9 @@ class _Sender:
             if self.log:
                 self.log(f"skipping {path!r}: {e}")
             return
+        alg = str(self.client.hash_alg)  # chosen at the connection's hello
         try:
-            whole = new_hash(self.alg)
+            whole = new_hash(alg)
             if need[1] == "delta":
                 block, theirs = int(need[2]), list(need[3])
                 yield encode_frame(DELTA, b'{"i":%d}' % index)
@@ -308,7 +328,7 @@ class _Sender:
                 for off, data in iter_blocks(fd, size, block):
                     n = min(block, size - off)
                     k = off // block
-                    mine = self._zero_hash(n) if data is None else block_hash(self.alg, data)
+                    mine = self._zero_hash(alg, n) if data is None else block_hash(alg, data)
                     whole.update(_ZERO[:n] if data is None else data)
                     if k < len(theirs) and theirs[k] == mine:
                         continue
@@ -328,7 +348,7 @@ class _Sender:
                 feed_zeros(whole, size - done)
             self.stats["files_sent"] += 1
             # what json_frame would make, without its cost on every small file
-            end = f'{{"i":{index},"hash":"{whole.hexdigest()}","alg":"{self.alg}"}}'
+            end = f'{{"i":{index},"hash":"{whole.hexdigest()}","alg":"{alg}"}}'
             yield encode_frame(END, end.encode("ascii"))
         finally:
             os.close(fd)
@@ -471,9 +491,12 @@ def _data_frames(
     batch: List[Tuple[Dict[str, Any], bytes]], needs: List[List[Any]], sender: _Sender
 ) -> Iterator[Frame]:
     sender.compressor.new_stream()
-    for need in needs:
-        index = int(need[0])
-        if not 0 <= index < len(batch):
-            raise AgentError("PROTOCOL_ERROR", f"the receiver asked for entry {index}")
-        entry, path = batch[index]
-        yield from sender.frames(index, path, int(entry["s"]), need)
+    try:
+        for need in needs:
+            index = int(need[0])
+            if not 0 <= index < len(batch):
+                raise AgentError("PROTOCOL_ERROR", f"the receiver asked for entry {index}")
+            entry, path = batch[index]
+            yield from sender.frames(index, path, int(entry["s"]), need)
+    finally:
+        sender.compressor.end_stream()

@@ -31,6 +31,7 @@ from rehost.online.protocol import (
     HASH_HEADER,
     PROTOCOL_VERSION,
     ProtocolError,
+    hash_algorithms,
     read_frames,
 )
 from rehost.online.receiver.apply import FsApplier
@@ -183,6 +184,7 @@ class Receiver:
         return {
             "protocol": PROTOCOL_VERSION,
             "time": time.time(),
+            "hashes": hash_algorithms(),
             "disks": self.disk_info(),
             "prepared": prepared is not None,
             "layout": prepared["layout"] if prepared else None,
