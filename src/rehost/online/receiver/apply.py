@@ -90,7 +90,18 @@ def _punch(fd: int, offset: int, length: int) -> None:
     if _libc.fallocate(fd, _FALLOC_PUNCH, offset, length) == 0:
         return
     for off in range(offset, offset + length, CHUNK_SIZE):
-        os.pwrite(fd, bytes(min(CHUNK_SIZE, offset + length - off)), off)
+        _pwrite_all(fd, bytes(min(CHUNK_SIZE, offset + length - off)), off)
+
+
+def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+    """pwrite may write less than asked (a filling disk, a signal): write the rest, or
+    raise, so that a short write can never pass for a received file."""
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        if n == 0:
+            raise OSError(errno.ENOSPC, "no progress writing a received file")
+        view, offset = view[n:], offset + n
 
 
 def _lstat(dir_fd: int, name: bytes) -> os.stat_result | None:
@@ -550,7 +561,7 @@ class FsApplier:
                     data = _decompress(codec, body)
                     if offset + len(data) > cur.size:
                         raise ProtocolError("BAD_FRAME", "a chunk past the file's size")
-                    os.pwrite(cur.fd, data, offset)
+                    _pwrite_all(cur.fd, data, offset)
                     received += len(data)
                     if hasher is not None:
                         if offset < expect:
