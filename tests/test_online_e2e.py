@@ -42,7 +42,7 @@ import pytest
 from edgetree import make_edge_tree, urandom_file
 from loopdisk import BIOS_BOOT, LINUX, SWAP, LoopDisk, LoopLab, Part, blkid, sh
 from netns import NetnsPair, netns_pair
-from rehost.online.protocol import DELTA_MIN_SIZE, delta_block_size, partial_name
+from rehost.online.protocol import DELTA_MIN_SIZE, PROTOCOL_VERSION, delta_block_size, partial_name
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root for namespaces and loop devices"),
@@ -759,11 +759,50 @@ def test_leaving_migration_mode_only_after_a_successful_finalize(
     assert exc.value.code == "FIXUP_FAILED"
     time.sleep(0.3)
     assert thread.is_alive() and rebooted == []  # still in migration mode
-    assert client.hello()["protocol"] == 1
+    assert client.hello()["protocol"] == PROTOCOL_VERSION
     assert client.post_json("/v1/finalize", {}) == {"status": "ready to boot"}
     thread.join(timeout=30)
     assert not thread.is_alive() and result == [True]
     assert len(rebooted) == 1 and len(fixups) == 2
+
+
+def test_agent_refuses_another_protocol_and_picks_a_shared_hash(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An agent from another rehost version stops at the hello with PROTOCOL_MISMATCH and
+    a hint, before sending anything; the hash is the fastest both sides list."""
+    from rehost.online.agent.client import ReceiverClient, _common_hash
+    from rehost.online.protocol import AgentError
+    from rehost.online.receiver import server
+
+    assert _common_hash(["sha256"]) == "sha256"
+    assert _common_hash(["sha256", "xxh128"]) == "xxh128"
+    assert _common_hash(None) == "blake3"  # a receiver that lists none: blake3 and sha256
+    monkeypatch.setattr(server, "run_fixups", lambda mounts, **context: None)
+    monkeypatch.setattr(server, "PROTOCOL_VERSION", PROTOCOL_VERSION - 1)
+    root = tmp_path / "root"
+    root.mkdir()
+    bound: list[str] = []
+    thread = threading.Thread(
+        target=server.serve,
+        args=("127.0.0.1:0", TOKEN, tmp_path / "state", {}),
+        kwargs={"roots": {"root": root}, "ready": bound.append},
+        daemon=True,
+    )
+    thread.start()
+    wait_for("the receiver", lambda: bool(bound), None, 30)
+    fingerprint = (tmp_path / "state" / "fingerprint").read_text().strip()
+    client = ReceiverClient(bound[0], TOKEN, fingerprint, retry_seconds=5)
+    with pytest.raises(AgentError) as exc:
+        client.post_json("/v1/finish/root", {"pass": 1})
+    assert exc.value.code == "PROTOCOL_MISMATCH"
+    assert "same rehost version" in exc.value.hint
+    assert not (tmp_path / "state" / "journal").exists()  # nothing was applied
+    monkeypatch.setattr(server, "PROTOCOL_VERSION", PROTOCOL_VERSION)
+    assert client.hello()["hashes"][0] == client.hash_alg == "xxh128"
+    assert client.post_json("/v1/finalize", {}) == {"status": "ready to boot"}
+    thread.join(timeout=30)
+    assert not thread.is_alive()
 
 
 def test_reboot_falls_back_to_reboot8(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -24,15 +24,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from edgetree import make_edge_tree, urandom_file
 from netns import NetnsPair, netns_pair
 from rehost.online.protocol import (
     DELTA_MIN_SIZE,
     ENTRY,
+    ProtocolError,
     block_hash,
+    decode_entry,
     delta_block_size,
-    json_frame,
+    encode_entry,
     partial_name,
 )
 
@@ -331,12 +335,17 @@ print(json.dumps([r.status, json.loads(r.read() or b"{}")]))
 
 
 def _entry(i: int, path: str, kind: str, **extra: Any) -> bytes:
-    base = {"i": i, "p": path, "t": kind, "m": 0o100644 if kind == "f" else 0o40755,
+    """An ENTRY frame as an agent would send it, but with anything in it, unvalidated."""
+    base: dict[str, Any] = {"i": i, "p": path, "t": kind, "m": 0o100644 if kind == "f" else 0o40755,
             "u": 0, "g": 0, "s": 0, "mt": 0, "at": 0, "x": {}}  # fmt: skip
     if kind == "d":
         base["c"] = []
     base.update(extra)
-    return json_frame(ENTRY, base)
+    for key in ("p", "l", "h"):
+        if key in base:
+            base[key] = os.fsencode(base[key])
+    base["c"] = [os.fsencode(c) for c in base.get("c", [])]
+    return encode_entry(base)
 
 
 def test_traversal_attempts_are_rejected(env: Env) -> None:
@@ -539,7 +548,7 @@ def test_new_small_file_written_in_place_is_resent_after_an_interruption(tmp_pat
     """A small file the destination lacks is created under its own name (no partial); cut
     off mid-stream it keeps a fresh mtime, so the next manifest asks for it again; a hash
     mismatch zeroes its mtime; a complete one gets owner, mode and times exactly."""
-    from rehost.online.protocol import CHUNK, DATA, END, ENTRY, chunk_frame, encode_frame
+    from rehost.online.protocol import CHUNK, DATA, END, chunk_frame, encode_frame
     from rehost.online.receiver.apply import FsApplier
 
     root = tmp_path / "dst"
@@ -548,14 +557,14 @@ def test_new_small_file_written_in_place_is_resent_after_an_interruption(tmp_pat
     content = os.urandom(10000)
     mt = 1_600_000_000_123_456_789
     entries = [
-        {"i": 0, "p": "", "t": "d", "m": 0o40755, "u": 0, "g": 0, "s": 0, "mt": mt, "at": mt,
-         "x": {}, "c": ["f"]},
-        {"i": 1, "p": "f", "t": "f", "m": 0o104750, "u": 1234, "g": 4321, "s": 12000,
+        {"i": 0, "p": b"", "t": "d", "m": 0o40755, "u": 0, "g": 0, "s": 0, "mt": mt, "at": mt,
+         "x": {}, "c": [b"f"]},
+        {"i": 1, "p": b"f", "t": "f", "m": 0o104750, "u": 1234, "g": 4321, "s": 12000,
          "mt": mt, "at": mt, "x": {}},
     ]  # fmt: skip
 
     def manifest() -> list[Any]:
-        frames = [(ENTRY, json.dumps(e).encode()) for e in entries]
+        frames = [(ENTRY, encode_entry(e)[5:]) for e in entries]  # without the frame head
         needs: list[Any] = applier.manifest(frames, "sha256")["needs"]
         return needs
 
@@ -594,3 +603,43 @@ def test_new_small_file_written_in_place_is_resent_after_an_interruption(tmp_pat
     assert manifest() == []
     assert sorted(os.listdir(root)) == ["f"]
     applier.close()
+
+
+_VALID_ENTRIES: list[dict[str, Any]] = [
+    {"i": 0, "p": b"", "t": "d", "m": 0o40755, "c": [b"a", b"b\xff"], "x": {"user.k": b"v"}},
+    {"i": 1, "p": b"a/b", "t": "f", "m": 0o100644, "s": 5, "mt": -1, "n": 2},
+    {"i": 2, "p": b"l", "t": "l", "l": b"../../etc/passwd", "x": {"security.selinux": b"c"}},
+    {"i": 3, "p": b"h", "t": "h", "h": b"a/b"},
+]
+
+
+def _safe(parts: list[bytes]) -> bool:
+    return all(p not in (b"", b".", b"..") and b"/" not in p and b"\0" not in p for p in parts)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    which=st.integers(0, len(_VALID_ENTRIES) - 1),
+    cut=st.integers(0, 200),
+    at=st.integers(0, 200),
+    byte=st.integers(0, 255),
+    tail=st.binary(max_size=8),
+)
+def test_entry_decoding_rejects_malformed_entries(
+    which: int, cut: int, at: int, byte: int, tail: bytes
+) -> None:
+    """Round trips hold; a truncated, overwritten or extended entry is either refused with
+    BAD_ENTRY or BAD_PATH or decodes to paths and names that stay inside the root."""
+    payload = encode_entry(_VALID_ENTRIES[which])[5:]
+    decoded = decode_entry(payload)
+    assert decoded["i"] == which and decoded["p"] == os.fsdecode(_VALID_ENTRIES[which]["p"])
+    mutated = bytearray(payload[: max(cut, 1)] if cut < len(payload) else payload)
+    if at < len(mutated):
+        mutated[at] = byte
+    mutated += tail
+    try:
+        entry = decode_entry(bytes(mutated))
+    except ProtocolError as e:
+        assert e.code in ("BAD_ENTRY", "BAD_PATH")
+        return
+    assert _safe(entry["parts"]) and _safe(entry.get("h", [b"x"])) and _safe(entry.get("c", []))

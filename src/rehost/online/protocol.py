@@ -12,7 +12,7 @@ import os
 import struct
 from typing import IO, Any, Dict, Iterator, List, Optional, Tuple, Union
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 ENTRY = b"E"
 DATA = b"D"
@@ -73,15 +73,6 @@ class ProtocolError(ValueError):
 
 def encode_frame(kind: bytes, payload: bytes) -> bytes:
     return _HEADER.pack(kind, len(payload)) + payload
-
-
-# json.dumps with any non-default argument builds a new encoder per call; one per entry
-# of a 28,000-entry walk shows in a profile
-_COMPACT = json.JSONEncoder(separators=(",", ":"))
-
-
-def json_frame(kind: bytes, obj: Dict[str, Any]) -> bytes:
-    return encode_frame(kind, _COMPACT.encode(obj).encode("utf-8"))
 
 
 def chunk_head(offset: int, codec: int, length: int) -> bytes:
@@ -194,51 +185,168 @@ def wire_to_path(text: str) -> bytes:
 
 
 def split_relpath(text: object) -> List[bytes]:
-    """Validate a wire path and return its components ("" is the filesystem's root).
-
-    Rejects absolute paths, "." and ".." components, empty components, NUL bytes and names
-    longer than 255 bytes: nothing that could name a place outside the root.
-    """
+    """Validate a wire path (str) and return its components ("" is the filesystem's root)."""
     if not isinstance(text, str):
         raise ProtocolError("BAD_PATH", "path is not a string")
-    if text == "":
-        return []
     try:
         raw = wire_to_path(text)
     except UnicodeError:
         raise ProtocolError("BAD_PATH", "path is not encodable") from None
+    return split_path(raw)
+
+
+def split_path(raw: bytes) -> List[bytes]:
+    """Validate a relative path and return its components (b"" is the filesystem's root).
+
+    Rejects absolute paths, "." and ".." components, empty components, NUL bytes and names
+    longer than 255 bytes: nothing that could name a place outside the root.
+    """
+    if not raw:
+        return []
     if b"\0" in raw:
-        raise ProtocolError("BAD_PATH", f"path contains NUL: {text!r}")
+        raise ProtocolError("BAD_PATH", f"path contains NUL: {raw!r}")
     if raw.startswith(b"/"):
-        raise ProtocolError("BAD_PATH", f"absolute path: {text!r}")
+        raise ProtocolError("BAD_PATH", f"absolute path: {raw!r}")
     parts = raw.split(b"/")
-    for part in parts:
-        if part in (b"", b".", b".."):
-            raise ProtocolError("BAD_PATH", f"bad path component in {text!r}")
-        if len(part) > 255:
-            raise ProtocolError("BAD_PATH", f"name longer than 255 bytes in {text!r}")
+    if b"" in parts or b"." in parts or b".." in parts:
+        raise ProtocolError("BAD_PATH", f"bad path component in {raw!r}")
+    if len(raw) > 255 and max(map(len, parts)) > 255:
+        raise ProtocolError("BAD_PATH", f"name longer than 255 bytes in {raw!r}")
     return parts
 
 
-def check_name(text: object) -> bytes:
-    """Validate one directory-child name from a "c" list."""
-    if isinstance(text, str):
-        try:
-            raw = text.encode("utf-8", "surrogateescape")
-        except UnicodeError:
-            raw = b""
-        # the common case in one pass; anything odd gets split_relpath's precise error
+# --- entries ------------------------------------------------------------------------------
+# An ENTRY payload is a fixed head, then length-prefixed byte strings (docs/online-protocol.md).
+# Binary rather than JSON: encoding and decoding a JSON entry took ~3.5 and ~3 us, a
+# fifth of each side's CPU in an incremental pass, and paths, link targets and xattr
+# values go as the bytes they are, without escaping or base64.
+
+# i, t, flags, m, u, g, s, mt, at, n, r, length of p
+_ENTRY_HEAD = struct.Struct(">IcBIIIQqqIQI")
+_FLAG_EXCLUDED = 1
+_U8 = struct.Struct(">B")
+_U16 = struct.Struct(">H")
+_U32 = struct.Struct(">I")
+_NO_XATTRS = _U16.pack(0)
+ENTRY_KINDS = frozenset("fdlhcbps")
+
+
+def encode_entry(entry: Dict[str, Any]) -> bytes:
+    """The ENTRY frame of a walk entry.
+
+    Keys: "i", "t", "p" (bytes) and, where they apply, "m", "u", "g", "s", "mt", "at", "n"
+    (st_nlink of a multiply linked file), "r" (rdev), "e" (an excluded directory), "l" (a
+    symlink's target, bytes), "h" (a hardlink's first path, bytes), "x" ({name: bytes}) and
+    "c" (a directory's child names, bytes). Nothing is validated: the receiver does that.
+    """
+    kind = entry["t"]
+    path = entry["p"]
+    parts = [
+        _ENTRY_HEAD.pack(
+            entry["i"], kind.encode("ascii"), _FLAG_EXCLUDED if entry.get("e") else 0,
+            entry.get("m", 0), entry.get("u", 0), entry.get("g", 0), entry.get("s", 0),
+            entry.get("mt", 0), entry.get("at", 0), entry.get("n", 0), entry.get("r", 0),
+            len(path),
+        ),
+        path,
+    ]  # fmt: skip
+    if kind in ("l", "h"):
+        target = entry[kind]
+        parts += [_U32.pack(len(target)), target]
+    xattrs = entry.get("x")
+    if xattrs:
+        parts.append(_U16.pack(len(xattrs)))
+        for name, value in xattrs.items():
+            raw = name.encode("utf-8", "surrogateescape")
+            parts += [_U8.pack(len(raw)), raw, _U32.pack(len(value)), value]
+    else:
+        parts.append(_NO_XATTRS)
+    if kind == "d":
+        children = entry.get("c") or []
+        parts.append(_U32.pack(len(children)))
+        for child in children:
+            parts += [_U8.pack(len(child)), child]
+    payload = b"".join(parts)
+    return _HEADER.pack(ENTRY, len(payload)) + payload
+
+
+def _field(payload: bytes, pos: int, size: struct.Struct) -> Tuple[bytes, int]:
+    """A length-prefixed byte string at `pos`, and the position after it."""
+    start = pos + size.size
+    end = start + size.unpack_from(payload, pos)[0]
+    if end > len(payload):
+        raise ProtocolError("BAD_ENTRY", "an entry ends inside a field")
+    return payload[start:end], end
+
+
+def _child_names(payload: bytes, pos: int) -> Tuple[List[bytes], int]:
+    """A directory's "c" list: a u32 count of u8-length names, all validated."""
+    names = []  # type: List[bytes]
+    count = _U32.unpack_from(payload, pos)[0]
+    pos += _U32.size
+    for _ in range(count):
+        start = pos + 1
+        pos = start + payload[start - 1]
+        names.append(payload[start:pos])
+    if pos > len(payload):
+        raise ProtocolError("BAD_ENTRY", "an entry ends inside a field")
+    if names:
+        joined = b"/".join(names)
         if (
-            0 < len(raw) <= 255
-            and b"/" not in raw
-            and b"\0" not in raw
-            and raw not in (b".", b"..")
+            joined.count(b"/") != len(names) - 1
+            or b"\0" in joined
+            or b"" in names
+            or b"." in names
+            or b".." in names
         ):
-            return raw
-    parts = split_relpath(text)
-    if len(parts) != 1:
-        raise ProtocolError("BAD_PATH", f"bad child name {text!r}")
-    return parts[0]
+            bad = next(n for n in names if n in (b"", b".", b"..") or b"/" in n or b"\0" in n)
+            raise ProtocolError("BAD_PATH", f"bad child name {bad!r}")
+    return names, pos
+
+
+def decode_entry(payload: bytes) -> Dict[str, Any]:
+    """Decode and validate an ENTRY payload once, for the receiver.
+
+    Gives the keys of encode_entry, every number present (0 when absent), "p" as the wire
+    str (for logs and the journal) with "parts" its validated components, "l" as bytes,
+    "h" as validated components, "x" as {str: bytes} and "c" as a list of validated names.
+    """
+    try:
+        i, t, flags, m, u, g, s, mt, at, n, r, plen = _ENTRY_HEAD.unpack_from(payload)
+        kind = t.decode("latin-1")
+        if kind not in ENTRY_KINDS:
+            raise ProtocolError("BAD_ENTRY", f"bad entry type {kind!r}")
+        pos = _ENTRY_HEAD.size + plen
+        path = payload[_ENTRY_HEAD.size : pos]
+        if pos > len(payload):
+            raise ProtocolError("BAD_ENTRY", "an entry ends inside its path")
+        entry = {
+            "i": i, "t": kind, "m": m, "u": u, "g": g, "s": s, "mt": mt, "at": at, "n": n,
+            "r": r, "e": bool(flags & _FLAG_EXCLUDED), "p": path_to_wire(path),
+            "parts": split_path(path), "x": {},
+        }  # type: Dict[str, Any]  # fmt: skip
+        if kind in "fcbps" and payload[pos:] == _NO_XATTRS:
+            return entry  # the common case: a file without xattrs
+        if kind == "l":
+            target, pos = _field(payload, pos, _U32)
+            if not target or b"\0" in target:
+                raise ProtocolError("BAD_ENTRY", "bad symlink target")
+            entry["l"] = target
+        elif kind == "h":
+            target, pos = _field(payload, pos, _U32)
+            entry["h"] = split_path(target)
+        count = _U16.unpack_from(payload, pos)[0]
+        pos += _U16.size
+        for _ in range(count):
+            name, pos = _field(payload, pos, _U8)
+            entry["x"][name.decode("utf-8", "surrogateescape")], pos = _field(payload, pos, _U32)
+        if kind == "d":
+            entry["c"], pos = _child_names(payload, pos)
+    except (struct.error, IndexError):
+        raise ProtocolError("BAD_ENTRY", "an entry ends inside a field") from None
+    if pos != len(payload):
+        raise ProtocolError("BAD_ENTRY", "trailing bytes after an entry")
+    return entry
 
 
 # --- file content -------------------------------------------------------------------
@@ -361,24 +469,11 @@ def partial_name(name: bytes) -> bytes:
     return PARTIAL_PREFIX.encode() + hashlib.sha256(name).hexdigest()[:32].encode()
 
 
-def entry_kind(entry: Dict[str, Any]) -> str:
-    kind = entry.get("t")
-    if kind not in ("f", "d", "l", "h", "c", "b", "p", "s"):
-        raise ProtocolError("BAD_ENTRY", f"bad entry type {kind!r}")
-    return str(kind)
-
-
-def optional_int(entry: Dict[str, Any], key: str) -> Optional[int]:
-    value = entry.get(key)
+def required_int(obj: Dict[str, Any], key: str) -> int:
+    """An integer field of a JSON frame (END's "i")."""
+    value = obj.get(key)
     if value is None:
-        return None
+        raise ProtocolError("BAD_FRAME", f"frame lacks {key!r}")
     if not isinstance(value, int) or isinstance(value, bool):
-        raise ProtocolError("BAD_ENTRY", f"field {key!r} is not an integer")
-    return value
-
-
-def required_int(entry: Dict[str, Any], key: str) -> int:
-    value = optional_int(entry, key)
-    if value is None:
-        raise ProtocolError("BAD_ENTRY", f"entry lacks {key!r}")
+        raise ProtocolError("BAD_FRAME", f"field {key!r} is not an integer")
     return value

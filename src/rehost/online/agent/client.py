@@ -15,7 +15,7 @@ import threading
 import time
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
-from rehost.online.protocol import HASH_HEADER, AgentError, hash_algorithms
+from rehost.online.protocol import HASH_HEADER, PROTOCOL_VERSION, AgentError, hash_algorithms
 
 _RETRYABLE = (OSError, http.client.HTTPException)
 _SEND_PIECE = 64 * 1024
@@ -154,6 +154,16 @@ class ReceiverClient:
         except BaseException:
             conn.close()
             raise
+        if self.last_hello.get("protocol") != PROTOCOL_VERSION:
+            conn.close()
+            raise AgentError(
+                "PROTOCOL_MISMATCH",
+                "the receiver at {}:{} speaks protocol {}, this agent {}".format(
+                    self.host, self.port, self.last_hello.get("protocol"), PROTOCOL_VERSION
+                ),
+                "run the agent bundled by the same rehost version as the receiver "
+                "(rehost agent-bundle)",
+            )
         self.hash_alg = _common_hash(self.last_hello.get("hashes"))
         self._conn = conn
         return conn

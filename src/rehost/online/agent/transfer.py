@@ -17,7 +17,6 @@ import stat
 import threading
 import time
 import zlib
-from base64 import b64encode
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 from urllib.parse import quote
 
@@ -31,16 +30,15 @@ from rehost.online.protocol import (
     DATA,
     DELTA,
     END,
-    ENTRY,
     AgentError,
     block_hash,
     chunk_frame,
     chunk_head,
+    encode_entry,
     encode_frame,
     feed_zeros,
     iter_blocks,
     iter_data,
-    json_frame,
     new_hash,
     path_to_wire,
     zero_frame,
@@ -165,7 +163,7 @@ def _matcher(patterns: List[str]) -> Callable[[str], bool]:
     return lambda path: regex.match(path) is not None
 
 
-def _xattrs(path: bytes) -> Dict[str, str]:
+def _xattrs(path: bytes) -> Dict[str, bytes]:
     try:
         names = os.listxattr(path, follow_symlinks=False)
     except OSError as e:
@@ -180,7 +178,7 @@ def _xattrs(path: bytes) -> Dict[str, str]:
             if e.errno in (errno.ENODATA, errno.ENOTSUP, errno.ENOENT):
                 continue
             raise
-        out[name] = b64encode(value).decode("ascii")
+        out[name] = value
     return out
 
 
@@ -197,7 +195,7 @@ class _Walker:
         self.excluded = _matcher(patterns)
         self.dir_excluded = _matcher([p[:-2] for p in patterns if p.endswith("/*")])
         self.log = log
-        self.links = {}  # type: Dict[Tuple[int, int], str]
+        self.links = {}  # type: Dict[Tuple[int, int], bytes]
 
     def _abs(self, rel: bytes) -> bytes:
         if not rel:
@@ -206,15 +204,14 @@ class _Walker:
 
     def _entry(self, rel: bytes, path: bytes, st: os.stat_result) -> Dict[str, Any]:
         kind = _kind(st.st_mode)
-        wire = path_to_wire(rel)
         if kind != "d" and st.st_nlink > 1:
             key = (st.st_dev, st.st_ino)
             first = self.links.get(key)
             if first is not None:
-                return {"p": wire, "t": "h", "h": first}
-            self.links[key] = wire
+                return {"p": rel, "t": "h", "h": first}
+            self.links[key] = rel
         entry = {
-            "p": wire,
+            "p": rel,
             "t": kind,
             "m": st.st_mode,
             "u": st.st_uid,
@@ -227,7 +224,7 @@ class _Walker:
         if kind == "f" and st.st_nlink > 1:
             entry["n"] = st.st_nlink
         elif kind == "l":
-            entry["l"] = path_to_wire(os.readlink(path))
+            entry["l"] = os.readlink(path)
         elif kind in ("c", "b"):
             entry["r"] = st.st_rdev
         return entry
@@ -264,7 +261,7 @@ class _Walker:
             )
             children = [] if empty else self._children(rel)
             entry = self._entry(rel, path, st)
-            entry["c"] = sorted(path_to_wire(c[0].rpartition(b"/")[2]) for c in children)
+            entry["c"] = [c[0].rpartition(b"/")[2] for c in children]
             if empty:
                 entry["e"] = True
             yield entry, path
@@ -408,7 +405,7 @@ def _batches(walker: _Walker) -> Iterator[_Batch]:
     size = 0
     for entry, path in walker.walk():
         entry["i"] = len(batch)
-        frame = json_frame(ENTRY, entry)
+        frame = encode_entry(entry)
         batch.append((entry, path))
         frames.append(frame)
         size += len(frame)

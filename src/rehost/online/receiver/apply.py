@@ -15,7 +15,6 @@ agent's. Metadata goes on in the order content → lchown → chmod → xattrs
 
 from __future__ import annotations
 
-import base64
 import ctypes
 import errno
 import hashlib
@@ -46,19 +45,16 @@ from rehost.online.protocol import (
     PARTIAL_PREFIX,
     ProtocolError,
     block_hash,
-    check_name,
     decode_chunk,
+    decode_entry,
     decode_json,
     delta_block_size,
-    entry_kind,
     feed_zeros,
     iter_blocks,
     new_hash,
-    optional_int,
     partial_name,
     required_int,
     split_relpath,
-    wire_to_path,
     zero_length,
 )
 from rehost.online.receiver.journal import Journal
@@ -156,29 +152,13 @@ def _decompress(codec: int, data: memoryview) -> bytes | memoryview:
     raise ProtocolError("BAD_FRAME", f"unknown codec {codec}")
 
 
-def _xattrs(entry: dict[str, Any]) -> dict[str, bytes]:
-    raw = entry.get("x") or {}
-    if not isinstance(raw, dict):
-        raise ProtocolError("BAD_ENTRY", "x is not an object")
-    try:
-        return {str(k): base64.b64decode(v, validate=True) for k, v in raw.items()}
-    except (ValueError, TypeError):
-        raise ProtocolError("BAD_ENTRY", "bad xattr value") from None
-
-
 def _meta_matches(entry: dict[str, Any], kind: str, st: os.stat_result) -> bool:
     """Owner, mode (not for symlinks) and times (not for directories) are as the entry says."""
     return (
-        st.st_uid == required_int(entry, "u")
-        and st.st_gid == required_int(entry, "g")
-        and (kind == "l" or stat.S_IMODE(st.st_mode) == required_int(entry, "m") & 0o7777)
-        and (
-            kind == "d"
-            or (
-                st.st_mtime_ns == required_int(entry, "mt")
-                and st.st_atime_ns == required_int(entry, "at")
-            )
-        )
+        st.st_uid == entry["u"]
+        and st.st_gid == entry["g"]
+        and (kind == "l" or stat.S_IMODE(st.st_mode) == entry["m"] & 0o7777)
+        and (kind == "d" or (st.st_mtime_ns == entry["mt"] and st.st_atime_ns == entry["at"]))
     )
 
 
@@ -291,16 +271,16 @@ class FsApplier:
         if st is not None and _meta_matches(entry, kind, st):
             self._set_xattrs(entry, where, nofollow)
             return
-        os.chown(where, required_int(entry, "u"), required_int(entry, "g"), **nofollow)
+        os.chown(where, entry["u"], entry["g"], **nofollow)
         if kind != "l":
-            os.chmod(where, required_int(entry, "m") & 0o7777)
+            os.chmod(where, entry["m"] & 0o7777)
         self._set_xattrs(entry, where, nofollow)
-        atime, mtime = required_int(entry, "at"), required_int(entry, "mt")
+        atime, mtime = entry["at"], entry["mt"]
         if kind != "d":
             os.utime(where, ns=(atime, mtime), **nofollow)
 
     def _set_xattrs(self, entry: dict[str, Any], where: int | bytes, kw: dict[str, Any]) -> None:
-        want = _xattrs(entry) if entry.get("x") else {}
+        want: dict[str, bytes] = entry["x"]
         try:
             listed = os.listxattr(where, **kw)
             if not listed and not want:
@@ -342,17 +322,17 @@ class FsApplier:
         for kind, payload in frames:
             if kind != ENTRY:
                 raise ProtocolError("BAD_FRAME", "a manifest holds ENTRY frames only")
-            entry = decode_json(payload)
-            index = required_int(entry, "i")
-            parts = split_relpath(entry.get("p"))
-            t = entry_kind(entry)
+            entry = decode_entry(payload)
+            index = entry["i"]
+            parts = entry["parts"]
+            t = entry["t"]
             if not parts and t != "d":
                 raise ProtocolError("BAD_ENTRY", "the root must be a directory")
             if t == "d":
                 deleted += self._apply_dir(entry, parts)
-                dirs.append((entry["p"], required_int(entry, "at"), required_int(entry, "mt")))
+                dirs.append((entry["p"], entry["at"], entry["mt"]))
             elif t == "h":
-                target = split_relpath(entry.get("h"))
+                target = entry["h"]
                 if b"/".join(target) in pending_paths:
                     self.deferred.append((entry, parts))
                 else:
@@ -385,12 +365,7 @@ class FsApplier:
                 os.close(pfd)
         fd = self._open_dir(parts)
         try:
-            children = entry.get("c") or []
-            if not isinstance(children, list):
-                raise ProtocolError("BAD_ENTRY", "c is not a list")
-            keep = {check_name(c) for c in children}
-            if entry.get("e"):
-                keep = set()
+            keep = set() if entry["e"] else set(entry["c"])
             deleted = 0
             partials: set[bytes] | None = None
             for child in os.listdir(fd):
@@ -448,9 +423,7 @@ class FsApplier:
             if t == "f":
                 return self._file_need(entry, pfd, name, st, alg)
             if t == "l":
-                target = wire_to_path(str(entry.get("l", "")))
-                if not target or b"\0" in target:
-                    raise ProtocolError("BAD_ENTRY", "bad symlink target")
+                target = entry["l"]
                 if st is not None and os.readlink(name, dir_fd=pfd) == target:
                     self._set_meta(entry, t, None, pfd, name, st)
                     return None
@@ -458,7 +431,7 @@ class FsApplier:
                 _rmtree(pfd, tmp)
                 os.symlink(target, tmp, dir_fd=pfd)
             else:
-                rdev = optional_int(entry, "r") or 0
+                rdev = entry["r"]
                 if st is not None and (t not in "cb" or st.st_rdev == rdev):
                     self._set_meta(entry, t, None, pfd, name, st)
                     return None
@@ -475,15 +448,13 @@ class FsApplier:
         self, entry: dict[str, Any], pfd: int, name: bytes, st: os.stat_result | None, alg: str
     ) -> tuple[list[Any], str] | None:
         """What the file needs (the wire's need, without the index) and where it lands."""
-        size = required_int(entry, "s")
-        if size < 0:
-            raise ProtocolError("BAD_ENTRY", "negative size")
-        split_link = st is not None and st.st_nlink > 1 and (optional_int(entry, "n") or 1) == 1
+        size = entry["s"]
+        split_link = st is not None and st.st_nlink > 1 and entry["n"] <= 1
         if (
             st is not None
             and not split_link
             and st.st_size == size
-            and st.st_mtime_ns == required_int(entry, "mt")
+            and st.st_mtime_ns == entry["mt"]
         ):
             if _meta_matches(entry, "f", st):
                 self._set_xattrs(entry, _proc(pfd, name), {"follow_symlinks": False})
@@ -592,7 +563,7 @@ class FsApplier:
                 os.close(cur.fd)
                 os.close(cur.pfd)
         for entry, parts in self.deferred:
-            self._apply_link(parts, split_relpath(entry.get("h")))
+            self._apply_link(parts, entry["h"])
         self.pending = {}
         self.deferred = []
         self.journal.commit(self.root_fd, batches=1, files=files, bytes=received)
@@ -606,7 +577,7 @@ class FsApplier:
             raise ProtocolError("BAD_FRAME", f"entry {index} came as the wrong kind")
         pfd = self._open_dir(parts[:-1])
         name = parts[-1]
-        size = required_int(entry, "s")
+        size = entry["s"]
         try:
             flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC
             if where == "new":
@@ -616,7 +587,7 @@ class FsApplier:
                     fd = os.open(
                         name,
                         flags | os.O_CREAT | os.O_EXCL,
-                        required_int(entry, "m") & 0o777,
+                        entry["m"] & 0o777,
                         dir_fd=pfd,
                     )
                 except FileExistsError:  # it appeared since the manifest: replace it safely
@@ -664,8 +635,8 @@ class FsApplier:
         st = os.fstat(cur.fd)
         if st.st_size != cur.size:
             os.ftruncate(cur.fd, cur.size)  # a hole at the end
-        uid, gid = required_int(entry, "u"), required_int(entry, "g")
-        mode = required_int(entry, "m") & 0o7777
+        uid, gid = entry["u"], entry["g"]
+        mode = entry["m"] & 0o7777
         chowned = (st.st_uid, st.st_gid) != (uid, gid)
         if chowned:
             os.chown(cur.fd, uid, gid)
@@ -673,7 +644,7 @@ class FsApplier:
         if stat.S_IMODE(st.st_mode) != mode or (chowned and mode & 0o6000):
             os.chmod(cur.fd, mode)
         self._set_xattrs(entry, cur.fd, {})
-        os.utime(cur.fd, ns=(required_int(entry, "at"), required_int(entry, "mt")))
+        os.utime(cur.fd, ns=(entry["at"], entry["mt"]))
 
     def _reject_file(self, cur: _Incoming) -> None:
         """A hash mismatch (the source changed while read): make the next pass resend it."""
