@@ -605,6 +605,82 @@ def test_new_small_file_written_in_place_is_resent_after_an_interruption(tmp_pat
     applier.close()
 
 
+def test_delta_end_hash_is_checked_over_block_hashes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A DELTA's END hash is over the block hashes of the final content: the receiver checks
+    it from the hashes it kept and the blocks it received, or, when a chunk comes off the
+    block grid, by re-reading the patched file; a wrong one fails the file."""
+    from rehost.online.protocol import (
+        CHUNK,
+        DELTA,
+        END,
+        blocks_digest,
+        chunk_frame,
+        zero_frame,
+    )  # fmt: skip
+    from rehost.online.receiver import apply
+    from rehost.online.receiver.apply import FsApplier
+
+    reads: list[int] = []  # files read for their block hashes: the manifest's, and re-reads
+    real = apply._block_hashes
+
+    def counted(*args: Any) -> list[str]:
+        reads.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(apply, "_block_hashes", counted)
+    root = tmp_path / "dst"
+    root.mkdir()
+    applier = FsApplier("root", root, tmp_path / "state")
+    size = DELTA_MIN_SIZE + 100_000  # the last block is partial
+    block = delta_block_size(size)
+    old = os.urandom(size)
+    (root / "big").write_bytes(old)
+    os.utime(root / "big", ns=(1, 1))
+    mt = 1_700_000_000_000_000_000
+
+    def patched(*changes: tuple[int, bytes]) -> bytes:
+        data = bytearray(old)
+        for off, piece in changes:
+            data[off : off + len(piece)] = piece
+        return bytes(data)
+
+    def run(chunks: list[bytes], digest: str) -> dict[str, Any]:
+        entries = [
+            {"i": 0, "p": b"", "t": "d", "m": 0o40755, "mt": mt, "at": mt, "c": [b"big"]},
+            {"i": 1, "p": b"big", "t": "f", "m": 0o100644, "s": size, "mt": mt, "at": mt},
+        ]
+        needs = applier.manifest([(ENTRY, encode_entry(e)[5:]) for e in entries], "xxh128")
+        assert needs["needs"][0][:3] == [1, "delta", block]
+        end = json.dumps({"i": 1, "hash": digest, "alg": "xxh128"}).encode()
+        frames = [(DELTA, b'{"i":1}'), *[(CHUNK, c[5:]) for c in chunks], (END, end)]
+        result: dict[str, Any] = applier.data(applier.batch, frames)
+        return result
+
+    def digest_of(content: bytes) -> str:
+        hashes = [block_hash("xxh128", content[o : o + block]) for o in range(0, size, block)]
+        return blocks_digest("xxh128", hashes)
+
+    new = patched((block, os.urandom(block)), (3 * block, bytes(block)))
+    on_grid = [chunk_frame(block, 0, new[block : 2 * block]), zero_frame(3 * block, block)]
+    assert run(on_grid, "0" * 32)["failed"] == [1]  # a wrong digest fails the file
+    (root / "big").write_bytes(old)
+    os.utime(root / "big", ns=(1, 1))
+    reads.clear()
+    assert run(on_grid, digest_of(new)) == {"files": 1, "bytes": block, "failed": []}
+    assert (root / "big").read_bytes() == new
+    assert len(reads) == 1  # the manifest's answer; END needed no re-read
+    old = new
+    os.utime(root / "big", ns=(2, 2))
+    new = patched((5, b"off the grid"))
+    reads.clear()
+    assert run([chunk_frame(5, 0, b"off the grid")], digest_of(new))["failed"] == []
+    assert (root / "big").read_bytes() == new
+    assert len(reads) == 2  # off the grid: END re-read the patched file
+    applier.close()
+
+
 _VALID_ENTRIES: list[dict[str, Any]] = [
     {"i": 0, "p": b"", "t": "d", "m": 0o40755, "c": [b"a", b"b\xff"], "x": {"user.k": b"v"}},
     {"i": 1, "p": b"a/b", "t": "f", "m": 0o100644, "s": 5, "mt": -1, "n": 2},

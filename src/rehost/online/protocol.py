@@ -449,11 +449,20 @@ def new_hash(alg: str) -> Any:
     raise ProtocolError("BAD_HASH", f"unknown hash algorithm {alg!r}")
 
 
-def block_hash(alg: str, data: bytes) -> str:
+def block_hash(alg: str, data: Union[bytes, memoryview]) -> str:
     """The hash of one delta block: 128 bits are plenty next to the whole-file hash."""
     h = new_hash(alg)
     h.update(data)
     return str(h.hexdigest())[:32]
+
+
+def blocks_digest(alg: str, hashes: List[str]) -> str:
+    """A DELTA file's END hash: over its block hashes, not its bytes, so that neither side
+    reads the whole file again for it; the receiver knows the blocks it kept (it hashed
+    them for the manifest's answer) and hashes the ones it receives."""
+    h = new_hash(alg)
+    h.update("".join(hashes).encode("ascii"))
+    return str(h.hexdigest())
 
 
 def delta_block_size(size: int) -> int:

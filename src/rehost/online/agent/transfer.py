@@ -32,6 +32,7 @@ from rehost.online.protocol import (
     END,
     AgentError,
     block_hash,
+    blocks_digest,
     chunk_frame,
     chunk_head,
     encode_entry,
@@ -323,24 +324,25 @@ class _Sender:
             return
         alg = str(self.client.hash_alg)  # chosen at the connection's hello
         try:
-            whole = new_hash(alg)
             if need[1] == "delta":
                 block, theirs = int(need[2]), list(need[3])
                 yield encode_frame(DELTA, b'{"i":%d}' % index)
                 self.stats["delta_files"] += 1
+                mine = []  # type: List[str]
                 for off, data in iter_blocks(fd, size, block):
                     n = min(block, size - off)
                     k = off // block
-                    mine = self._zero_hash(alg, n) if data is None else block_hash(alg, data)
-                    whole.update(_ZERO[:n] if data is None else data)
-                    if k < len(theirs) and theirs[k] == mine:
+                    mine.append(self._zero_hash(alg, n) if data is None else block_hash(alg, data))
+                    if k < len(theirs) and theirs[k] == mine[k]:
                         continue
                     if data is None or data == _ZERO[: len(data)]:
                         yield zero_frame(off, n)
                     else:
                         yield self._chunk(off, data)
+                digest = blocks_digest(alg, mine)
             else:
                 yield encode_frame(DATA, b'{"i":%d}' % index)
+                whole = new_hash(alg)
                 done = 0
                 for off, data in iter_data(fd, size, CHUNK_SIZE):
                     feed_zeros(whole, off - done)
@@ -349,9 +351,10 @@ class _Sender:
                     if data[-1:] != b"\0" or data != _ZERO[: len(data)]:
                         yield self._chunk(off, data)
                 feed_zeros(whole, size - done)
+                digest = whole.hexdigest()
             self.stats["files_sent"] += 1
-            # what json_frame would make, without its cost on every small file
-            end = f'{{"i":{index},"hash":"{whole.hexdigest()}","alg":"{alg}"}}'
+            # compact JSON, without json's cost on every small file
+            end = f'{{"i":{index},"hash":"{digest}","alg":"{alg}"}}'
             yield encode_frame(END, end.encode("ascii"))
         finally:
             os.close(fd)

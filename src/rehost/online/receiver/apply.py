@@ -45,6 +45,7 @@ from rehost.online.protocol import (
     PARTIAL_PREFIX,
     ProtocolError,
     block_hash,
+    blocks_digest,
     decode_chunk,
     decode_entry,
     decode_json,
@@ -176,6 +177,26 @@ class _Incoming:
         self.size = size
         self.delta = False
         self.new = False  # created under its own name by this request (O_EXCL)
+        # a delta's block size and block hashes: those kept from the manifest's answer, each
+        # replaced as its block arrives; None once something arrives off the block grid
+        self.block = 0
+        self.hashes: list[str | None] | None = None
+
+    def note_block(
+        self, alg: str, offset: int, length: int, data: bytes | memoryview | None
+    ) -> None:
+        """A delta block arrived (data None: a zero block): record its hash."""
+        if self.hashes is None:
+            return
+        k = offset // self.block
+        if (
+            offset % self.block
+            or k >= len(self.hashes)
+            or length != min(self.block, self.size - offset)
+        ):
+            self.hashes = None  # verified by re-reading instead
+            return
+        self.hashes[k] = block_hash(alg, bytes(length) if data is None else data)
 
 
 class FsApplier:
@@ -190,7 +211,7 @@ class FsApplier:
         # index → (entry, path, "full"|"delta", where): where the data goes, "partial" (the
         # .rehost-partial-* file, renamed into place at END), "inplace" (a delta patching the
         # file itself) or "new" (a small file the destination lacks, created under its name)
-        self.pending: dict[int, tuple[dict[str, Any], list[bytes], str, str]] = {}
+        self.pending: dict[int, tuple[dict[str, Any], list[bytes], str, str, list[Any]]] = {}
         self.deferred: list[tuple[dict[str, Any], list[bytes]]] = []
         self.xattr_warned = False
         self.alg = "sha256"
@@ -342,7 +363,7 @@ class FsApplier:
                 if wanted is not None:
                     need, where = wanted
                     needs.append([index, *need])
-                    self.pending[index] = (entry, parts, need[0], where)
+                    self.pending[index] = (entry, parts, need[0], where, need[1:3])
                     pending_paths.add(b"/".join(parts))
             applied += 1
         self.journal.add_dirs(dirs)
@@ -482,20 +503,17 @@ class FsApplier:
         block = delta_block_size(size)
         fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
         try:
-            have = os.fstat(fd).st_size
-            zero: dict[int, str] = {}
-            hashes = []
-            for off, data in iter_blocks(fd, min(have, size), block):
-                if data is None:
-                    n = min(block, have - off)
-                    if n not in zero:
-                        zero[n] = block_hash(alg, bytes(n))
-                    hashes.append(zero[n])
-                else:
-                    hashes.append(block_hash(alg, data))
-            return [block, hashes]
+            return [block, _block_hashes(fd, min(os.fstat(fd).st_size, size), block, alg)]
         finally:
             os.close(fd)
+
+    def _delta_digest(self, cur: _Incoming, alg: str) -> str:
+        """END's hash for a delta: from the tracked block hashes when every block is known
+        (kept or received), else from the patched file, re-read."""
+        hashes = cur.hashes
+        if hashes is None or None in hashes or alg != self.alg:
+            return blocks_digest(alg, _block_hashes(cur.fd, cur.size, cur.block, alg))
+        return blocks_digest(alg, [h for h in hashes if h is not None])
 
     # --- data ---------------------------------------------------------------------------
 
@@ -528,13 +546,16 @@ class FsApplier:
                             raise ProtocolError("BAD_FRAME", "a chunk past the file's size")
                         if cur.delta:
                             _punch(cur.fd, offset, length)
+                            cur.note_block(self.alg, offset, length, None)
                         continue
                     data = _decompress(codec, body)
                     if offset + len(data) > cur.size:
                         raise ProtocolError("BAD_FRAME", "a chunk past the file's size")
                     _pwrite_all(cur.fd, data, offset)
                     received += len(data)
-                    if hasher is not None:
+                    if cur.delta:
+                        cur.note_block(self.alg, offset, len(data), data)
+                    elif hasher is not None:
                         if offset < expect:
                             hasher = None  # out of order: verify by re-reading instead
                         else:
@@ -546,7 +567,9 @@ class FsApplier:
                         raise ProtocolError("BAD_FRAME", "END outside a file")
                     end = decode_json(payload)
                     alg = str(end.get("alg", "sha256"))
-                    if hasher is not None and alg == self.alg:
+                    if cur.delta:
+                        digest = self._delta_digest(cur, alg)
+                    elif hasher is not None and alg == self.alg:
                         feed_zeros(hasher, cur.size - expect)
                         digest = hasher.hexdigest()
                     else:
@@ -572,7 +595,7 @@ class FsApplier:
     def _open_incoming(self, index: int, delta: bool) -> _Incoming:
         if index not in self.pending:
             raise ProtocolError("BAD_FRAME", f"entry {index} was not asked for")
-        entry, parts, kind, where = self.pending.pop(index)
+        entry, parts, kind, where, blocks = self.pending.pop(index)
         if delta != (kind == "delta"):
             raise ProtocolError("BAD_FRAME", f"entry {index} came as the wrong kind")
         pfd = self._open_dir(parts[:-1])
@@ -607,6 +630,10 @@ class FsApplier:
                 fd = os.open(name, flags, dir_fd=pfd)
             incoming = _Incoming(fd, pfd, name, tmp, entry, size)
             incoming.delta = delta
+            if delta:
+                incoming.block, kept = blocks
+                count = -(-size // incoming.block)
+                incoming.hashes = [*kept[:count], *[None] * (count - len(kept))]
             os.ftruncate(fd, size)
             return incoming
         except BaseException:
@@ -682,6 +709,20 @@ def _header_index(payload: bytes) -> int:
     if payload[:5] == b'{"i":' and payload[-1:] == b"}" and payload[5:-1].isdigit():
         return int(payload[5:-1])
     return required_int(decode_json(payload), "i")
+
+
+def _block_hashes(fd: int, size: int, block: int, alg: str) -> list[str]:
+    zero: dict[int, str] = {}
+    hashes = []
+    for off, data in iter_blocks(fd, size, block):
+        if data is None:
+            n = min(block, size - off)
+            if n not in zero:
+                zero[n] = block_hash(alg, bytes(n))
+            hashes.append(zero[n])
+        else:
+            hashes.append(block_hash(alg, data))
+    return hashes
 
 
 def _file_hash(fd: int, size: int, alg: str) -> str:
