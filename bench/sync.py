@@ -26,6 +26,7 @@ its own destination); `--profile` py-spy-records the agent and the receiver per 
 from __future__ import annotations
 
 import argparse
+import compileall
 import dataclasses
 import json
 import os
@@ -45,7 +46,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
-from common import Timing
+from common import Timing, byte_compile_rehost
 from netns import NetnsPair, netns_pair
 from rootfs import bookworm_minbase
 
@@ -577,6 +578,11 @@ def main() -> None:
     names = [n for n in SCENARIOS if not args.only or n in args.only.split(",")]
     if args.profile:
         os.makedirs(args.profile, exist_ok=True)
+    # as installed from a wheel: without bytecode (and under PYTHONDONTWRITEBYTECODE) each
+    # agent and receiver start would compile its modules again
+    byte_compile_rehost()
+    if args.ab:
+        compileall.compile_dir(args.ab, quiet=1)
     with bench_env(os.path.abspath(args.profile) if args.profile else "", args.ab) as b:
         print(f"# {args.runs} alternating runs; medians; veth pair, both trees on tmpfs; "
               f"{time.strftime('%Y-%m-%d')}, {socket.gethostname()}")  # fmt: skip
