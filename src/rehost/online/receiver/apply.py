@@ -9,7 +9,8 @@ resumed by delta. A small file (< DELTA_MIN_SIZE) that the destination lacks is 
 created under its own name (O_CREAT | O_EXCL | O_NOFOLLOW), with fd-only metadata calls:
 its times are set last, so an interrupted one keeps a fresh mtime and the quick check sends
 it again. Every file's content hash is computed while it is written and compared with the
-agent's. Metadata goes on in the order content → lchown → chmod → xattrs
+agent's (a delta's, over its block hashes: those of the kept blocks are known from the
+manifest's answer). Metadata goes on in the order content → lchown → chmod → xattrs
 (security.capability last, since chown clears it) → times.
 """
 
@@ -208,9 +209,10 @@ class FsApplier:
         self.root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self.journal = Journal(state_dir, fs_id)
         self.batch = 0
-        # index → (entry, path, "full"|"delta", where): where the data goes, "partial" (the
-        # .rehost-partial-* file, renamed into place at END), "inplace" (a delta patching the
-        # file itself) or "new" (a small file the destination lacks, created under its name)
+        # index → (entry, path, "full"|"delta", where, [block size, block hashes] of a
+        # delta): where the data goes, "partial" (the .rehost-partial-* file, renamed into
+        # place at END), "inplace" (a delta patching the file itself) or "new" (a small file
+        # the destination lacks, created under its name)
         self.pending: dict[int, tuple[dict[str, Any], list[bytes], str, str, list[Any]]] = {}
         self.deferred: list[tuple[dict[str, Any], list[bytes]]] = []
         self.xattr_warned = False
