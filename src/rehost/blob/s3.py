@@ -1,4 +1,4 @@
-"""An S3 object as a RangeSource: boto3 ranged GETs through the shared read-ahead cache.
+"""An S3 object as a RangeSource: ranged GETs (botocore) through the shared read-ahead cache.
 
 The image readers see nothing but `RangeSource`, so an image streams from object
 storage straight onto the destination disk with no staging copy: the converter
@@ -14,7 +14,7 @@ a response is caught too), which is raised as `SourceChanged`.
 
 Configuration is the standard one, so the same environment works for the AWS
 CLI: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (/ AWS_SESSION_TOKEN),
-AWS_ENDPOINT_URL (read by boto3 itself), AWS_REGION or AWS_DEFAULT_REGION.
+AWS_ENDPOINT_URL (read by botocore itself), AWS_REGION or AWS_DEFAULT_REGION.
 REHOST_S3_ADDRESSING=path|virtual|auto picks the addressing style; `auto`
 means path-style when an endpoint URL is set (most S3-compatible stores,
 SeaweedFS and MinIO among them, expect it) and botocore's choice otherwise.
@@ -76,7 +76,7 @@ class S3Source(ReadAheadSource):
     """An S3 object read by ranged GETs pinned to the ETag it had at open.
 
     `S3Source(bucket, key)` or `S3Source.from_url("s3://bucket/key")`; keyword
-    arguments `client` (a boto3 S3 client; default: from the environment),
+    arguments `client` (an S3 client; default: from the environment),
     `chunk_size`, `readahead`, `cache_bytes` and `retry` (see `ReadAheadSource`).
     `etag` is the pinned ETag, `last_modified` (ISO 8601) and `version_id` (None unless
     the bucket is versioned) identify the object further; counters `bytes_fetched`,
