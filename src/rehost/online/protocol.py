@@ -228,7 +228,7 @@ _U8 = struct.Struct(">B")
 _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
 _NO_XATTRS = _U16.pack(0)
-ENTRY_KINDS = frozenset("fdlhcbps")
+_KIND_NAMES = {kind.encode(): kind for kind in "fdlhcbps"}
 
 
 def encode_entry(entry: Dict[str, Any]) -> bytes:
@@ -313,19 +313,19 @@ def decode_entry(payload: bytes) -> Dict[str, Any]:
     """
     try:
         i, t, flags, m, u, g, s, mt, at, n, r, plen = _ENTRY_HEAD.unpack_from(payload)
-        kind = t.decode("latin-1")
-        if kind not in ENTRY_KINDS:
-            raise ProtocolError("BAD_ENTRY", f"bad entry type {kind!r}")
+        kind = _KIND_NAMES.get(t)
+        if kind is None:
+            raise ProtocolError("BAD_ENTRY", f"bad entry type {t!r}")
         pos = _ENTRY_HEAD.size + plen
         path = payload[_ENTRY_HEAD.size : pos]
         if pos > len(payload):
             raise ProtocolError("BAD_ENTRY", "an entry ends inside its path")
         entry = {
             "i": i, "t": kind, "m": m, "u": u, "g": g, "s": s, "mt": mt, "at": at, "n": n,
-            "r": r, "e": bool(flags & _FLAG_EXCLUDED), "p": path_to_wire(path),
-            "parts": split_path(path), "x": {},
+            "r": r, "e": bool(flags & _FLAG_EXCLUDED),
+            "p": path.decode("utf-8", "surrogateescape"), "parts": split_path(path), "x": {},
         }  # type: Dict[str, Any]  # fmt: skip
-        if kind in "fcbps" and payload[pos:] == _NO_XATTRS:
+        if len(payload) == pos + 2 and kind in "fcbps" and payload.endswith(_NO_XATTRS):
             return entry  # the common case: a file without xattrs
         if kind == "l":
             target, pos = _field(payload, pos, _U32)

@@ -235,6 +235,16 @@ class FsApplier:
 
     # --- path resolution ----------------------------------------------------------------
 
+    def _borrow_dir(self, parts: list[bytes]) -> int | None:
+        """The cached fd of the directory at `parts`, if there is one, not duplicated: the
+        caller must not close it, nor keep it past its next _open_dir call (which may close
+        it). Saves a dup and a close for most entries of a walk."""
+        if not parts:
+            return self.root_fd
+        if self.dirs_gen != _removed_dirs:
+            return None
+        return self.dirs.get(tuple(parts))
+
     def _open_dir(self, parts: list[bytes]) -> int:
         """A new fd of the directory at `parts` (the caller closes it), resolved safely."""
         if self.dirs_gen != _removed_dirs:
@@ -436,7 +446,8 @@ class FsApplier:
     def _apply_other(
         self, entry: dict[str, Any], t: str, parts: list[bytes], alg: str
     ) -> tuple[list[Any], str] | None:
-        pfd = self._open_dir(parts[:-1])
+        borrowed = self._borrow_dir(parts[:-1])  # nothing below opens another directory
+        pfd = borrowed if borrowed is not None else self._open_dir(parts[:-1])
         try:
             name = parts[-1]
             st = _lstat(pfd, name)
@@ -465,7 +476,8 @@ class FsApplier:
             os.rename(tmp, name, src_dir_fd=pfd, dst_dir_fd=pfd)
             return None
         finally:
-            os.close(pfd)
+            if borrowed is None:
+                os.close(pfd)
 
     def _file_need(
         self, entry: dict[str, Any], pfd: int, name: bytes, st: os.stat_result | None, alg: str
