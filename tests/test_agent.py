@@ -149,6 +149,28 @@ def test_excludes(tmp_path: Path) -> None:
     assert agent_config.excludes_for_mount(got, "/") == got
 
 
+def test_walk_applies_excludes_at_any_depth(tmp_path: Path) -> None:
+    """Directories whose path diverges from every pattern's literal start skip the pattern
+    match; the result is the same as matching every path."""
+    from rehost.online.agent.transfer import _Walker
+
+    for rel in ["data/scratch/x/deep", "data/keep", "var/log/apt", "usr/share", "swap dir"]:
+        (tmp_path / rel).mkdir(parents=True)
+    for rel in ["data/scratch/x/deep/f", "data/keep/a.tmp", "data/keep/b", "var/log/apt/h.gz",
+                "var/log/apt/h.txt", "usr/share/c.tmp", "usr/share/d", "swap dir/s"]:  # fmt: skip
+        (tmp_path / rel).write_text("x")
+    patterns = ["/data/scratch/*", "/var/log/*.gz", "*.tmp", "/swap dir/s"]
+    walker = _Walker(str(tmp_path), patterns, None)
+    sent = {entry["p"].decode() for entry, _ in walker.walk()}
+    assert sent == {"", "data", "data/scratch", "data/keep", "data/keep/b", "var", "var/log",
+                    "var/log/apt", "var/log/apt/h.txt", "usr", "usr/share", "usr/share/d",
+                    "swap dir"}  # fmt: skip
+    anchored = _Walker(str(tmp_path), ["/data/scratch/*", "/var/log/*.gz"], None)
+    assert anchored._may_exclude_below(b"data") and anchored._may_exclude_below(b"var/log/apt")
+    assert not anchored._may_exclude_below(b"usr/share")
+    assert not anchored._may_exclude_below(b"data/keep")
+
+
 # -- prechecks with fakes ----------------------------------------------------------------
 
 

@@ -189,10 +189,6 @@ def _xattrs(path: bytes) -> Dict[str, bytes]:
     return out
 
 
-def _kind(mode: int) -> str:
-    return _KINDS.get(stat.S_IFMT(mode), "?")
-
-
 class _Walker:
     """Yields (entry, absolute path) in walk order; a directory's "c" lists its sent children."""
 
@@ -201,6 +197,9 @@ class _Walker:
         patterns = [p for p in excludes if p not in ("", "/", "/*")]
         self.excluded = _matcher(patterns)
         self.dir_excluded = _matcher([p[:-2] for p in patterns if p.endswith("/*")])
+        # each pattern's literal start: a directory whose path diverges from all of them
+        # has no excluded child, and its children skip the regex
+        self.literals = [re.split(r"[*?[]", p, maxsplit=1)[0] for p in patterns]
         self.log = log
         self.links = {}  # type: Dict[Tuple[int, int], bytes]
 
@@ -209,8 +208,11 @@ class _Walker:
             return self.root
         return (self.root if self.root != b"/" else b"") + b"/" + rel
 
-    def _entry(self, rel: bytes, path: bytes, st: os.stat_result) -> Dict[str, Any]:
-        kind = _kind(st.st_mode)
+    def _may_exclude_below(self, rel: bytes) -> bool:
+        prefix = "/" + path_to_wire(rel) + "/" if rel else "/"
+        return any(lit.startswith(prefix) or prefix.startswith(lit) for lit in self.literals)
+
+    def _entry(self, rel: bytes, path: bytes, st: os.stat_result, kind: str) -> Dict[str, Any]:
         if kind != "d" and st.st_nlink > 1:
             key = (st.st_dev, st.st_ino)
             first = self.links.get(key)
@@ -236,26 +238,27 @@ class _Walker:
             entry["r"] = st.st_rdev
         return entry
 
-    def _children(self, rel: bytes) -> List[Tuple[bytes, bytes, os.stat_result]]:
-        out = []  # type: List[Tuple[bytes, bytes, os.stat_result]]
+    def _children(self, rel: bytes) -> List[Tuple[bytes, bytes, os.stat_result, str]]:
+        out = []  # type: List[Tuple[bytes, bytes, os.stat_result, str]]
         try:
             names = sorted(os.listdir(self._abs(rel)))
         except OSError as e:
             if self.log:
                 self.log(f"cannot list {self._abs(rel)!r}: {e}")
             return out
+        check = self._may_exclude_below(rel)
         for name in names:
             crel = rel + b"/" + name if rel else name
-            if self.excluded("/" + path_to_wire(crel)):
+            if check and self.excluded("/" + path_to_wire(crel)):
                 continue
             path = self._abs(crel)
             try:
                 st = os.lstat(path)
             except FileNotFoundError:
                 continue
-            if _kind(st.st_mode) == "?":
-                continue
-            out.append((crel, path, st))
+            kind = _KINDS.get(stat.S_IFMT(st.st_mode))
+            if kind is not None:
+                out.append((crel, path, st, kind))
         return out
 
     def walk(self) -> Iterator[Tuple[Dict[str, Any], bytes]]:
@@ -267,17 +270,17 @@ class _Walker:
                 st.st_dev != root_st.st_dev or self.dir_excluded("/" + path_to_wire(rel))
             )
             children = [] if empty else self._children(rel)
-            entry = self._entry(rel, path, st)
+            entry = self._entry(rel, path, st, "d")
             entry["c"] = [c[0].rpartition(b"/")[2] for c in children]
             if empty:
                 entry["e"] = True
             yield entry, path
             subdirs = []
-            for crel, cpath, cst in children:
-                if stat.S_ISDIR(cst.st_mode):
+            for crel, cpath, cst, kind in children:
+                if kind == "d":
                     subdirs.append((crel, cpath, cst))
                 else:
-                    yield self._entry(crel, cpath, cst), cpath
+                    yield self._entry(crel, cpath, cst, kind), cpath
             stack.extend(reversed(subdirs))
 
 
