@@ -58,6 +58,20 @@ RATE_KBIT = 100_000  # the cap: 100 Mbit/s
 LINK_BYTES_S = RATE_KBIT * 1000 / 8
 RSYNC_PORT = 8730
 RECEIVER_PORT = 8443
+SSH_PORT = 2222
+SSHD = "/usr/sbin/sshd"  # optional: with it, full and incremental also time `rsync -e ssh`
+
+SSHD_CONFIG = """\
+Port {port}
+ListenAddress {addr}
+HostKey {work}/ssh_host_key
+AuthorizedKeysFile {work}/ssh_authorized_keys
+PermitRootLogin prohibit-password
+PasswordAuthentication no
+UsePAM no
+StrictModes no
+PidFile none
+"""
 
 AGENT = r"""
 import json, sys
@@ -248,6 +262,8 @@ class Bench:
     profile: str = ""  # a directory: py-spy records both rehost sides there
     env: dict[str, str] | None = None  # the agent's environment (None: this one)
     base: Bench | None = None  # with --ab: the same, run from another source tree
+    ssh: str = ""  # rsync's -e for the encrypted anchor, when sshd is installed
+    dst_ssh: Path | None = None
     # CPU seconds (user+sys) per run: agent, receiver, rsync client, rsync daemon
     cpu: dict[str, list[float]] = field(default_factory=dict)
 
@@ -314,6 +330,17 @@ class Bench:
         if proc.returncode != 0:
             raise RuntimeError(f"rsync failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
         return elapsed
+
+    def rsync_ssh(self, root: Path) -> float:
+        """`rsync -e ssh` (OpenSSH's default cipher): the encrypted anchor, like our TLS."""
+        dest = f"root@{self.pair.dest_ip}:{self.dst_ssh}/"
+        rsync = ["rsync", "-aHAX", "--numeric-ids", "-e", self.ssh, f"{root}/", dest]
+        argv = self.pair.cmd(self.pair.source, rsync)
+        start = time.perf_counter()
+        proc = subprocess.run(argv, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"rsync -e ssh failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+        return time.perf_counter() - start
 
     def verify(self, root: Path, dst: Path) -> None:
         """rsync -n must find nothing to change: the copy is complete and exact."""
@@ -427,6 +454,12 @@ def bench_env(profile: str = "", ab: str = "") -> Iterator[Bench]:
             procs.append(daemon)
             b.rsyncd_pid = daemon.pid
             _wait_port(pair, RSYNC_PORT, daemon)
+            if os.path.exists(SSHD):
+                procs.append(_start_sshd(b))
+            else:
+                print(
+                    f"# no rsync -e ssh anchor: {SSHD} is missing (apt-get install openssh-server)"
+                )
             yield b
         finally:
             for proc in reversed(procs):
@@ -435,6 +468,27 @@ def bench_env(profile: str = "", ab: str = "") -> Iterator[Bench]:
                 tail = (work / "receiver.log").read_text()[-2000:]
                 if tail.strip():
                     print("# receiver log (tail):\n" + tail)
+
+
+def _start_sshd(b: Bench) -> subprocess.Popen[bytes]:
+    """An sshd in the destination namespace with throwaway keys, for `rsync -e ssh`."""
+    w = b.work
+    for key in ("ssh_host_key", "ssh_user_key"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(w / key)],
+                       check=True)  # fmt: skip
+    (w / "ssh_authorized_keys").write_text((w / "ssh_user_key.pub").read_text())
+    (w / "sshd_config").write_text(SSHD_CONFIG.format(port=SSH_PORT, addr=b.pair.dest_ip, work=w))
+    os.makedirs("/run/sshd", exist_ok=True)  # its privilege-separation directory
+    sshd = subprocess.Popen(
+        b.pair.cmd(b.pair.dest, [SSHD, "-D", "-e", "-f", str(w / "sshd_config")]),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    _wait_port(b.pair, SSH_PORT, sshd)
+    b.ssh = (f"ssh -p {SSH_PORT} -i {w}/ssh_user_key -o StrictHostKeyChecking=no "
+             "-o UserKnownHostsFile=/dev/null -o LogLevel=ERROR")  # fmt: skip
+    b.dst_ssh = w / "dst-ssh"
+    b.dst_ssh.mkdir()
+    return sshd
 
 
 # --- scenarios ------------------------------------------------------------------------------
@@ -463,7 +517,7 @@ def _cpu_row(b: Bench, tag: str) -> None:
 
 
 def full(b: Bench, runs: int) -> None:
-    r, s, base = Timing(), Timing(), Timing()
+    r, s, base, ssh = Timing(), Timing(), Timing(), Timing()
     for k in range(runs):
         clear(b.dst_rehost)
         seconds, _stats = b.rehost(b.src, "auto", tag="full")
@@ -475,8 +529,13 @@ def full(b: Bench, runs: int) -> None:
             base.seconds.append(b.base.rehost(b.src, "auto", tag="base-full")[0])
         clear(b.dst_rsync)
         s.seconds.append(b.rsync(b.src, tag="full"))
+        if b.dst_ssh is not None:
+            clear(b.dst_ssh)
+            ssh.seconds.append(b.rsync_ssh(b.src))
     _ratio_row("full", r, s)
     _cpu_row(b, "full")
+    if ssh.seconds:
+        _ratio_row("  vs -e ssh", r, ssh)
     if b.base is not None:
         _ratio_row("  base full", base, s)
         _cpu_row(b, "base-full")
@@ -488,8 +547,10 @@ def incremental(b: Bench, runs: int) -> None:
     b.rsync(b.src)
     if b.base is not None:
         b.base.rehost(b.src, "auto")
+    if b.dst_ssh is not None:
+        b.rsync_ssh(b.src)
     rng = random.Random(77)
-    r, s, base = Timing(), Timing(), Timing()
+    r, s, base, ssh = Timing(), Timing(), Timing(), Timing()
     changed = 0
     sent: list[int] = []
     for k in range(runs):
@@ -504,10 +565,14 @@ def incremental(b: Bench, runs: int) -> None:
                 s.seconds.append(b.rsync(b.src, tag="incremental"))
         if b.base is not None:
             base.seconds.append(b.base.rehost(b.src, "auto", tag="base-incremental")[0])
+        if b.dst_ssh is not None:
+            ssh.seconds.append(b.rsync_ssh(b.src))
         if k == 0:
             b.verify(b.src, b.dst_rehost)
     _ratio_row("incremental", r, s)
     _cpu_row(b, "incremental")
+    if ssh.seconds:
+        _ratio_row("  vs -e ssh", r, ssh)
     if b.base is not None:
         _ratio_row("  base incr", base, s)
         _cpu_row(b, "base-incremental")
