@@ -171,6 +171,46 @@ def test_walk_applies_excludes_at_any_depth(tmp_path: Path) -> None:
     assert not anchored._may_exclude_below(b"data/keep")
 
 
+def test_auto_compression_follows_the_link(monkeypatch: pytest.MonkeyPatch) -> None:
+    """auto compresses until its first decision, after 0.1 s of streaming summed over short
+    streams (gaps between them do not count); then only while the agent mostly waits on
+    the link at under 64 MiB/s of file data, judged again every 0.5 s."""
+    from types import SimpleNamespace
+
+    from rehost.online.agent import transfer
+    from rehost.online.protocol import CODEC_RAW
+
+    clock = SimpleNamespace(now=0.0)
+    monkeypatch.setattr(transfer, "time", SimpleNamespace(monotonic=lambda: clock.now))
+    text = b"the same line of text, over and over\n" * 4096
+
+    def packs(c: Any, client: Any, at: float, waited: float, payload: int) -> bool:
+        """Advance to `at` with the link's counters moved; True if the chunk was packed."""
+        clock.now = at
+        client.send_wait += waited
+        client.payload_bytes += payload
+        return bool(c.pack(text)[0] != CODEC_RAW)
+
+    fast = SimpleNamespace(send_wait=0.0, payload_bytes=0)
+    c = transfer._Compressor("auto", fast)
+    c.new_stream()
+    assert packs(c, fast, 0.05, 0.0, 20 << 20)  # no decision yet: compress
+    c.end_stream()
+    clock.now = 5.0  # a manifest round trip: not streaming time
+    c.new_stream()
+    assert not packs(c, fast, 5.06, 0.0, 20 << 20)  # 0.11 s streamed, never waiting: off
+    assert not packs(c, fast, 5.3, 0.0, 20 << 20)
+
+    slow = SimpleNamespace(send_wait=0.0, payload_bytes=0)
+    c = transfer._Compressor("auto", slow)
+    clock.now = 10.0
+    c.new_stream()
+    assert packs(c, slow, 10.2, 0.15, 1 << 20)  # mostly waiting at ~5 MB/s: keep compressing
+    assert packs(c, slow, 10.5, 0.25, 1 << 20)
+    assert not packs(c, slow, 10.8, 0.0, 60 << 20)  # 0.6 s later: no more waiting, fast
+    c.end_stream()
+
+
 # -- prechecks with fakes ----------------------------------------------------------------
 
 
