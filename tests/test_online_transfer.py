@@ -719,3 +719,32 @@ def test_entry_decoding_rejects_malformed_entries(
         assert e.code in ("BAD_ENTRY", "BAD_PATH")
         return
     assert _safe(entry["parts"]) and _safe(entry.get("h", [b"x"])) and _safe(entry.get("c", []))
+
+
+def test_receiver_bounds_what_a_manifest_may_hold(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An xattr value over Linux's 64 KiB is BAD_ENTRY; a manifest of more entries than the
+    receiver keeps is BAD_FRAME (the agent sends 2,000; the cap is lowered here)."""
+    from rehost.online.receiver import apply
+
+    big = {"i": 0, "p": b"f", "t": "f", "x": {"user.big": bytes(64 * 1024 + 1)}}
+    with pytest.raises(ProtocolError) as exc:
+        decode_entry(encode_entry(big)[5:])
+    assert exc.value.code == "BAD_ENTRY"
+    big["x"] = {"user.big": bytes(64 * 1024)}
+    assert len(decode_entry(encode_entry(big)[5:])["x"]["user.big"]) == 64 * 1024
+
+    monkeypatch.setattr(apply, "MAX_MANIFEST_ENTRIES", 3)
+    root = tmp_path / "dst"
+    root.mkdir()
+    applier = apply.FsApplier("root", root, tmp_path / "state")
+    names = [b"a", b"b", b"c"]
+    entries = [{"i": 0, "p": b"", "t": "d", "m": 0o40755, "c": names}]
+    entries += [{"i": k + 1, "p": n, "t": "p", "m": 0o10644} for k, n in enumerate(names)]
+    frames = [(ENTRY, encode_entry(e)[5:]) for e in entries]
+    assert applier.manifest(frames[:3], "sha256")["applied"] == 3
+    with pytest.raises(ProtocolError) as exc:
+        applier.manifest(frames, "sha256")
+    assert exc.value.code == "BAD_FRAME" and "at most 3 entries" in exc.value.message
+    applier.close()

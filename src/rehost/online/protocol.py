@@ -30,6 +30,10 @@ MAX_FRAME = 64 * 1024 * 1024
 CHUNK_SIZE = 1024 * 1024
 DELTA_MIN_SIZE = 4 * 1024 * 1024
 BATCH_ENTRIES = 2000
+# what a receiver accepts: a manifest's entries are kept until its data arrives, so their
+# number is bounded; Linux caps an xattr value at 64 KiB (XATTR_SIZE_MAX)
+MAX_MANIFEST_ENTRIES = 10 * BATCH_ENTRIES
+MAX_XATTR_VALUE = 64 * 1024
 BATCH_BYTES = 2 * 1024 * 1024
 PARTIAL_PREFIX = ".rehost-partial-"
 HASH_HEADER = "X-Rehost-Hash"
@@ -339,7 +343,10 @@ def decode_entry(payload: bytes) -> Dict[str, Any]:
         pos += _U16.size
         for _ in range(count):
             name, pos = _field(payload, pos, _U8)
-            entry["x"][name.decode("utf-8", "surrogateescape")], pos = _field(payload, pos, _U32)
+            value, pos = _field(payload, pos, _U32)
+            if len(value) > MAX_XATTR_VALUE:
+                raise ProtocolError("BAD_ENTRY", f"xattr {name!r} is over 64 KiB")
+            entry["x"][name.decode("utf-8", "surrogateescape")] = value
         if kind == "d":
             entry["c"], pos = _child_names(payload, pos)
     except (struct.error, IndexError):

@@ -43,6 +43,7 @@ from rehost.online.protocol import (
     END,
     ENTRY,
     MAX_FRAME,
+    MAX_MANIFEST_ENTRIES,
     PARTIAL_PREFIX,
     ProtocolError,
     block_hash,
@@ -355,6 +356,10 @@ class FsApplier:
         for kind, payload in frames:
             if kind != ENTRY:
                 raise ProtocolError("BAD_FRAME", "a manifest holds ENTRY frames only")
+            if applied == MAX_MANIFEST_ENTRIES:
+                raise ProtocolError(
+                    "BAD_FRAME", f"a manifest holds at most {MAX_MANIFEST_ENTRIES} entries"
+                )
             entry = decode_entry(payload)
             index = entry["i"]
             parts = entry["parts"]
