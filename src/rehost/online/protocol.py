@@ -6,6 +6,7 @@ source servers with nothing but their own python3, and both sides must agree byt
 """
 
 import errno
+import functools
 import hashlib
 import json
 import os
@@ -461,6 +462,23 @@ def block_hash(alg: str, data: Union[bytes, memoryview]) -> str:
     h = new_hash(alg)
     h.update(data)
     return str(h.hexdigest())[:32]
+
+
+@functools.lru_cache(maxsize=32)
+def zero_block_hash(alg: str, n: int) -> str:
+    """block_hash of n zero bytes: holes and zero blocks, without hashing them each time."""
+    return block_hash(alg, bytes(n))
+
+
+def hashed_blocks(
+    fd: int, size: int, block: int, alg: str
+) -> Iterator[Tuple[int, Optional[bytes], str]]:
+    """(offset, data, block hash) per aligned block of the file; data is None in a hole."""
+    for off, data in iter_blocks(fd, size, block):
+        if data is None:
+            yield off, None, zero_block_hash(alg, min(block, size - off))
+        else:
+            yield off, data, block_hash(alg, data)
 
 
 def blocks_digest(alg: str, hashes: List[str]) -> str:

@@ -31,14 +31,13 @@ from rehost.online.protocol import (
     DELTA,
     END,
     AgentError,
-    block_hash,
     blocks_digest,
     chunk_frame,
     chunk_head,
     encode_entry,
     encode_frame,
     feed_zeros,
-    iter_blocks,
+    hashed_blocks,
     iter_data,
     new_hash,
     path_to_wire,
@@ -302,7 +301,6 @@ class _Sender:
         self.compressor = compressor
         self.stats = stats
         self.log = log
-        self.zero_hashes = {}  # type: Dict[Tuple[str, int], str]
 
     def _chunk(self, off: int, data: bytes) -> Frame:
         codec, packed = self.compressor.pack(data)
@@ -311,12 +309,6 @@ class _Sender:
         if len(packed) >= _UNJOINED:
             return chunk_head(off, codec, len(packed)), packed
         return chunk_frame(off, codec, packed)
-
-    def _zero_hash(self, alg: str, n: int) -> str:
-        key = (alg, n)
-        if key not in self.zero_hashes:
-            self.zero_hashes[key] = block_hash(alg, bytes(n))
-        return self.zero_hashes[key]
 
     def frames(self, index: int, path: bytes, size: int, need: List[Any]) -> Iterator[Frame]:
         try:
@@ -332,14 +324,13 @@ class _Sender:
                 yield encode_frame(DELTA, b'{"i":%d}' % index)
                 self.stats["delta_files"] += 1
                 mine = []  # type: List[str]
-                for off, data in iter_blocks(fd, size, block):
-                    n = min(block, size - off)
+                for off, data, digest in hashed_blocks(fd, size, block, alg):
                     k = off // block
-                    mine.append(self._zero_hash(alg, n) if data is None else block_hash(alg, data))
-                    if k < len(theirs) and theirs[k] == mine[k]:
+                    mine.append(digest)
+                    if k < len(theirs) and theirs[k] == digest:
                         continue
                     if data is None or data == _ZERO[: len(data)]:
-                        yield zero_frame(off, n)
+                        yield zero_frame(off, min(block, size - off))
                     else:
                         yield self._chunk(off, data)
                 digest = blocks_digest(alg, mine)

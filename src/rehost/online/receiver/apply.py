@@ -26,7 +26,7 @@ import zlib
 from collections import OrderedDict
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import zstandard
 
@@ -53,11 +53,13 @@ from rehost.online.protocol import (
     decode_json,
     delta_block_size,
     feed_zeros,
+    hashed_blocks,
     iter_blocks,
     new_hash,
     partial_name,
     required_int,
     split_relpath,
+    zero_block_hash,
     zero_length,
 )
 from rehost.online.receiver.journal import Journal
@@ -198,7 +200,7 @@ class _Incoming:
         ):
             self.hashes = None  # verified by re-reading instead
             return
-        self.hashes[k] = block_hash(alg, bytes(length) if data is None else data)
+        self.hashes[k] = zero_block_hash(alg, length) if data is None else block_hash(alg, data)
 
 
 class FsApplier:
@@ -532,7 +534,7 @@ class FsApplier:
         hashes = cur.hashes
         if hashes is None or None in hashes or alg != self.alg:
             return blocks_digest(alg, _block_hashes(cur.fd, cur.size, cur.block, alg))
-        return blocks_digest(alg, [h for h in hashes if h is not None])
+        return blocks_digest(alg, cast("list[str]", hashes))
 
     # --- data ---------------------------------------------------------------------------
 
@@ -731,17 +733,7 @@ def _header_index(payload: bytes) -> int:
 
 
 def _block_hashes(fd: int, size: int, block: int, alg: str) -> list[str]:
-    zero: dict[int, str] = {}
-    hashes = []
-    for off, data in iter_blocks(fd, size, block):
-        if data is None:
-            n = min(block, size - off)
-            if n not in zero:
-                zero[n] = block_hash(alg, bytes(n))
-            hashes.append(zero[n])
-        else:
-            hashes.append(block_hash(alg, data))
-    return hashes
+    return [digest for _, _, digest in hashed_blocks(fd, size, block, alg)]
 
 
 def _file_hash(fd: int, size: int, alg: str) -> str:
