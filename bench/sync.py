@@ -424,7 +424,8 @@ def _start_receiver(
 def bench_env(profile: str = "", ab: str = "") -> Iterator[Bench]:
     """Namespaces, a tmpfs with the source tree, a receiver and an rsync daemon."""
     procs: list[subprocess.Popen[bytes]] = []
-    with tmpfs(5120) as work, netns_pair() as pair:
+    # the source and up to four copies of ~1.1 GiB (rehost, rsync, --ab, rsync -e ssh)
+    with tmpfs(6144) as work, netns_pair() as pair:
         try:
             b = Bench(pair, work, work / "src", work / "dst-rehost", work / "dst-rsync",
                       profile=profile)  # fmt: skip
