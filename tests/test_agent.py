@@ -171,6 +171,23 @@ def test_walk_applies_excludes_at_any_depth(tmp_path: Path) -> None:
     assert not anchored._may_exclude_below(b"data/keep")
 
 
+def test_a_directory_too_large_for_a_frame_stops_the_walk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A directory whose entry would exceed a frame stops the agent with ENTRY_TOO_LARGE
+    naming it, instead of a BAD_FRAME from the receiver (the frame limit is lowered here)."""
+    from rehost.online.agent import transfer
+
+    (tmp_path / "big").mkdir()
+    for k in range(40):
+        (tmp_path / "big" / f"name-{k:04d}").write_text("x")
+    monkeypatch.setattr(transfer, "MAX_FRAME", 400)
+    with pytest.raises(AgentError) as exc:
+        list(transfer._batches(transfer._Walker(str(tmp_path), [], None)))
+    assert exc.value.code == "ENTRY_TOO_LARGE" and str(tmp_path / "big") in exc.value.message
+    assert "Excludes" in exc.value.hint
+
+
 def test_auto_compression_follows_the_link(monkeypatch: pytest.MonkeyPatch) -> None:
     """auto compresses until its first decision, after 0.1 s of streaming summed over short
     streams (gaps between them do not count); then only while the agent mostly waits on

@@ -721,11 +721,39 @@ def test_entry_decoding_rejects_malformed_entries(
     assert _safe(entry["parts"]) and _safe(entry.get("h", [b"x"])) and _safe(entry.get("c", []))
 
 
+def test_a_huge_child_list_costs_its_frame(tmp_path: Path) -> None:
+    """A directory entry listing 500,000 names is applied without a Python object per name
+    (a list and a set of them took ~25x the frame); what the destination has and the list
+    lacks is deleted, and a listed file's partial is kept for its resume."""
+    import tracemalloc
+
+    from rehost.online.receiver import apply
+
+    root = tmp_path / "dst"
+    root.mkdir()
+    here = [b"a", b"ff", b"not-listed", partial_name(b"a"), partial_name(b"not-listed")]
+    for name in here:
+        (root / os.fsdecode(name)).write_bytes(b"x")
+    names = [b"%x" % k for k in range(500_000)]
+    payload = encode_entry({"i": 0, "p": b"", "t": "d", "m": 0o40755, "c": names})[5:]
+    del names
+    applier = apply.FsApplier("root", root, tmp_path / "state")
+    tracemalloc.start()
+    try:
+        assert applier.manifest([(ENTRY, payload)], "sha256")["deleted"] == 2
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    applier.close()
+    assert sorted(os.listdir(root)) == sorted(os.fsdecode(n) for n in here[:2] + here[3:4])
+    assert peak < len(payload) // 2, (peak, len(payload))
+
+
 def test_receiver_bounds_what_a_manifest_may_hold(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """An xattr value over Linux's 64 KiB is BAD_ENTRY; a manifest of more entries than the
-    receiver keeps is BAD_FRAME (the agent sends 2,000; the cap is lowered here)."""
+    """An xattr value over Linux's 64 KiB is BAD_ENTRY; a manifest of more entries, or more
+    bytes of them, than the receiver keeps is BAD_FRAME (the caps are lowered here)."""
     from rehost.online.receiver import apply
 
     big = {"i": 0, "p": b"f", "t": "f", "x": {"user.big": bytes(64 * 1024 + 1)}}
@@ -747,4 +775,10 @@ def test_receiver_bounds_what_a_manifest_may_hold(
     with pytest.raises(ProtocolError) as exc:
         applier.manifest(frames, "sha256")
     assert exc.value.code == "BAD_FRAME" and "at most 3 entries" in exc.value.message
+    monkeypatch.setattr(apply, "MAX_MANIFEST_ENTRIES", 20)
+    monkeypatch.setattr(apply, "MAX_MANIFEST_BYTES", sum(len(f[1]) for f in frames[:3]))
+    assert applier.manifest(frames[:3], "sha256")["applied"] == 3
+    with pytest.raises(ProtocolError) as exc:
+        applier.manifest(frames, "sha256")
+    assert exc.value.code == "BAD_FRAME" and "take at most" in exc.value.message
     applier.close()

@@ -31,11 +31,12 @@ MAX_FRAME = 64 * 1024 * 1024
 CHUNK_SIZE = 1024 * 1024
 DELTA_MIN_SIZE = 4 * 1024 * 1024
 BATCH_ENTRIES = 2000
+BATCH_BYTES = 2 * 1024 * 1024  # the agent ends a batch after the entry that reaches it
 # what a receiver accepts: a manifest's entries are kept until its data arrives, so their
-# number is bounded; Linux caps an xattr value at 64 KiB (XATTR_SIZE_MAX)
+# number and size are bounded; Linux caps an xattr value at 64 KiB (XATTR_SIZE_MAX)
 MAX_MANIFEST_ENTRIES = 10 * BATCH_ENTRIES
+MAX_MANIFEST_BYTES = BATCH_BYTES + MAX_FRAME
 MAX_XATTR_VALUE = 64 * 1024
-BATCH_BYTES = 2 * 1024 * 1024
 PARTIAL_PREFIX = ".rehost-partial-"
 HASH_HEADER = "X-Rehost-Hash"
 
@@ -284,29 +285,74 @@ def _field(payload: bytes, pos: int, size: struct.Struct) -> Tuple[bytes, int]:
     return payload[start:end], end
 
 
-def _child_names(payload: bytes, pos: int) -> Tuple[List[bytes], int]:
-    """A directory's "c" list: a u32 count of u8-length names, all validated."""
-    names = []  # type: List[bytes]
-    count = _U32.unpack_from(payload, pos)[0]
-    pos += _U32.size
-    for _ in range(count):
-        start = pos + 1
-        pos = start + payload[start - 1]
-        names.append(payload[start:pos])
-    if pos > len(payload):
-        raise ProtocolError("BAD_ENTRY", "an entry ends inside a field")
-    if names:
-        joined = b"/".join(names)
-        if (
-            joined.count(b"/") != len(names) - 1
-            or b"\0" in joined
-            or b"" in names
-            or b"." in names
-            or b".." in names
-        ):
-            bad = next(n for n in names if n in (b"", b".", b"..") or b"/" in n or b"\0" in n)
-            raise ProtocolError("BAD_PATH", f"bad child name {bad!r}")
-    return names, pos
+class ChildNames:
+    """A directory's child names, validated, left in the frame they came in.
+
+    A list of 1-byte names costs 2 bytes each on the wire and ~100 as Python objects in a
+    list and a set: one 64 MiB frame would take GBs. Kept as the frame, it costs the frame,
+    and the names are cut out in slabs of a few thousand as they are used.
+    """
+
+    __slots__ = ("_count", "_only", "_payload", "_start")
+    _SLAB = 4096
+
+    def __init__(self, payload: bytes, start: int, count: int) -> None:
+        self._payload = payload
+        self._start = start
+        self._count = count
+        self._only = None  # type: Optional[List[bytes]]  # a list of one slab, kept as cut
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __iter__(self) -> Iterator[bytes]:
+        for slab in self.slabs():
+            yield from slab
+
+    def slabs(self) -> Iterator[List[bytes]]:
+        if self._only is not None:
+            yield self._only
+            return
+        pos, left = self._start, self._count
+        while left:
+            names, pos = self._cut(pos, min(left, self._SLAB))
+            left -= len(names)
+            yield names
+
+    def _cut(self, pos: int, count: int) -> Tuple[List[bytes], int]:
+        """`count` names from `pos`, and the position after them (past the end if cut short)."""
+        payload = self._payload
+        names = []  # type: List[bytes]
+        for _ in range(count):
+            start = pos + 1
+            pos = start + payload[pos]
+            names.append(payload[start:pos])
+        return names, pos
+
+    @classmethod
+    def decode(cls, payload: bytes, pos: int) -> Tuple["ChildNames", int]:
+        """The "c" field at `pos` (a u32 count of u8-length names), all validated."""
+        count = _U32.unpack_from(payload, pos)[0]
+        names = cls(payload, pos + _U32.size, count)
+        pos, left = names._start, count
+        while left:
+            slab, pos = names._cut(pos, min(left, cls._SLAB))
+            left -= len(slab)
+            joined = b"/".join(slab)
+            if (
+                joined.count(b"/") != len(slab) - 1
+                or b"\0" in joined
+                or b"" in slab
+                or b"." in slab
+                or b".." in slab
+            ):
+                bad = next(n for n in slab if n in (b"", b".", b"..") or b"/" in n or b"\0" in n)
+                raise ProtocolError("BAD_PATH", f"bad child name {bad!r}")
+            if len(slab) == count:
+                names._only = slab  # most directories: no second cut when applied
+        if pos > len(payload):
+            raise ProtocolError("BAD_ENTRY", "an entry ends inside a field")
+        return names, pos
 
 
 def decode_entry(payload: bytes) -> Dict[str, Any]:
@@ -314,7 +360,7 @@ def decode_entry(payload: bytes) -> Dict[str, Any]:
 
     Gives the keys of encode_entry, every number present (0 when absent), "p" as the wire
     str (for logs and the journal) with "parts" its validated components, "l" as bytes,
-    "h" as validated components, "x" as {str: bytes} and "c" as a list of validated names.
+    "h" as validated components, "x" as {str: bytes} and "c" as validated ChildNames.
     """
     try:
         i, t, flags, m, u, g, s, mt, at, n, r, plen = _ENTRY_HEAD.unpack_from(payload)
@@ -349,7 +395,7 @@ def decode_entry(payload: bytes) -> Dict[str, Any]:
                 raise ProtocolError("BAD_ENTRY", f"xattr {name!r} is over 64 KiB")
             entry["x"][name.decode("utf-8", "surrogateescape")] = value
         if kind == "d":
-            entry["c"], pos = _child_names(payload, pos)
+            entry["c"], pos = ChildNames.decode(payload, pos)
     except (struct.error, IndexError):
         raise ProtocolError("BAD_ENTRY", "an entry ends inside a field") from None
     if pos != len(payload):

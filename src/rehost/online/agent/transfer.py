@@ -30,6 +30,7 @@ from rehost.online.protocol import (
     DATA,
     DELTA,
     END,
+    MAX_FRAME,
     AgentError,
     blocks_digest,
     chunk_frame,
@@ -409,6 +410,14 @@ def _batches(walker: _Walker) -> Iterator[_Batch]:
     for entry, path in walker.walk():
         entry["i"] = len(batch)
         frame = encode_entry(entry)
+        if len(frame) > MAX_FRAME:
+            raise AgentError(
+                "ENTRY_TOO_LARGE",
+                f"{os.fsdecode(path)}: its entry takes {len(frame)} bytes, and the receiver "
+                f"takes at most {MAX_FRAME} (a directory lists its children: ~3 million "
+                "20-byte names)",
+                hint="exclude this directory (Excludes) and copy it separately, or split it",
+            )
         batch.append((entry, path))
         frames.append(frame)
         size += len(frame)
@@ -420,7 +429,7 @@ def _batches(walker: _Walker) -> Iterator[_Batch]:
 
 
 def _prefetched(batches: Iterator[_Batch]) -> Iterator[_Batch]:
-    """`batches`, produced by a thread up to _PREFETCH ahead: the walk (stat, xattrs, JSON)
+    """`batches`, produced by a thread up to _PREFETCH ahead: the walk (stat, xattrs, encoding)
     then overlaps the receiver's work on the previous batch instead of waiting for it."""
     out = queue.Queue(_PREFETCH)  # type: queue.Queue[Any]
     stop = threading.Event()

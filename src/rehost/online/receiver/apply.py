@@ -43,8 +43,10 @@ from rehost.online.protocol import (
     END,
     ENTRY,
     MAX_FRAME,
+    MAX_MANIFEST_BYTES,
     MAX_MANIFEST_ENTRIES,
     PARTIAL_PREFIX,
+    ChildNames,
     ProtocolError,
     block_hash,
     blocks_digest,
@@ -353,14 +355,20 @@ class FsApplier:
         dirs: list[tuple[str, int, int]] = []
         deleted = 0
         applied = 0
+        size = 0
         pending_paths: set[bytes] = set()
         new_hash(alg)  # refuse an unknown algorithm before touching anything
         for kind, payload in frames:
             if kind != ENTRY:
                 raise ProtocolError("BAD_FRAME", "a manifest holds ENTRY frames only")
+            size += len(payload)
             if applied == MAX_MANIFEST_ENTRIES:
                 raise ProtocolError(
                     "BAD_FRAME", f"a manifest holds at most {MAX_MANIFEST_ENTRIES} entries"
+                )
+            if size > MAX_MANIFEST_BYTES:
+                raise ProtocolError(
+                    "BAD_FRAME", f"a manifest's entries take at most {MAX_MANIFEST_BYTES} bytes"
                 )
             entry = decode_entry(payload)
             index = entry["i"]
@@ -405,20 +413,18 @@ class FsApplier:
                 os.close(pfd)
         fd = self._open_dir(parts)
         try:
-            keep = set() if entry["e"] else set(entry["c"])
-            deleted = 0
-            partials: set[bytes] | None = None
-            for child in os.listdir(fd):
-                name = os.fsencode(child)
-                if name in keep:
-                    continue
-                if name.startswith(PARTIAL_PREFIX.encode()):
-                    if partials is None:
-                        partials = {partial_name(n) for n in keep}
-                    if name in partials:
-                        continue
+            # What is here but not sent goes. Sets of what is here, not of what was sent:
+            # a sent list may be a frame of millions of names (ChildNames).
+            gone = set(map(os.fsencode, os.listdir(fd)))
+            sent: ChildNames | None = None if entry["e"] else entry["c"]
+            for slab in sent.slabs() if sent else ():
+                gone.difference_update(slab)
+            partials = {n for n in gone if n.startswith(PARTIAL_PREFIX.encode())}
+            for slab in sent.slabs() if sent and partials else ():
+                gone.difference_update(partials.intersection(map(partial_name, slab)))
+            for name in gone:
                 _rmtree(fd, name)
-                deleted += 1
+            deleted = len(gone)
             self._set_meta(entry, "d", fd, fd, b"", st)
         finally:
             os.close(fd)
