@@ -209,7 +209,7 @@ class _Walker:
         return (self.root if self.root != b"/" else b"") + b"/" + rel
 
     def _may_exclude_below(self, rel: bytes) -> bool:
-        prefix = "/" + path_to_wire(rel) + "/" if rel else "/"
+        prefix = _dir_prefix(rel)
         return any(lit.startswith(prefix) or prefix.startswith(lit) for lit in self.literals)
 
     def _entry(self, rel: bytes, path: bytes, st: os.stat_result, kind: str) -> Dict[str, Any]:
@@ -238,30 +238,24 @@ class _Walker:
             entry["r"] = st.st_rdev
         return entry
 
-    def _children(self, rel: bytes) -> List[Tuple[bytes, bytes, os.stat_result, str]]:
-        out = []  # type: List[Tuple[bytes, bytes, os.stat_result, str]]
+    def _children(self, rel: bytes) -> List[bytes]:
+        """The names in a directory after excludes, sorted; stat'ed only as they are sent."""
         try:
             names = sorted(os.listdir(self._abs(rel)))
         except OSError as e:
             if self.log:
                 self.log(f"cannot list {self._abs(rel)!r}: {e}")
-            return out
-        check = self._may_exclude_below(rel)
-        for name in names:
-            crel = rel + b"/" + name if rel else name
-            if check and self.excluded("/" + path_to_wire(crel)):
-                continue
-            path = self._abs(crel)
-            try:
-                st = os.lstat(path)
-            except FileNotFoundError:
-                continue
-            kind = _KINDS.get(stat.S_IFMT(st.st_mode))
-            if kind is not None:
-                out.append((crel, path, st, kind))
-        return out
+            return []
+        if not self._may_exclude_below(rel):
+            return names
+        prefix = _dir_prefix(rel)
+        return [n for n in names if not self.excluded(prefix + path_to_wire(n))]
 
     def walk(self) -> Iterator[Tuple[Dict[str, Any], bytes]]:
+        """Walk order, a directory before its children. A directory's names are all that is
+        held of it while its children are sent (a stat per name would be ~0.7 KiB each: GBs
+        for a directory of millions); a name that vanishes before its lstat is listed and
+        not sent, as when it vanishes after."""
         root_st = os.lstat(self.root)
         stack = [(b"", self.root, root_st)]
         while stack:
@@ -269,19 +263,31 @@ class _Walker:
             empty = bool(rel) and (
                 st.st_dev != root_st.st_dev or self.dir_excluded("/" + path_to_wire(rel))
             )
-            children = [] if empty else self._children(rel)
+            names = [] if empty else self._children(rel)
             entry = self._entry(rel, path, st, "d")
-            entry["c"] = [c[0].rpartition(b"/")[2] for c in children]
+            entry["c"] = names
             if empty:
                 entry["e"] = True
             yield entry, path
             subdirs = []
-            for crel, cpath, cst, kind in children:
+            for name in names:
+                crel = rel + b"/" + name if rel else name
+                cpath = self._abs(crel)
+                try:
+                    cst = os.lstat(cpath)
+                except FileNotFoundError:
+                    continue
+                kind = _KINDS.get(stat.S_IFMT(cst.st_mode))
                 if kind == "d":
                     subdirs.append((crel, cpath, cst))
-                else:
+                elif kind is not None:
                     yield self._entry(crel, cpath, cst, kind), cpath
             stack.extend(reversed(subdirs))
+
+
+def _dir_prefix(rel: bytes) -> str:
+    """How exclude patterns see the paths below directory `rel`: "/rel/"."""
+    return "/" + path_to_wire(rel) + "/" if rel else "/"
 
 
 def _open_source(path: bytes) -> int:
