@@ -125,7 +125,11 @@ class ReceiverClient:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
-        context.options |= getattr(ssl, "OP_NO_TLSv1", 0) | getattr(ssl, "OP_NO_TLSv1_1", 0)
+        versions = getattr(ssl, "TLSVersion", None)  # Python 3.7+; the OP_NO_* flags are
+        if versions is not None:  # deprecated there, and the only way on 3.6
+            context.minimum_version = versions.TLSv1_2  # novermin (guarded)
+        else:
+            context.options |= getattr(ssl, "OP_NO_TLSv1", 0) | getattr(ssl, "OP_NO_TLSv1_1", 0)
         if self.proxy is not None:
             conn = _Connection(
                 self, self.proxy[0], self.proxy[1], context=context, timeout=self.timeout
