@@ -78,12 +78,33 @@ def alternate(
 
 
 @contextmanager
-def local_store() -> Iterator[None]:
-    """A SeaweedFS on free ports in a temporary dir, its credentials in `os.environ`."""
+def local_store(pin: bool = False) -> Iterator[None]:
+    """A SeaweedFS on free ports in a temporary dir, its credentials in `os.environ`.
+
+    With `pin`, the store runs on CPU 1 and this process (and what it starts) on CPU 0:
+    the store's CPU then stays off the measured core, as when it runs on other machines.
+    """
     store_dir = Path(tempfile.mkdtemp(prefix="rehost-bench-store-"))
-    os.environ.update(objectstore.start(store_dir).env())
+    info = objectstore.start(store_dir)
+    os.environ.update(info.env())
+    if pin:
+        _pin_group(info.pid, 1)
+        os.sched_setaffinity(0, {0})
     try:
         yield
     finally:
         objectstore.stop(store_dir)
         shutil.rmtree(store_dir, ignore_errors=True)
+
+
+def _pin_group(pgid: int, cpu: int) -> None:
+    """Every thread of every process in process group `pgid` onto `cpu` (threads the
+    store starts later inherit it)."""
+    for proc in Path("/proc").iterdir():
+        try:
+            if not proc.name.isdigit() or os.getpgid(int(proc.name)) != pgid:
+                continue
+            for task in (proc / "task").iterdir():
+                os.sched_setaffinity(int(task.name), {cpu})
+        except (ProcessLookupError, FileNotFoundError):
+            continue
