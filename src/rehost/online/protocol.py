@@ -313,11 +313,16 @@ class ChildNames:
         if self._only is not None:
             yield self._only
             return
+        for names, _ in self._cut_all():
+            yield names
+
+    def _cut_all(self) -> Iterator[Tuple[List[bytes], int]]:
+        """Each slab, and the position after it (past the end if the frame is cut short)."""
         pos, left = self._start, self._count
         while left:
             names, pos = self._cut(pos, min(left, self._SLAB))
             left -= len(names)
-            yield names
+            yield names, pos
 
     def _cut(self, pos: int, count: int) -> Tuple[List[bytes], int]:
         """`count` names from `pos`, and the position after them (past the end if cut short)."""
@@ -334,10 +339,9 @@ class ChildNames:
         """The "c" field at `pos` (a u32 count of u8-length names), all validated."""
         count = _U32.unpack_from(payload, pos)[0]
         names = cls(payload, pos + _U32.size, count)
-        pos, left = names._start, count
-        while left:
-            slab, pos = names._cut(pos, min(left, cls._SLAB))
-            left -= len(slab)
+        pos = names._start
+        for slab, after in names._cut_all():
+            pos = after
             joined = b"/".join(slab)
             if (
                 joined.count(b"/") != len(slab) - 1
