@@ -8,6 +8,7 @@ every conversion's wall time, and qemu-img starts in milliseconds.
 
 from __future__ import annotations
 
+import gc
 import importlib
 import sys
 from collections.abc import Iterator, Mapping, MutableMapping
@@ -115,3 +116,8 @@ def main() -> None:
         sys.exit(130)
     except Exception as e:  # every failure leaves through report_error, typed
         sys.exit(report_error(e))
+    finally:
+        # The interpreter's exit would run collections over every object typer and
+        # botocore built (~70,000): 50 ms of a 2 s import, after the work is done.
+        # Frozen objects are left to the process's end to free.
+        gc.freeze()
