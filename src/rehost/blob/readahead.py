@@ -230,13 +230,19 @@ class ReadAheadSource:
         return self._size
 
     def read(self, offset: int, length: int) -> bytes:
+        parts = self.read_parts(offset, length)
+        first = parts[0] if parts else b""
+        return first if len(parts) == 1 and isinstance(first, bytes) else b"".join(parts)
+
+    def read_parts(self, offset: int, length: int) -> list[bytes | memoryview]:
+        """What `read` returns, as the cached pieces (or views of them) that hold it."""
         if offset < 0 or length < 0:
             raise ValueError(f"bad range {offset}+{length}")
         if self._closed.is_set():
             raise SystemError_(f"{self._name}: read after close")
         end = min(offset + length, self._size)
         if offset >= end:
-            return b""
+            return []
         consumed = self._note_stream(offset, end)
         chunky = consumed >= self._ramp
         if chunky:
@@ -252,8 +258,7 @@ class ReadAheadSource:
             lo, hi = pos - start, min(end - start, len(data))
             parts.append(data if lo == 0 and hi == len(data) else memoryview(data)[lo:hi])
             pos = start + hi
-        first = parts[0]
-        return first if len(parts) == 1 and isinstance(first, bytes) else b"".join(parts)
+        return parts
 
     def close(self) -> None:
         if self._closed.is_set():

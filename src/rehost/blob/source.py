@@ -9,7 +9,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Protocol, runtime_checkable
 
 from rehost.errors import SourceNotFound
@@ -17,7 +17,12 @@ from rehost.errors import SourceNotFound
 
 @runtime_checkable
 class RangeSource(Protocol):
-    """`read` returns exactly `length` bytes, or fewer only where the object ends."""
+    """`read` returns exactly `length` bytes, or fewer only where the object ends.
+
+    A source that holds data in pieces (the read-ahead cache) may also offer
+    `read_parts(offset, length)`: the same bytes as a list of buffers, not joined.
+    `read_parts()` below uses it where it exists.
+    """
 
     @property
     def name(self) -> str: ...
@@ -101,6 +106,16 @@ class LocalFile:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def read_parts(src: RangeSource, offset: int, length: int) -> Sequence[bytes | memoryview]:
+    """`src.read(offset, length)` as buffers to be taken one after another.
+
+    Why: a read that spans two cached chunks would otherwise be joined, a copy of
+    every byte of a data run on its way from the object store to the disk.
+    """
+    parts = getattr(src, "read_parts", None)
+    return parts(offset, length) if parts is not None else [src.read(offset, length)]
 
 
 def open_source(location: str) -> RangeSource:

@@ -17,6 +17,8 @@ Driver contract:
   from an unchecked header field.
 - `read` is thread-safe and may run in worker threads while `extents()` is
   being iterated.
+- A driver that changes the bytes `read_exact` returns (VHDX's log replay)
+  overrides `read_parts` too, which takes DATA runs from the source directly.
 """
 
 from __future__ import annotations
@@ -24,12 +26,12 @@ from __future__ import annotations
 import enum
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from rehost.blob.source import RangeSource
+from rehost.blob.source import RangeSource, read_parts
 from rehost.errors import ImageMetadataError
 
 MAX_VIRTUAL_SIZE = 64 << 40  # 64 TiB: anything larger is treated as hostile geometry
@@ -134,24 +136,40 @@ class DiskImage(ABC):
             return self.decompress(extent)
         return self.read_exact(extent.host_offset, extent.length, "data")
 
+    def read_parts(self, extent: Extent) -> Sequence[bytes | memoryview]:
+        """`read(extent)` as buffers to take in turn: a DATA run comes uncopied from the source."""
+        if extent.kind is not ExtentKind.DATA or getattr(_window, "w", None) is not None:
+            return [self.read(extent)]
+        self._check_inside(extent.host_offset, extent.length, "data")
+        parts = read_parts(self.src, extent.host_offset, extent.length)
+        self._check_length(extent.host_offset, extent.length, sum(len(p) for p in parts), "data")
+        return parts
+
     def read_exact(self, offset: int, length: int, what: str) -> bytes:
         """Read from the file, refusing as truncated if it ends early."""
-        if offset < 0 or offset + length > self.file_size:
-            raise ImageMetadataError(
-                f"{what} at offset {offset} (+{length} bytes) lies beyond the end of the "
-                f"{self.file_size}-byte file; the image is truncated or corrupt"
-            )
+        self._check_inside(offset, length, what)
         window: tuple[RangeSource, int, bytes] | None = getattr(_window, "w", None)
         if window is not None and window[0] is self.src:
             start = offset - window[1]
             if start >= 0 and start + length <= len(window[2]):
                 return window[2][start : start + length]
         data = self.src.read(offset, length)
-        if len(data) != length:
-            raise ImageMetadataError(
-                f"{what} at offset {offset}: read {len(data)} of {length} bytes; the image is truncated"
-            )
+        self._check_length(offset, length, len(data), what)
         return data
+
+    def _check_inside(self, offset: int, length: int, what: str) -> None:
+        if offset < 0 or offset + length > self.file_size:
+            raise ImageMetadataError(
+                f"{what} at offset {offset} (+{length} bytes) lies beyond the end of the "
+                f"{self.file_size}-byte file; the image is truncated or corrupt"
+            )
+
+    @staticmethod
+    def _check_length(offset: int, length: int, got: int, what: str) -> None:
+        if got != length:
+            raise ImageMetadataError(
+                f"{what} at offset {offset}: read {got} of {length} bytes; the image is truncated"
+            )
 
     @contextmanager
     def host_window(self, start: int, end: int) -> Iterator[None]:

@@ -140,23 +140,38 @@ def _compressed_span(batch: list[Extent]) -> tuple[int, int] | None:
     return (lo, hi) if hi - lo <= budget else None
 
 
-def _whole_blocks(start: int, parts: list[bytes]) -> Iterator[tuple[int, bytes]]:
+def _whole_blocks(
+    start: int, parts: list[bytes | memoryview]
+) -> Iterator[tuple[int, bytes | memoryview]]:
     """Cut a batch's parts into buffers of whole blocks, each on a block boundary.
 
-    Parts are joined only where a block spans them, so aligned clusters and runs are
-    hashed and written without a copy. The last buffer may end where the batch does.
+    Only a block that spans parts is joined (copied); the whole blocks inside a part
+    are hashed and written from the part itself. The last buffer may end where the
+    batch does.
     """
-    pending: list[bytes] = []
-    size = 0
+    carry: list[bytes | memoryview] = []
+    """The pieces so far of a block that spans parts."""
+    carried = 0
     for part in parts:
-        pending.append(part)
-        size += len(part)
-        if (start + size) % BLOCK == 0:
-            yield start, pending[0] if len(pending) == 1 else b"".join(pending)
-            start += size
-            pending, size = [], 0
-    if pending:
-        yield start, b"".join(pending)
+        n, i = len(part), 0
+        if carried:
+            i = min(BLOCK - carried, n)
+            carry.append(memoryview(part)[:i])
+            carried += i
+            if carried < BLOCK:
+                continue
+            yield start, b"".join(carry)
+            start += carried
+            carry, carried = [], 0
+        whole = (n - i) // BLOCK * BLOCK
+        if whole:
+            yield start, part if whole == n else memoryview(part)[i : i + whole]
+            start += whole
+            i += whole
+        if i < n:
+            carry, carried = [memoryview(part)[i:]], n - i
+    if carry:
+        yield start, b"".join(carry)
 
 
 class _Runs:
@@ -202,7 +217,7 @@ def _run_batch(
     """Read, hash and write one batch; return its digest records and bytes written."""
     window = _compressed_span(batch)
     with image.host_window(*window) if window else nullcontext():
-        parts = [image.read(ext) for ext in batch]
+        parts = [part for ext in batch for part in image.read_parts(ext)]
     records: list[bytes] = []
     runs = _Runs(disk)
     for offset, buf in _whole_blocks(start, parts):

@@ -45,7 +45,7 @@ import bisect
 import itertools
 import struct
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import google_crc32c
@@ -296,6 +296,10 @@ class VhdxImage(DiskImage):
                     overlay[w.file_offset] = w.leading + middle + w.trailing
         self._overlay = overlay
         self._overlay_keys = sorted(overlay)
+
+    def read_parts(self, extent: Extent) -> Sequence[bytes | memoryview]:
+        # Replayed sectors patch what the file holds, so reads go through read_exact.
+        return [self.read(extent)] if self._overlay_keys else super().read_parts(extent)
 
     def read_exact(self, offset: int, length: int, what: str) -> bytes:
         data = super().read_exact(offset, length, what)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Sequence
 from typing import Any
 
-from rehost.blob.source import RangeSource
+from rehost.blob.source import RangeSource, read_parts
 
 
 class Cancelled(Exception):
@@ -39,6 +40,18 @@ class MeteredSource:
         return self.inner.size
 
     def read(self, offset: int, length: int) -> bytes:
+        self._pace(length)
+        data = self.inner.read(offset, length)
+        self._count(len(data))
+        return data
+
+    def read_parts(self, offset: int, length: int) -> Sequence[bytes | memoryview]:
+        self._pace(length)
+        parts = read_parts(self.inner, offset, length)
+        self._count(sum(len(p) for p in parts))
+        return parts
+
+    def _pace(self, length: int) -> None:
         if self.rate:
             with self._lock:
                 now = time.monotonic()
@@ -46,11 +59,11 @@ class MeteredSource:
                 self._next = start + length / self.rate
             if start > now and self._cancelled.wait(start - now):
                 raise Cancelled("the import is stopping")
-        data = self.inner.read(offset, length)
+
+    def _count(self, n: int) -> None:
         with self._lock:
-            self.bytes_read += len(data)
+            self.bytes_read += n
             self.reads += 1
-        return data
 
     def cancel(self) -> None:
         self._cancelled.set()
