@@ -138,24 +138,35 @@ class DiskImage(ABC):
 
     def read_parts(self, extent: Extent) -> Sequence[bytes | memoryview]:
         """`read(extent)` as buffers to take in turn: a DATA run comes uncopied from the source."""
-        if extent.kind is not ExtentKind.DATA or getattr(_window, "w", None) is not None:
+        if extent.kind is not ExtentKind.DATA:
             return [self.read(extent)]
-        self._check_inside(extent.host_offset, extent.length, "data")
-        parts = read_parts(self.src, extent.host_offset, extent.length)
-        self._check_length(extent.host_offset, extent.length, sum(len(p) for p in parts), "data")
+        offset, length = extent.host_offset, extent.length
+        self._check_inside(offset, length, "data")
+        held = self._windowed(offset, length)
+        if held is not None:
+            return [held]
+        parts = read_parts(self.src, offset, length)
+        self._check_length(offset, length, sum(len(p) for p in parts), "data")
         return parts
 
     def read_exact(self, offset: int, length: int, what: str) -> bytes:
         """Read from the file, refusing as truncated if it ends early."""
         self._check_inside(offset, length, what)
-        window: tuple[RangeSource, int, bytes] | None = getattr(_window, "w", None)
+        held = self._windowed(offset, length)
+        if held is not None:
+            return held.tobytes()
+        data = self.src.read(offset, length)
+        self._check_length(offset, length, len(data), what)
+        return data
+
+    def _windowed(self, offset: int, length: int) -> memoryview | None:
+        """[offset, offset + length) of the file, if this thread's host window holds it."""
+        window: tuple[RangeSource, int, memoryview] | None = getattr(_window, "w", None)
         if window is not None and window[0] is self.src:
             start = offset - window[1]
             if start >= 0 and start + length <= len(window[2]):
                 return window[2][start : start + length]
-        data = self.src.read(offset, length)
-        self._check_length(offset, length, len(data), what)
-        return data
+        return None
 
     def _check_inside(self, offset: int, length: int, what: str) -> None:
         if offset < 0 or offset + length > self.file_size:
@@ -179,7 +190,7 @@ class DiskImage(ABC):
         batch instead of one per cluster saves thousands of syscalls (or requests).
         """
         end = min(end, self.file_size)
-        _window.w = (self.src, start, self.src.read(start, max(0, end - start)))
+        _window.w = (self.src, start, memoryview(self.src.read(start, max(0, end - start))))
         try:
             yield
         finally:
