@@ -5,10 +5,14 @@ from __future__ import annotations
 import hashlib
 import os
 import subprocess
+import threading
+import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from mypy_boto3_s3 import S3Client
 
+from rehost.blob.readahead import ReadAheadSource
 from rehost.blob.source import LocalFile
 from rehost.disk.target import open_disk
 from rehost.image import open_image
@@ -94,3 +98,45 @@ class MemorySource:
 
     def close(self) -> None:
         pass
+
+
+class RemoteFile(ReadAheadSource):
+    """A local file served through the read-ahead cache, as a remote object would be.
+
+    `delay` seconds per request; counts the requests in flight at once and the reads
+    that came back in more than one piece.
+    """
+
+    def __init__(self, path: Path, *, delay: float = 0.0, **kw: int) -> None:
+        super().__init__(**kw)  # type: ignore[arg-type]
+        self._file = LocalFile(path)
+        self._size, self._name = self._file.size, str(path)
+        self.delay = delay
+        self.in_flight = self.max_in_flight = self.split_reads = 0
+        self._counting = threading.Lock()
+
+    def _fetch(self, start: int, sizes: Sequence[int]) -> list[bytes]:
+        self._count_request()
+        with self._counting:
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            time.sleep(self.delay)
+            pieces = []
+            for n in sizes:
+                pieces.append(self._file.read(start, n))
+                start += n
+        finally:
+            with self._counting:
+                self.in_flight -= 1
+        self._count_bytes(sum(map(len, pieces)))
+        return pieces
+
+    def read_parts(self, offset: int, length: int) -> list[bytes | memoryview]:
+        parts = super().read_parts(offset, length)
+        self.split_reads += len(parts) > 1
+        return parts
+
+    def close(self) -> None:
+        super().close()
+        self._file.close()

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 
-from helpers import MiB, rehost_sha256, run, sha256_file, write_guest
-from rehost.blob.readahead import ReadAheadSource
+from helpers import MiB, RemoteFile, rehost_sha256, run, sha256_file, write_guest
 from rehost.blob.source import LocalFile
 from rehost.disk.target import open_disk
 from rehost.errors import ImageVerificationError
@@ -116,30 +114,6 @@ def test_resume_from_checkpoint_gives_the_same_digest(tmp_path: Path) -> None:
     assert sha256_file(out) == sha256_file(src)
 
 
-class _PiecewiseFile(ReadAheadSource):
-    """A local file behind the read-ahead cache, with chunks that end inside 64 KiB blocks."""
-
-    def __init__(self, path: Path) -> None:
-        super().__init__(chunk_size=100 * 1024 + 512, readahead=4, cache_bytes=4 * MiB)
-        self._file = LocalFile(path)
-        self._size, self._name = self._file.size, str(path)
-        self.split_reads = 0
-
-    def _fetch(self, start: int, sizes: Sequence[int]) -> list[bytes]:
-        self._count_request()
-        pieces = []
-        for n in sizes:
-            pieces.append(self._file.read(start, n))
-            start += n
-        self._count_bytes(sum(map(len, pieces)))
-        return pieces
-
-    def read_parts(self, offset: int, length: int) -> list[bytes | memoryview]:
-        parts = super().read_parts(offset, length)
-        self.split_reads += len(parts) > 1
-        return parts
-
-
 @pytest.mark.parametrize(
     "fmt", [["-O", "qcow2"], ["-O", "vpc", "-o", "subformat=dynamic"], ["-O", "raw"]]
 )
@@ -149,7 +123,8 @@ def test_data_read_in_pieces_lands_byte_exact(
     """Data runs come from the cache as pieces, unjoined; blocks that span two are joined."""
     img_path, out = tmp_path / "image", tmp_path / "out.raw"
     run("qemu-img", "convert", "-f", "raw", *fmt, guest_raw, img_path)
-    src = _PiecewiseFile(img_path)
+    # Chunks that end inside 64 KiB blocks.
+    src = RemoteFile(img_path, chunk_size=100 * 1024 + 512, readahead=4, cache_bytes=4 * MiB)
     with open_image(src) as img, open_disk(out, create_size=img.virtual_size) as d:
         result = convert(img, d)
     assert src.split_reads > 0

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from helpers import MiB, oracle_sha256, rehost_sha256, run
+from helpers import MiB, RemoteFile, oracle_sha256, rehost_sha256, run
 from rehost.blob.source import LocalFile
 from rehost.disk.target import open_disk
 from rehost.errors import ENCRYPTED_HINT, SINGLE_FILE_HINT, ImageMetadataError
@@ -858,3 +858,21 @@ def test_virtual_size_beyond_l1_limit(images: Images, tmp_path: Path) -> None:
     src = images["v3-512"]
     path = _patch(src, tmp_path / "huge.qcow2", [(24, _be64(64 * TiB))])
     assert "more than qemu's limit" in _refusal(path).reason
+
+
+def test_the_walk_fetches_l2_tables_ahead_over_a_remote_source(tmp_path: Path) -> None:
+    """Scattered L2 tables are hinted to the source ahead of the walk, several in flight."""
+    raw, img_path = tmp_path / "sparse.raw", tmp_path / "tables.qcow2"
+    with open(raw, "wb") as f:  # 512 KiB of data in every 2 MiB: one 4 KiB L2 table each
+        f.truncate(64 * MiB)
+        for region in range(0, 64 * MiB, 2 * MiB):
+            f.seek(region + 4096)
+            f.write(random.Random(region).randbytes(512 * 1024))
+    run("qemu-img", "convert", "-O", "qcow2", "-o", "cluster_size=4096", raw, img_path)
+    with open_image(LocalFile(img_path)) as img:
+        expected = list(img.extents())
+    remote = RemoteFile(img_path, delay=0.02, chunk_size=MiB, cache_bytes=16 * MiB)
+    with open_image(remote) as img:
+        assert list(img.extents()) == expected
+    assert remote.max_in_flight > 1
+    assert remote.bytes_fetched <= 2 * img_path.stat().st_size

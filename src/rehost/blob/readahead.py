@@ -55,6 +55,8 @@ DEFAULT_READAHEAD = 8
 DEFAULT_CACHE = 72 * MiB
 SMALL_BLOCK = 256 << 10
 """Granularity of reads that do not (yet) look sequential."""
+PREFETCH_PARALLEL = 8
+"""Requests `prefetch` may have in flight: scattered tables are small, latency is the cost."""
 MAX_STREAMS = 8
 
 T = TypeVar("T")
@@ -192,7 +194,9 @@ class ReadAheadSource:
         self._stream_ids = 0
         self._closed = threading.Event()
         in_flight = -(-(self.readahead + self._group - 1) // self._group)
-        self._pool = ThreadPoolExecutor(max(1, in_flight), thread_name_prefix="readahead")
+        self._pool = ThreadPoolExecutor(
+            max(in_flight, PREFETCH_PARALLEL), thread_name_prefix="readahead"
+        )
         self.cache_bytes = 0
         self.peak_cache_bytes = 0
         self.bytes_fetched = 0
@@ -259,6 +263,32 @@ class ReadAheadSource:
             parts.append(data if lo == 0 and hi == len(data) else memoryview(data)[lo:hi])
             pos = start + hi
         return parts
+
+    def prefetch(self, offset: int, length: int) -> None:
+        """Start fetching [offset, offset + length) for a read that will come soon.
+
+        Image tables (a qcow2's L2 tables) lie scattered through the file and are read
+        one after another; hinted ahead, several are in flight at once. What is cached,
+        or finds no room in the cache, is left to the read itself.
+        """
+        end = min(offset + length, self._size)
+        if offset < 0 or offset >= end:
+            return
+        C, S = self.chunk_size, self._small
+        jobs: list[list[tuple[tuple[int, int], _Entry]]] = [[]]
+        with self._lock:
+            if self._closed.is_set():
+                return
+            for b in range(offset // S, -(-end // S)):
+                start = b * S
+                if (0, b) in self._entries or (1, start // C) in self._entries:
+                    jobs.append([])  # a request covers contiguous missing blocks only
+                    continue
+                e = _Entry(start, min(S, self._size - start), Future())
+                if not self._reserve((0, b), e):
+                    break
+                jobs[-1].append(((0, b), e))
+        self._submit([job for job in jobs if job])
 
     def close(self) -> None:
         if self._closed.is_set():
@@ -364,7 +394,11 @@ class ReadAheadSource:
                 if not self._reserve((1, ci), e):
                     break
                 jobs[-1].append(((1, ci), e))
-        for job in filter(None, jobs):
+        self._submit([job for job in jobs if job])
+
+    def _submit(self, jobs: list[list[tuple[tuple[int, int], _Entry]]]) -> None:
+        """Fetch each job's reserved entries in the pool, one request per job."""
+        for job in jobs:
             try:
                 self._pool.submit(self._fill, job, job)
             except RuntimeError:  # closed meanwhile

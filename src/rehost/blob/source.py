@@ -20,8 +20,9 @@ class RangeSource(Protocol):
     """`read` returns exactly `length` bytes, or fewer only where the object ends.
 
     A source that holds data in pieces (the read-ahead cache) may also offer
-    `read_parts(offset, length)`: the same bytes as a list of buffers, not joined.
-    `read_parts()` below uses it where it exists.
+    `read_parts(offset, length)`: the same bytes as a list of buffers, not joined,
+    and `prefetch(offset, length)`: a hint that a read of that range will come.
+    The functions `read_parts()` and `prefetch()` below use them where they exist.
     """
 
     @property
@@ -116,6 +117,13 @@ def read_parts(src: RangeSource, offset: int, length: int) -> Sequence[bytes | m
     """
     parts = getattr(src, "read_parts", None)
     return parts(offset, length) if parts is not None else [src.read(offset, length)]
+
+
+def prefetch(src: RangeSource, offset: int, length: int) -> None:
+    """Tell a remote source that [offset, offset + length) will be read soon; else nothing."""
+    hint = getattr(src, "prefetch", None)
+    if hint is not None:
+        hint(offset, length)
 
 
 def open_source(location: str) -> RangeSource:

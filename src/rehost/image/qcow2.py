@@ -44,7 +44,7 @@ from collections.abc import Iterator
 from itertools import pairwise
 from typing import NamedTuple
 
-from rehost.blob.source import RangeSource
+from rehost.blob.source import RangeSource, prefetch
 from rehost.errors import ENCRYPTED_HINT, SINGLE_FILE_HINT, ImageMetadataError
 from rehost.image.base import (
     DiskImage,
@@ -74,6 +74,8 @@ MAX_SNAPSHOT_EXTRA = 1024
 MAX_BACKING_NAME = 1023
 MAX_EXTENSIONS = 64  # qemu defines 5 types; each may appear once
 L1_SLICE_ENTRIES = 65536  # 512 KiB of L1 read at a time
+L2_AHEAD = 8
+"""L2 tables hinted to the source ahead of the walk: over S3, a fetch each would wait in turn."""
 SNAPSHOT_NAMES_SHOWN = 16
 
 EXT_END = 0
@@ -514,7 +516,12 @@ class Qcow2Image(DiskImage):
                 base = first * cov
                 yield Extent(base, min(n * cov, size - base), ExtentKind.ZERO)
                 continue
-            for j, entry in enumerate(struct.unpack(f">{n}Q", raw)):
+            entries = struct.unpack(f">{n}Q", raw)
+            tables = [e & OFFSET_MASK for e in entries if e & OFFSET_MASK]
+            for l2_offset in tables[:L2_AHEAD]:
+                self._prefetch_table(l2_offset)
+            walked = 0
+            for j, entry in enumerate(entries):
                 index = first + j
                 base = index * cov
                 l2_offset = entry & OFFSET_MASK
@@ -525,7 +532,16 @@ class Qcow2Image(DiskImage):
                 if l2_offset == 0:
                     yield Extent(base, min(cov, size - base), ExtentKind.ZERO)
                     continue
+                if walked + L2_AHEAD < len(tables):
+                    self._prefetch_table(tables[walked + L2_AHEAD])
+                walked += 1
                 yield from self._l2_extents(index, l2_offset, base, budget)
+
+    def _prefetch_table(self, l2_offset: int) -> None:
+        """Hint the source at an L2 table the walk will read; _l2_extents checks it then."""
+        cs = self.cluster_size
+        if l2_offset % cs == 0 and l2_offset + cs <= self.file_size:
+            prefetch(self.src, l2_offset, cs)
 
     def _l2_extents(self, index: int, l2_offset: int, base: int, budget: _Budget) -> list[Extent]:
         cs = self.cluster_size

@@ -7,7 +7,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from rehost.blob.source import RangeSource, read_parts
+from rehost.blob.source import RangeSource, prefetch, read_parts
 
 
 class Cancelled(Exception):
@@ -50,6 +50,9 @@ class MeteredSource:
         parts = read_parts(self.inner, offset, length)
         self._count(sum(len(p) for p in parts))
         return parts
+
+    def prefetch(self, offset: int, length: int) -> None:
+        prefetch(self.inner, offset, length)  # counted and paced when it is read
 
     def _pace(self, length: int) -> None:
         if self.rate:
