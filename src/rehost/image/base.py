@@ -31,7 +31,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from rehost.blob.source import RangeSource, read_parts
+from rehost.blob.source import RangeSource, prefetch, read_parts
 from rehost.errors import ImageMetadataError
 
 MAX_VIRTUAL_SIZE = 64 << 40  # 64 TiB: anything larger is treated as hostile geometry
@@ -281,3 +281,32 @@ def merge_extents(extents: Iterator[Extent]) -> Iterator[Extent]:
         pending = ext
     if pending is not None:
         yield pending
+
+
+class TableHints:
+    """Keeps the source hinted a few tables ahead of a walk that reads `tables` in order.
+
+    Why: scattered tables (a qcow2's L2 tables, a streamed VMDK's grain tables) were read
+    one after another, and over S3 each waited its round trip in turn. `tables` are
+    (offset, length) file ranges; one outside the file is not hinted (its read refuses it).
+    """
+
+    AHEAD = 8
+
+    def __init__(self, image: DiskImage, tables: Sequence[tuple[int, int]]) -> None:
+        self._src, self._size = image.src, image.file_size
+        self._tables = tables
+        self._next = 0
+        for _ in range(self.AHEAD):
+            self._hint_next()
+
+    def reading(self) -> None:
+        """Call as each table is read: the one AHEAD places on is hinted."""
+        self._hint_next()
+
+    def _hint_next(self) -> None:
+        if self._next < len(self._tables):
+            offset, length = self._tables[self._next]
+            self._next += 1
+            if offset >= 0 and offset + length <= self._size:
+                prefetch(self._src, offset, length)

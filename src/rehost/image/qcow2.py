@@ -44,12 +44,13 @@ from collections.abc import Iterator
 from itertools import pairwise
 from typing import NamedTuple
 
-from rehost.blob.source import RangeSource, prefetch
+from rehost.blob.source import RangeSource
 from rehost.errors import ENCRYPTED_HINT, SINGLE_FILE_HINT, ImageMetadataError
 from rehost.image.base import (
     DiskImage,
     Extent,
     ExtentKind,
+    TableHints,
     check_virtual_size,
     merge_extents,
     require,
@@ -74,8 +75,6 @@ MAX_SNAPSHOT_EXTRA = 1024
 MAX_BACKING_NAME = 1023
 MAX_EXTENSIONS = 64  # qemu defines 5 types; each may appear once
 L1_SLICE_ENTRIES = 65536  # 512 KiB of L1 read at a time
-L2_AHEAD = 8
-"""L2 tables hinted to the source ahead of the walk: over S3, a fetch each would wait in turn."""
 SNAPSHOT_NAMES_SHOWN = 16
 
 EXT_END = 0
@@ -517,10 +516,9 @@ class Qcow2Image(DiskImage):
                 yield Extent(base, min(n * cov, size - base), ExtentKind.ZERO)
                 continue
             entries = struct.unpack(f">{n}Q", raw)
-            tables = [e & OFFSET_MASK for e in entries if e & OFFSET_MASK]
-            for l2_offset in tables[:L2_AHEAD]:
-                self._prefetch_table(l2_offset)
-            walked = 0
+            hints = TableHints(
+                self, [(e & OFFSET_MASK, self.cluster_size) for e in entries if e & OFFSET_MASK]
+            )
             for j, entry in enumerate(entries):
                 index = first + j
                 base = index * cov
@@ -532,16 +530,8 @@ class Qcow2Image(DiskImage):
                 if l2_offset == 0:
                     yield Extent(base, min(cov, size - base), ExtentKind.ZERO)
                     continue
-                if walked + L2_AHEAD < len(tables):
-                    self._prefetch_table(tables[walked + L2_AHEAD])
-                walked += 1
+                hints.reading()
                 yield from self._l2_extents(index, l2_offset, base, budget)
-
-    def _prefetch_table(self, l2_offset: int) -> None:
-        """Hint the source at an L2 table the walk will read; _l2_extents checks it then."""
-        cs = self.cluster_size
-        if l2_offset % cs == 0 and l2_offset + cs <= self.file_size:
-            prefetch(self.src, l2_offset, cs)
 
     def _l2_extents(self, index: int, l2_offset: int, base: int, budget: _Budget) -> list[Extent]:
         cs = self.cluster_size

@@ -53,6 +53,7 @@ from rehost.image.base import (
     DiskImage,
     Extent,
     ExtentKind,
+    TableHints,
     check_virtual_size,
     merge_extents,
     require,
@@ -532,20 +533,15 @@ class VmdkImage(DiskImage):
             if not any(entries):
                 yield self._zero_range(first, first + len(entries))
                 continue
-            i = 0
-            while i < len(entries):
-                sector = entries[i]
-                if sector == 0:
-                    yield self._zero_range(first + i, first + i + 1)
-                    i += 1
+            runs = list(_gt_runs(entries))
+            hints = TableHints(
+                self, [(entries[i] * SECTOR, (j - i) * GT_BYTES) for i, j in runs if entries[i]]
+            )
+            for i, j in runs:
+                if entries[i] == 0:
+                    yield self._zero_range(first + i, first + j)
                     continue
-                j = i + 1
-                while (
-                    j < len(entries)
-                    and j - i < GT_BATCH
-                    and entries[j] == sector + (j - i) * (GT_BYTES // SECTOR)
-                ):
-                    j += 1
+                hints.reading()
                 gts = [self._gt_span(first + k, entries[k], prev_gt_end) for k in range(i, j)]
                 prev_gt_end = gts[-1].end
                 block = self.read_exact(
@@ -557,7 +553,6 @@ class VmdkImage(DiskImage):
                     yield from self._walk_gt(
                         first + i + k, block[k * GT_BYTES : (k + 1) * GT_BYTES], gt
                     )
-                i = j
 
     def _gd_slices(self) -> Iterator[tuple[int, Sequence[int]]]:
         for first in range(0, self.gd_entries, GD_SLICE_ENTRIES):
@@ -742,3 +737,19 @@ class VmdkImage(DiskImage):
 
 def open(src: RangeSource) -> VmdkImage:
     return VmdkImage(src)
+
+
+def _gt_runs(entries: Sequence[int]) -> Iterator[tuple[int, int]]:
+    """[i, j) runs of a GD slice: one unallocated entry, or up to GT_BATCH tables that lie
+    back to back in the file (read with one request)."""
+    i = 0
+    while i < len(entries):
+        j = i + 1
+        if entries[i]:
+            step = GT_BYTES // SECTOR
+            while (
+                j < len(entries) and j - i < GT_BATCH and entries[j] == entries[i] + (j - i) * step
+            ):
+                j += 1
+        yield i, j
+        i = j
