@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import random
 from pathlib import Path
 
 import pytest
@@ -13,8 +14,8 @@ from rehost.blob.source import LocalFile
 from rehost.disk.target import open_disk
 from rehost.errors import ImageVerificationError
 from rehost.image import open_image
-from rehost.image.convert import convert
-from rehost.image.digest import read_digest
+from rehost.image.convert import _whole_blocks, convert
+from rehost.image.digest import BLOCK, block_records, read_digest
 
 
 def test_raw_round_trip(guest_raw: Path, tmp_path: Path) -> None:
@@ -133,3 +134,31 @@ def test_data_read_in_pieces_lands_byte_exact(
     assert sha256_file(out) == sha256_file(oracle)
     with LocalFile(out) as landed:
         assert read_digest(landed.read, result.virtual_size) == result.digest
+
+
+def test_whole_blocks_from_any_cut_of_a_batch() -> None:
+    """Blocks come out aligned and in order, hashed as the joined bytes would be, however
+    the batch's bytes are cut into parts (bytes or views, some ending inside blocks)."""
+    rng = random.Random(7)
+    for _ in range(500):
+        total = rng.randint(1, 6 * BLOCK)
+        data = bytearray(rng.randbytes(total))
+        for b in range(0, total, BLOCK):
+            if rng.random() < 0.3:
+                data[b : b + BLOCK] = bytes(len(data[b : b + BLOCK]))
+        if rng.random() < 0.2:
+            data[:16] = bytes(16)  # a data block that starts with zeros
+        whole = bytes(data)
+        cuts = sorted(rng.sample(range(1, total), min(total - 1, rng.randint(0, 8))))
+        parts: list[bytes | memoryview] = []
+        for lo, hi in zip([0, *cuts], [*cuts, total], strict=True):
+            parts.append(whole[lo:hi] if rng.random() < 0.5 else memoryview(whole)[lo:hi])
+        start = rng.randint(0, 100) * BLOCK
+        pos = start
+        for offset, buf in _whole_blocks(start, parts):
+            assert offset == pos and offset % BLOCK == 0
+            assert bytes(buf) == whole[offset - start : offset - start + len(buf)]
+            assert block_records(offset, buf) == block_records(offset, bytes(buf))
+            pos += len(buf)
+            assert pos % BLOCK == 0 or pos == start + total
+        assert pos == start + total
