@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import random
 import subprocess
 import threading
 import time
@@ -140,3 +141,24 @@ class RemoteFile(ReadAheadSource):
     def close(self) -> None:
         super().close()
         self._file.close()
+
+
+def write_scattered(path: Path, *, skip: int = 0) -> None:
+    """A 64 MiB raw disk with 512 KiB of random data in every 2 MiB, `skip` bytes in."""
+    with open(path, "wb") as f:
+        f.truncate(64 * MiB)
+        for region in range(0, 64 * MiB, 2 * MiB):
+            f.seek(region + skip)
+            f.write(random.Random(region).randbytes(512 * 1024))
+
+
+def assert_tables_fetched_ahead(image: Path) -> None:
+    """Walked over a slow remote source, the image's extents are those of the local file,
+    and its scattered tables were fetched several at once, each about once."""
+    with open_image(LocalFile(image)) as img:
+        expected = list(img.extents())
+    remote = RemoteFile(image, delay=0.02, chunk_size=MiB, cache_bytes=16 * MiB)
+    with open_image(remote) as img:
+        assert list(img.extents()) == expected
+    assert remote.max_in_flight > 1
+    assert remote.bytes_fetched <= 2 * image.stat().st_size

@@ -21,7 +21,14 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from helpers import MiB, RemoteFile, oracle_sha256, rehost_sha256, run
+from helpers import (
+    MiB,
+    assert_tables_fetched_ahead,
+    oracle_sha256,
+    rehost_sha256,
+    run,
+    write_scattered,
+)
 from rehost.blob.source import LocalFile
 from rehost.disk.target import open_disk
 from rehost.errors import ENCRYPTED_HINT, SINGLE_FILE_HINT, ImageMetadataError
@@ -863,16 +870,6 @@ def test_virtual_size_beyond_l1_limit(images: Images, tmp_path: Path) -> None:
 def test_the_walk_fetches_l2_tables_ahead_over_a_remote_source(tmp_path: Path) -> None:
     """Scattered L2 tables are hinted to the source ahead of the walk, several in flight."""
     raw, img_path = tmp_path / "sparse.raw", tmp_path / "tables.qcow2"
-    with open(raw, "wb") as f:  # 512 KiB of data in every 2 MiB: one 4 KiB L2 table each
-        f.truncate(64 * MiB)
-        for region in range(0, 64 * MiB, 2 * MiB):
-            f.seek(region + 4096)
-            f.write(random.Random(region).randbytes(512 * 1024))
+    write_scattered(raw, skip=4096)  # 4 KiB clusters: one 4 KiB L2 table per 2 MiB
     run("qemu-img", "convert", "-O", "qcow2", "-o", "cluster_size=4096", raw, img_path)
-    with open_image(LocalFile(img_path)) as img:
-        expected = list(img.extents())
-    remote = RemoteFile(img_path, delay=0.02, chunk_size=MiB, cache_bytes=16 * MiB)
-    with open_image(remote) as img:
-        assert list(img.extents()) == expected
-    assert remote.max_in_flight > 1
-    assert remote.bytes_fetched <= 2 * img_path.stat().st_size
+    assert_tables_fetched_ahead(img_path)

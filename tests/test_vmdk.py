@@ -20,7 +20,15 @@ from pathlib import Path
 import pytest
 from _pytest.mark import ParameterSet
 
-from helpers import MiB, RemoteFile, oracle_sha256, rehost_sha256, run, write_guest
+from helpers import (
+    MiB,
+    assert_tables_fetched_ahead,
+    oracle_sha256,
+    rehost_sha256,
+    run,
+    write_guest,
+    write_scattered,
+)
 from rehost.blob.source import LocalFile
 from rehost.errors import SINGLE_FILE_HINT, ImageMetadataError
 from rehost.image import ExtentKind, detect_format, open_image
@@ -856,16 +864,6 @@ def test_descriptor_without_banner_detected_and_refused(tmp_path: Path) -> None:
 def test_a_streams_grain_tables_are_fetched_ahead_over_a_remote_source(tmp_path: Path) -> None:
     """A true stream's grain tables each follow their grains: hinted ahead, in parallel."""
     raw, img_path = tmp_path / "sparse.raw", tmp_path / "stream.vmdk"
-    with open(raw, "wb") as f:  # 4 KiB grains: a grain table per 2 MiB, each after its data
-        f.truncate(64 * MiB)
-        for region in range(0, 64 * MiB, 2 * MiB):
-            f.seek(region)
-            f.write(random.Random(region).randbytes(512 * 1024))
-    craft_vmdk(raw, img_path, grain_sectors=8, stream=True)
-    with open_image(LocalFile(img_path)) as img:
-        expected = list(img.extents())
-    remote = RemoteFile(img_path, delay=0.02, chunk_size=MiB, cache_bytes=16 * MiB)
-    with open_image(remote) as img:
-        assert list(img.extents()) == expected
-    assert remote.max_in_flight > 1
-    assert remote.bytes_fetched <= 2 * img_path.stat().st_size
+    write_scattered(raw)
+    craft_vmdk(raw, img_path, grain_sectors=8, stream=True)  # a grain table per 2 MiB
+    assert_tables_fetched_ahead(img_path)
