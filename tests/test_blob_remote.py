@@ -510,3 +510,34 @@ def test_addressing_style_from_the_environment(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setenv("REHOST_S3_ADDRESSING", "sideways")
     with pytest.raises(SystemError_):
         addressing_style()
+
+
+@pytest.mark.parametrize("streams", [2, 8, 64])
+def test_interleaved_or_strided_reads_fetch_the_object_about_once(streams: int) -> None:
+    """A fragmented image read in guest order: 64 KiB reads taking turns between `streams`
+    regions of the object (64 regions: each read 1 MiB past the last, a sparse stride).
+    Before, read-ahead evicted itself and fetched the object many times over."""
+    size, step = 64 * MiB, 64 * KiB
+    # A cache with room for each region's chunk or small block, as the default's 72 MiB has
+    # for 8 streams of 4 MiB chunks.
+    src = FakeRemote(size, chunk_size=MiB, readahead=4, cache_bytes=24 * MiB)
+    region = size // streams
+    with src:
+        for k in range(region // step):
+            for r in range(streams):
+                off = r * region + k * step
+                assert src.read(off, step) == FakeRemote.content(off, step)
+        assert src.peak_cache_bytes <= 24 * MiB
+    assert src.bytes_fetched <= 1.5 * size
+
+
+def test_read_parts_copies_a_small_piece_rather_than_pin_its_chunk() -> None:
+    src = FakeRemote(16 * MiB, chunk_size=MiB, readahead=2, cache_bytes=8 * MiB)
+    with src:
+        for off in range(0, 4 * MiB, 256 * KiB):  # a stream: served by whole chunks
+            src.read(off, 256 * KiB)
+        small = src.read_parts(4 * MiB + 1000, 64 * KiB)
+        assert [type(p) for p in small] == [bytes]
+        spanning = src.read_parts(6 * MiB - 100 * KiB, 900 * KiB)  # 100 KiB, then 800 KiB
+        assert [type(p) for p in spanning] == [bytes, memoryview]
+        assert b"".join(spanning) == FakeRemote.content(6 * MiB - 100 * KiB, 900 * KiB)

@@ -58,6 +58,12 @@ SMALL_BLOCK = 256 << 10
 PREFETCH_PARALLEL = 8
 """Requests `prefetch` may have in flight: scattered tables are small, latency is the cost."""
 MAX_STREAMS = 8
+DENSE = 4
+"""A stream is served by whole chunks only while it reads at least 1/DENSE of its span..."""
+DENSITY_SPAN = 64 * MiB
+"""...judged over about its last DENSITY_SPAN bytes, so that it can change its mind."""
+ACTIVE_READS = 64
+"""A stream served by chunks, read within the last ACTIVE_READS reads, shares the cache."""
 
 T = TypeVar("T")
 
@@ -126,12 +132,27 @@ class _Entry:
     start: int
     size: int
     future: Future[bytes]
+    read: bool = False
+    """Whether a read has used it: read-ahead makes room only by evicting such entries."""
 
 
 @dataclass
 class _Stream:
     frontier: int
     consumed: int
+    origin: int
+    """Where the span that `consumed` was read from begins."""
+    last: int
+    """The read (by count) that last continued it."""
+
+    def dense(self) -> bool:
+        """Whether the stream reads most of what it passes over, as a file copy does.
+
+        A fragmented image read in guest order jumps through the file: its reads stay
+        near one another, but whole chunks fetched for them would be mostly waste (a
+        qcow2 whose guest-adjacent clusters lie 4 MiB apart fetched 68 times its size).
+        """
+        return self.consumed * DENSE >= self.frontier - self.origin
 
 
 def _resolve(fut: Future[bytes], data: bytes | None, exc: BaseException | None) -> None:
@@ -198,6 +219,9 @@ class ReadAheadSource:
             max(in_flight, PREFETCH_PARALLEL), thread_name_prefix="readahead"
         )
         self.cache_bytes = 0
+        self._reads = 0
+        self._unread = 0
+        """Bytes of read-ahead not yet used by a read: held to `_ahead_limit()`."""
         self.peak_cache_bytes = 0
         self.bytes_fetched = 0
         self.requests = 0
@@ -234,12 +258,20 @@ class ReadAheadSource:
         return self._size
 
     def read(self, offset: int, length: int) -> bytes:
-        parts = self.read_parts(offset, length)
+        parts = self._pieces(offset, length, keep_views=True)
         first = parts[0] if parts else b""
         return first if len(parts) == 1 and isinstance(first, bytes) else b"".join(parts)
 
     def read_parts(self, offset: int, length: int) -> list[bytes | memoryview]:
-        """What `read` returns, as the cached pieces (or views of them) that hold it."""
+        """What `read` returns, as the cached pieces that hold it (uncopied) or copies.
+
+        A piece under half its entry is copied: a view keeps the whole 4 MiB chunk alive,
+        and a batch of scattered small reads would otherwise hold one chunk per read. So
+        what the pieces keep alive stays within twice the bytes read.
+        """
+        return self._pieces(offset, length, keep_views=False)
+
+    def _pieces(self, offset: int, length: int, *, keep_views: bool) -> list[bytes | memoryview]:
         if offset < 0 or length < 0:
             raise ValueError(f"bad range {offset}+{length}")
         if self._closed.is_set():
@@ -260,7 +292,12 @@ class ReadAheadSource:
             start, fut = self._locate(pos, end, chunky)
             data = fut.result()
             lo, hi = pos - start, min(end - start, len(data))
-            parts.append(data if lo == 0 and hi == len(data) else memoryview(data)[lo:hi])
+            if lo == 0 and hi == len(data):
+                parts.append(data)
+            elif keep_views or 2 * (hi - lo) >= len(data):
+                parts.append(memoryview(data)[lo:hi])
+            else:
+                parts.append(data[lo:hi])
             pos = start + hi
         return parts
 
@@ -298,7 +335,7 @@ class ReadAheadSource:
         with self._lock:
             entries = list(self._entries.values())
             self._entries.clear()
-            self.cache_bytes = 0
+            self.cache_bytes = self._unread = 0
         closed = SystemError_(f"{self._name}: the source was closed")
         for e in entries:
             _resolve(e.future, None, closed)  # wake anyone waiting on a cancelled prefetch
@@ -312,22 +349,35 @@ class ReadAheadSource:
     # -- the cache ------------------------------------------------------------------
 
     def _note_stream(self, offset: int, end: int) -> int:
-        """Bytes consumed by the stream this read continues (or starts).
+        """Bytes consumed by the stream this read continues (or starts); 0 if it is sparse.
 
         A read continues a stream when it starts within a request of the stream's
         frontier, before or after it: threads reading in roughly increasing order
         arrive slightly out of order.
         """
         C = self.chunk_size * self._group
+
+        def near(s: _Stream) -> bool:
+            return abs(offset - s.frontier) <= C
+
         with self._lock:
-            for sid, s in self._streams.items():
-                if s.frontier - C <= offset <= s.frontier + C:
-                    s.frontier = max(s.frontier, end)
-                    s.consumed += end - offset
-                    self._streams.move_to_end(sid)
-                    return s.consumed
+            self._reads += 1
+            # The latest near one: a copy that reaches where the file's end was probed
+            # continues the copy, and a sweep through the file its latest pass.
+            sid = next((k for k, s in reversed(self._streams.items()) if near(s)), None)
+            if sid is not None:
+                s = self._streams[sid]
+                s.last = self._reads
+                s.frontier = max(s.frontier, end)
+                s.origin = min(s.origin, offset)
+                s.consumed += end - offset
+                if s.frontier - s.origin > DENSITY_SPAN:  # keep the recent half
+                    s.origin = s.frontier - DENSITY_SPAN // 2
+                    s.consumed //= 2
+                self._streams.move_to_end(sid)
+                return s.consumed if s.dense() else 0
             self._stream_ids += 1
-            self._streams[self._stream_ids] = _Stream(end, end - offset)
+            self._streams[self._stream_ids] = _Stream(end, end - offset, offset, self._reads)
             while len(self._streams) > MAX_STREAMS:
                 self._streams.popitem(last=False)
             return end - offset
@@ -336,17 +386,53 @@ class ReadAheadSource:
         e = self._entries.get(key)
         if e is not None:
             self._entries.move_to_end(key)
+            if not e.read:
+                e.read = True
+                self._unread -= e.size
         return e
 
-    def _reserve(self, key: tuple[int, int], entry: _Entry) -> bool:
-        """Insert an entry, evicting finished ones least recently used; False if no room."""
+    def _drop(self, key: tuple[int, int]) -> None:
+        e = self._entries.pop(key)
+        self.cache_bytes -= e.size
+        if not e.read:
+            self._unread -= e.size
+
+    def _ahead_limit(self) -> int:
+        """Unread read-ahead the cache may hold: all of it for one stream, a third when
+        streams take turns, so that each (up to MAX_STREAMS) keeps room for the chunk it
+        is reading."""
+        active = sum(
+            self._reads - s.last <= ACTIVE_READS and s.consumed >= self._ramp and s.dense()
+            for s in self._streams.values()
+        )
+        return self.cache_limit if active <= 1 else self.cache_limit // 3
+
+    def _reserve(self, key: tuple[int, int], entry: _Entry, *, ahead: bool = True) -> bool:
+        """Insert an entry, evicting finished ones least recently used; False if no room.
+
+        Read-ahead (`ahead`) is held to `_ahead_limit()` unread, and room is made by
+        evicting what reads have used before what they have not. Otherwise streams that
+        read in turn (a fragmented image's interleaved runs) evict each other's read-ahead
+        before it is read, and everything is fetched again and again.
+        """
+        if ahead and self._unread + entry.size > self._ahead_limit():
+            return False
         while self.cache_bytes + entry.size > self.cache_limit:
-            victim = next((k for k, e in self._entries.items() if e.future.done()), None)
+            victim = unread = None
+            for k, e in self._entries.items():
+                if e.future.done():
+                    if e.read:
+                        victim = k
+                        break
+                    unread = unread or k
+            victim = victim or (None if ahead else unread)
             if victim is None:
                 return False
-            self.cache_bytes -= self._entries.pop(victim).size
+            self._drop(victim)
         self._entries[key] = entry
         self.cache_bytes += entry.size
+        if not entry.read:
+            self._unread += entry.size
         self.peak_cache_bytes = max(self.peak_cache_bytes, self.cache_bytes)
         return True
 
@@ -359,16 +445,18 @@ class ReadAheadSource:
                 return hit.start, hit.future
             if chunky:
                 start = pos // C * C
-                items = [((1, pos // C), _Entry(start, min(C, self._size - start), Future()))]
+                size = min(C, self._size - start)
+                items = [((1, pos // C), _Entry(start, size, Future(), read=True))]
             else:
                 # Small blocks from pos up to the end of the read, as one request.
                 items = []
                 b = pos // S
                 while b * S < end and (not items or self._entries.get((0, b)) is None):
                     start = b * S
-                    items.append(((0, b), _Entry(start, min(S, self._size - start), Future())))
+                    e = _Entry(start, min(S, self._size - start), Future(), read=True)
+                    items.append(((0, b), e))
                     b += 1
-            cached = [(k, e) for k, e in items if self._reserve(k, e)]
+            cached = [(k, e) for k, e in items if self._reserve(k, e, ahead=False)]
         self._fill(items, cached)
         return items[0][1].start, items[0][1].future
 
@@ -434,8 +522,7 @@ class ReadAheadSource:
         with self._lock:  # forget the failure, so a later read tries again
             for key, e in cached:
                 if self._entries.get(key) is e:
-                    del self._entries[key]
-                    self.cache_bytes -= e.size
+                    self._drop(key)
         for _, e in items:
             _resolve(e.future, None, exc)
 
@@ -446,8 +533,7 @@ class ReadAheadSource:
             for b in range(ci * C // S, -(-min((ci + 1) * C, self._size) // S)):
                 e = self._entries.get((0, b))
                 if e is not None and e.future.done():
-                    del self._entries[(0, b)]
-                    self.cache_bytes -= e.size
+                    self._drop((0, b))
 
     def _fetch_exact(self, start: int, sizes: Sequence[int]) -> list[bytes]:
         if self._closed.is_set():

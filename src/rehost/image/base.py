@@ -29,7 +29,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 from rehost.blob.source import RangeSource, prefetch, read_parts
 from rehost.errors import ImageMetadataError
@@ -143,8 +143,8 @@ class DiskImage(ABC):
         offset, length = extent.host_offset, extent.length
         self._check_inside(offset, length, "data")
         held = self._windowed(offset, length)
-        if held is not None:
-            return [held]
+        if held is not None:  # a view, if the run is most of the window it keeps alive
+            return [held if 2 * length >= len(cast(bytes, held.obj)) else held.tobytes()]
         parts = read_parts(self.src, offset, length)
         self._check_length(offset, length, sum(len(p) for p in parts), "data")
         return parts
