@@ -1,14 +1,16 @@
 """Benchmark `rehost import` from object storage against download-then-convert.
 
-Puts 2 GiB images (qcow2 zstd, vmdk streamOptimized, vhd dynamic, raw) into a
-local SeaweedFS and, alternating, times for each:
+Puts 2 GiB images (qcow2 zstd, vmdk streamOptimized, vhd dynamic, raw, and a qcow2
+written out of order, whose clusters lie scattered) into a local SeaweedFS and,
+alternating, times for each:
 - `rehost import s3://... --to OUT` (precheck, stream-convert, verify by re-reading);
 - what a user would otherwise do: download the object with boto3's multi-threaded
   `download_file`, then `qemu-img convert -O raw`;
 - a plain single-stream GET of the object to /dev/null (the wire's anchor).
 Prints, as min/median over the runs, the times and the ratios import time /
 download-then-convert time and, for raw and uncompressed images, rehost's
-throughput over the single-stream GET's; then rehost's peak RSS and the load
+throughput over the single-stream GET's; what one more import fetched from the
+store, as a multiple of the object's size; then rehost's peak RSS and the load
 average (1 min) before and after each format's runs: the machine is shared.
 
     .venv/bin/python bench/import.py [--size-mib 2048] [--runs 3] [--only raw,...] [--pin]
@@ -20,6 +22,7 @@ average (1 min) before and after each format's runs: the machine is shared.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -35,8 +38,17 @@ FORMATS: dict[str, list[str]] = {
     "vmdk-stream": ["-O", "vmdk", "-o", "subformat=streamOptimized"],
     "vhd-dynamic": ["-O", "vpc", "-o", "subformat=dynamic"],
     "raw": [],
+    # Out-of-order writes from 16 coroutines: clusters allocated in the order they land, so
+    # guest-adjacent clusters lie apart in the file, as in a long-lived VM's disk.
+    "qcow2-scattered": ["-W", "-m", "16", "-O", "qcow2"],
 }
-QEMU_FMT = {"qcow2-zstd": "qcow2", "vmdk-stream": "vmdk", "vhd-dynamic": "vpc", "raw": "raw"}
+QEMU_FMT = {
+    "qcow2-zstd": "qcow2",
+    "vmdk-stream": "vmdk",
+    "vhd-dynamic": "vpc",
+    "raw": "raw",
+    "qcow2-scattered": "qcow2",
+}
 BUCKET = "bench"
 
 _GET = """
@@ -88,8 +100,9 @@ def main() -> None:
             print(f"# {args.size_mib} MiB mixed-content disk in local SeaweedFS{pinned}, "
                   f"{args.runs} runs")  # fmt: skip
             print("# each figure is min/median")
-            print(f"{'format':<13}{'object MiB':>11}{'import s':>12}{'dl+convert s':>14}"
-                  f"{'GET s':>12}{'ratio':>12}{'vs GET':>12}{'import RSS':>12}{'load':>11}")  # fmt: skip
+            print(f"{'format':<16}{'object MiB':>11}{'import s':>12}{'dl+convert s':>14}"
+                  f"{'GET s':>12}{'ratio':>12}{'vs GET':>12}{'fetched':>9}{'import RSS':>12}"
+                  f"{'load':>11}")  # fmt: skip
             for name in names:
                 img = raw if name == "raw" else work / f"guest.{name}"
                 if name != "raw":
@@ -115,13 +128,21 @@ def main() -> None:
                     args.runs,
                     before=clear,
                 )  # fmt: skip
+                clear()  # once more, untimed, for what it fetched from the store
+                report = subprocess.run(
+                    [rehost, "import", f"s3://{BUCKET}/{name}", "--to", str(out),
+                     "--state-dir", str(state), "--json"],
+                    check=True, capture_output=True, text=True,
+                ).stdout  # fmt: skip
+                fetched = json.loads(report)["bytes_fetched"] / size
                 i, d, g = t["import"], t["dlconvert"], t["get"]
                 # Throughput compares bytes of the object moved per second.
                 print(
-                    f"{name:<13}{size / 2**20:>11.0f}{_pair(i.minimum, i.median):>12}"
+                    f"{name:<16}{size / 2**20:>11.0f}{_pair(i.minimum, i.median):>12}"
                     f"{_pair(d.minimum, d.median):>14}{_pair(g.minimum, g.median):>12}"
                     f"{_pair(i.minimum / d.minimum, i.median / d.median):>12}"
                     f"{_pair(g.minimum / i.minimum, g.median / i.median):>12}"
+                    f"{fetched:>8.2f}x"
                     f"{max(i.max_rss) / 2**20:>8.0f} MiB"
                     f"{load_before:>6.1f}>{os.getloadavg()[0]:.1f}",
                     flush=True,
