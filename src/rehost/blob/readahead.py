@@ -304,9 +304,10 @@ class ReadAheadSource:
     def prefetch(self, offset: int, length: int) -> None:
         """Start fetching [offset, offset + length) for a read that will come soon.
 
-        Image tables (a qcow2's L2 tables) lie scattered through the file and are read
-        one after another; hinted ahead, several are in flight at once. What is cached,
-        or finds no room in the cache, is left to the read itself.
+        Image tables (a qcow2's L2 tables) and a fragmented image's data runs lie
+        scattered through the file; hinted ahead, several are in flight at once instead
+        of one round trip after another. What is cached, what a chunk-served stream is
+        about to read ahead anyway, and what finds no room in the cache is left alone.
         """
         end = min(offset + length, self._size)
         if offset < 0 or offset >= end:
@@ -314,7 +315,12 @@ class ReadAheadSource:
         C, S = self.chunk_size, self._small
         jobs: list[list[tuple[tuple[int, int], _Entry]]] = [[]]
         with self._lock:
-            if self._closed.is_set():
+            if self._closed.is_set() or any(
+                s.consumed >= self._ramp
+                and s.dense()
+                and abs(offset - s.frontier) <= C * self._group
+                for s in self._streams.values()
+            ):
                 return
             for b in range(offset // S, -(-end // S)):
                 start = b * S

@@ -18,6 +18,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass
 
+from rehost.blob.source import prefetch
 from rehost.disk.target import Disk
 from rehost.errors import ImageVerificationError
 from rehost.image.base import DiskImage, Extent, ExtentKind, ProgressFn
@@ -44,6 +45,8 @@ class ConvertResult:
         return self.virtual_size / self.elapsed if self.elapsed > 0 else 0.0
 
 
+SCATTERED_RUN = 1 << 20
+"""Data runs shorter than this are hinted to the source ahead of their batch."""
 SURVEY_KEEP = 1 << 18
 """Extents kept from the survey for the write pass (~30 MiB at most); more are re-walked."""
 WINDOW_MAX = 32 << 20
@@ -138,6 +141,20 @@ def _compressed_span(batch: list[Extent]) -> tuple[int, int] | None:
     hi = max(e.host_offset + e.host_length for e in packed)
     budget = min(WINDOW_MAX, 2 * sum(e.host_length for e in packed) + (1 << 20))
     return (lo, hi) if hi - lo <= budget else None
+
+
+def _hint(image: DiskImage, batch: list[Extent]) -> None:
+    """Tell the source what a queued batch will read, so that a fragmented image's scattered
+    runs are fetched several at once, not one round trip after another per worker.
+
+    Only short runs: long ones are what the source's read-ahead streams serve best.
+    """
+    window = _compressed_span(batch)
+    if window:
+        prefetch(image.src, window[0], window[1] - window[0])
+    for ext in batch:
+        if ext.kind is ExtentKind.DATA and ext.length < SCATTERED_RUN:
+            prefetch(image.src, ext.host_offset, ext.length)
 
 
 def _whole_blocks(
@@ -301,6 +318,7 @@ def convert(
                     pending.append((item.end, None))
                 else:
                     start, batch = item
+                    _hint(image, batch)
                     fut = pool.submit(_run_batch, image, disk, start, batch, digest)
                     pending.append((batch[-1].end, fut))
                 while pending and (len(pending) >= workers * 2 or pending[0][1] is None):
