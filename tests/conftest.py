@@ -75,12 +75,18 @@ def _critical_path_priority(request: pytest.FixtureRequest) -> Iterator[None]:
         os.setpriority(os.PRIO_PROCESS, 0, before)
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    """Under xdist, give each worker its own default rehost state dir (logs, the CLI tests'
-    imports), so that two workers never write the same state files."""
-    worker = os.environ.get("PYTEST_XDIST_WORKER")
-    if worker and not os.environ.get("REHOST_STATE_DIR"):
-        os.environ["REHOST_STATE_DIR"] = f"/tmp/rehost-test-{worker}"
+@pytest.fixture(scope="session", autouse=True)
+def _state_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """A default rehost state dir (logs, the CLI tests' imports) for each test process, in
+    pytest's temporary directory: xdist workers never share one, and none is left in /tmp."""
+    if os.environ.get("REHOST_STATE_DIR"):
+        yield
+        return
+    os.environ["REHOST_STATE_DIR"] = str(tmp_path_factory.mktemp("rehost-state"))
+    try:
+        yield
+    finally:
+        del os.environ["REHOST_STATE_DIR"]
 
 
 @pytest.fixture(scope="session")

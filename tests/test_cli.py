@@ -14,8 +14,7 @@ REHOST = [sys.executable, "-m", "rehost"]
 
 
 def rehost(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, REHOST_STATE_DIR=os.environ.get("REHOST_STATE_DIR", "/tmp/rehost-test"))
-    return subprocess.run([*REHOST, *map(str, args)], capture_output=True, text=True, env=env)
+    return subprocess.run([*REHOST, *map(str, args)], capture_output=True, text=True)
 
 
 def test_inspect_json(guest_raw: Path, tmp_path: Path) -> None:
