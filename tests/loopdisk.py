@@ -190,7 +190,9 @@ class LoopLab:
                 errors.append(proc.stderr)
         for daemon in self.fuse:  # unmounted above: they exit by themselves
             try:
-                daemon.wait(timeout=30)
+                # 30 s was once too short (2026-12-06, a full run with the other worker's
+                # QEMU on both cores); the same test passed alone.
+                daemon.wait(timeout=120)
             except subprocess.TimeoutExpired:
                 daemon.kill()
                 daemon.wait(timeout=30)
