@@ -220,8 +220,6 @@ class ReadAheadSource:
         )
         self.cache_bytes = 0
         self._reads = 0
-        self._unread = 0
-        """Bytes of read-ahead not yet used by a read: held to `_ahead_limit()`."""
         self.peak_cache_bytes = 0
         self.bytes_fetched = 0
         self.requests = 0
@@ -316,9 +314,7 @@ class ReadAheadSource:
         jobs: list[list[tuple[tuple[int, int], _Entry]]] = [[]]
         with self._lock:
             if self._closed.is_set() or any(
-                s.consumed >= self._ramp
-                and s.dense()
-                and abs(offset - s.frontier) <= C * self._group
+                self._chunk_served(s) and abs(offset - s.frontier) <= C * self._group
                 for s in self._streams.values()
             ):
                 return
@@ -341,7 +337,7 @@ class ReadAheadSource:
         with self._lock:
             entries = list(self._entries.values())
             self._entries.clear()
-            self.cache_bytes = self._unread = 0
+            self.cache_bytes = 0
         closed = SystemError_(f"{self._name}: the source was closed")
         for e in entries:
             _resolve(e.future, None, closed)  # wake anyone waiting on a cancelled prefetch
@@ -392,23 +388,21 @@ class ReadAheadSource:
         e = self._entries.get(key)
         if e is not None:
             self._entries.move_to_end(key)
-            if not e.read:
-                e.read = True
-                self._unread -= e.size
+            e.read = True
         return e
 
     def _drop(self, key: tuple[int, int]) -> None:
-        e = self._entries.pop(key)
-        self.cache_bytes -= e.size
-        if not e.read:
-            self._unread -= e.size
+        self.cache_bytes -= self._entries.pop(key).size
+
+    def _chunk_served(self, s: _Stream) -> bool:
+        return s.consumed >= self._ramp and s.dense()
 
     def _ahead_limit(self) -> int:
         """Unread read-ahead the cache may hold: all of it for one stream, a third when
         streams take turns, so that each (up to MAX_STREAMS) keeps room for the chunk it
         is reading."""
         active = sum(
-            self._reads - s.last <= ACTIVE_READS and s.consumed >= self._ramp and s.dense()
+            self._reads - s.last <= ACTIVE_READS and self._chunk_served(s)
             for s in self._streams.values()
         )
         return self.cache_limit if active <= 1 else self.cache_limit // 3
@@ -421,8 +415,10 @@ class ReadAheadSource:
         read in turn (a fragmented image's interleaved runs) evict each other's read-ahead
         before it is read, and everything is fetched again and again.
         """
-        if ahead and self._unread + entry.size > self._ahead_limit():
-            return False
+        if ahead:
+            waiting = sum(e.size for e in self._entries.values() if not e.read)
+            if waiting + entry.size > self._ahead_limit():
+                return False
         while self.cache_bytes + entry.size > self.cache_limit:
             victim = unread = None
             for k, e in self._entries.items():
@@ -437,8 +433,6 @@ class ReadAheadSource:
             self._drop(victim)
         self._entries[key] = entry
         self.cache_bytes += entry.size
-        if not entry.read:
-            self._unread += entry.size
         self.peak_cache_bytes = max(self.peak_cache_bytes, self.cache_bytes)
         return True
 

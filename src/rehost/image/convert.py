@@ -143,13 +143,12 @@ def _compressed_span(batch: list[Extent]) -> tuple[int, int] | None:
     return (lo, hi) if hi - lo <= budget else None
 
 
-def _hint(image: DiskImage, batch: list[Extent]) -> None:
+def _hint(image: DiskImage, batch: list[Extent], window: tuple[int, int] | None) -> None:
     """Tell the source what a queued batch will read, so that a fragmented image's scattered
     runs are fetched several at once, not one round trip after another per worker.
 
     Only short runs: long ones are what the source's read-ahead streams serve best.
     """
-    window = _compressed_span(batch)
     if window:
         prefetch(image.src, window[0], window[1] - window[0])
     for ext in batch:
@@ -229,10 +228,15 @@ class _Runs:
 
 
 def _run_batch(
-    image: DiskImage, disk: Disk, start: int, batch: list[Extent], hashed: bool
+    image: DiskImage,
+    disk: Disk,
+    start: int,
+    batch: list[Extent],
+    window: tuple[int, int] | None,
+    hashed: bool,
 ) -> tuple[bytes, int]:
-    """Read, hash and write one batch; return its digest records and bytes written."""
-    window = _compressed_span(batch)
+    """Read, hash and write one batch (`window`: its `_compressed_span`); return its digest
+    records and bytes written."""
     with image.host_window(*window) if window else nullcontext():
         parts = [part for ext in batch for part in image.read_parts(ext)]
     records: list[bytes] = []
@@ -318,8 +322,9 @@ def convert(
                     pending.append((item.end, None))
                 else:
                     start, batch = item
-                    _hint(image, batch)
-                    fut = pool.submit(_run_batch, image, disk, start, batch, digest)
+                    window = _compressed_span(batch)
+                    _hint(image, batch, window)
+                    fut = pool.submit(_run_batch, image, disk, start, batch, window, digest)
                     pending.append((batch[-1].end, fut))
                 while pending and (len(pending) >= workers * 2 or pending[0][1] is None):
                     advance(*pending.popleft())
