@@ -193,20 +193,48 @@ def test_the_walk_holds_a_directory_as_its_names(tmp_path: Path) -> None:
     assert peak < 150 * count, peak  # the names (~70 bytes each), not their stats
 
 
-def test_a_directory_too_large_for_a_frame_stops_the_walk(
+def test_a_huge_directory_is_listed_in_slices(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A directory whose entry would exceed a frame stops the agent with ENTRY_TOO_LARGE
-    naming it, instead of a BAD_FRAME from the receiver (the frame limit is lowered here)."""
+    """A directory whose child names exceed a slice goes as several entries: all but the
+    last say "more", all but the first "cont", and together they list every name in order
+    (the slice size is lowered here)."""
+    from rehost.online import protocol
     from rehost.online.agent import transfer
 
     (tmp_path / "big").mkdir()
-    for k in range(40):
-        (tmp_path / "big" / f"name-{k:04d}").write_text("x")
+    names = [f"name-{k:04d}" for k in range(40)]
+    for name in names:
+        (tmp_path / "big" / name).write_text("x")
+    monkeypatch.setattr(protocol, "CHILD_SLICE_BYTES", 100)  # ten 10-byte names a slice
+    entries = [
+        protocol.decode_entry(frame[5:])
+        for _, frames in transfer._batches(transfer._Walker(str(tmp_path), [], None))
+        for frame in frames
+    ]
+    slices = [e for e in entries if e["t"] == "d" and e["p"] == "big"]
+    assert [(e["more"], e["cont"]) for e in slices] == [
+        (True, False), (True, True), (True, True), (False, True)
+    ]  # fmt: skip
+    assert [os.fsdecode(n) for e in slices for n in e["c"]] == names
+    assert [e["p"] for e in entries if e["t"] == "f"] == [f"big/{n}" for n in names]
+
+
+def test_an_entry_too_large_for_a_frame_stops_the_walk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An entry that would exceed a frame even alone (its xattrs) stops the agent with
+    ENTRY_TOO_LARGE naming it, instead of a BAD_FRAME from the receiver (the frame limit is
+    lowered here)."""
+    from rehost.online.agent import transfer
+
+    big = tmp_path / "big"
+    big.write_text("x")
+    os.setxattr(big, "user.note", b"y" * 500)
     monkeypatch.setattr(transfer, "MAX_FRAME", 400)
     with pytest.raises(AgentError) as exc:
         list(transfer._batches(transfer._Walker(str(tmp_path), [], None)))
-    assert exc.value.code == "ENTRY_TOO_LARGE" and str(tmp_path / "big") in exc.value.message
+    assert exc.value.code == "ENTRY_TOO_LARGE" and str(big) in exc.value.message
     assert "Excludes" in exc.value.hint
 
 

@@ -749,6 +749,56 @@ def test_a_huge_child_list_costs_its_frame(tmp_path: Path) -> None:
     assert peak < len(payload) // 2, (peak, len(payload))
 
 
+def test_a_directory_listed_in_slices_deletes_after_its_last(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A huge directory's names come in slices over several manifests (sizes lowered here).
+    The receiver deletes what no slice listed only after the last one, keeping a listed
+    file's partial; for a listing whose first slice it missed (it restarted), it deletes
+    nothing, and the next pass does."""
+    from rehost.online import protocol
+    from rehost.online.agent import transfer
+    from rehost.online.receiver.apply import FsApplier
+
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    (src / "big").mkdir(parents=True)
+    names = {f"l-{k:03d}" for k in range(60)}
+    for name in names:
+        os.symlink("target-" + name, src / "big" / name)
+    (dst / "big" / "zzz-old").mkdir(parents=True)
+    (dst / "big" / "zzz-old" / "f").write_text("x")
+    kept_partial = os.fsdecode(partial_name(b"l-059"))
+    extra = {"a-stale", "zzz-old", kept_partial, os.fsdecode(partial_name(b"gone"))}
+    for name in extra - {"zzz-old"} | {"l-030"}:
+        (dst / "big" / name).write_text("x")
+    monkeypatch.setattr(protocol, "CHILD_SLICE_BYTES", 60)  # ~10 names a slice
+    monkeypatch.setattr(transfer, "BATCH_BYTES", 1)  # every entry a manifest of its own
+    walk = transfer._batches(transfer._Walker(str(src), [], None))
+    batches = [[(ENTRY, frame[5:]) for frame in frames] for _, frames in walk]
+    entries = [decode_entry(frames[0][1]) for frames in batches]
+    slices = [k for k, e in enumerate(entries) if e["t"] == "d" and e["p"] == "big"]
+    assert len(slices) >= 3 and slices == list(range(slices[0], slices[-1] + 1))
+
+    def apply(applier: FsApplier, part: list[list[tuple[bytes, bytes]]]) -> None:
+        for frames in part:
+            applier.manifest(frames, "sha256")
+
+    def here() -> set[str]:
+        return set(os.listdir(dst / "big"))
+
+    applier = FsApplier("root", dst, tmp_path / "state")
+    apply(applier, batches[: slices[-1]])  # every slice but the last: nothing deleted yet
+    assert extra <= here()
+    applier.close()
+    applier = FsApplier("root", dst, tmp_path / "state")  # restarted: the first slice missed
+    apply(applier, batches[slices[-1] :])
+    assert here() == names | extra and os.path.islink(dst / "big" / "l-030")
+    apply(applier, batches)  # the next pass, seen whole
+    assert here() == names | {kept_partial}
+    assert all(os.readlink(dst / "big" / n) == "target-" + n for n in names)
+    applier.close()
+
+
 def test_receiver_bounds_what_a_manifest_may_hold(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

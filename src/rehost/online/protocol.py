@@ -13,7 +13,7 @@ import os
 import struct
 from typing import IO, Any, Dict, Iterator, List, Optional, Tuple, Union
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 
 ENTRY = b"E"
 DATA = b"D"
@@ -37,6 +37,9 @@ BATCH_BYTES = 2 * 1024 * 1024  # the agent ends a batch after the entry that rea
 MAX_MANIFEST_ENTRIES = 10 * BATCH_ENTRIES
 MAX_MANIFEST_BYTES = BATCH_BYTES + MAX_FRAME
 MAX_XATTR_VALUE = 64 * 1024
+# a directory's child names go in slices of about this many bytes, one entry each, so that
+# a directory of any size fits in frames (one frame held ~3 million 20-byte names)
+CHILD_SLICE_BYTES = 4 * 1024 * 1024
 PARTIAL_PREFIX = ".rehost-partial-"
 HASH_HEADER = "X-Rehost-Hash"
 
@@ -230,6 +233,8 @@ def split_path(raw: bytes) -> List[bytes]:
 # i, t, flags, m, u, g, s, mt, at, n, r, length of p
 _ENTRY_HEAD = struct.Struct(">IcBIIIQqqIQI")
 _FLAG_EXCLUDED = 1
+_FLAG_MORE = 2  # more of this directory's child names follow, in the next entry
+_FLAG_CONTINUED = 4  # this entry continues the previous entry's child names
 _U8 = struct.Struct(">B")
 _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
@@ -242,14 +247,23 @@ def encode_entry(entry: Dict[str, Any]) -> bytes:
 
     Keys: "i", "t", "p" (bytes) and, where they apply, "m", "u", "g", "s", "mt", "at", "n"
     (st_nlink of a multiply linked file), "r" (rdev), "e" (an excluded directory), "l" (a
-    symlink's target, bytes), "h" (a hardlink's first path, bytes), "x" ({name: bytes}) and
-    "c" (a directory's child names, bytes). Nothing is validated: the receiver does that.
+    symlink's target, bytes), "h" (a hardlink's first path, bytes), "x" ({name: bytes}),
+    "c" (a directory's child names, bytes), "more" and "cont" (a slice of them: more follow,
+    and this one continues the last; see child_slices). Nothing is validated: the receiver
+    does that.
     """
     kind = entry["t"]
     path = entry["p"]
+    flags = 0
+    if kind == "d":
+        flags = (
+            (_FLAG_EXCLUDED if entry.get("e") else 0)
+            | (_FLAG_MORE if entry.get("more") else 0)
+            | (_FLAG_CONTINUED if entry.get("cont") else 0)
+        )
     parts = [
         _ENTRY_HEAD.pack(
-            entry["i"], kind.encode("ascii"), _FLAG_EXCLUDED if entry.get("e") else 0,
+            entry["i"], kind.encode("ascii"), flags,
             entry.get("m", 0), entry.get("u", 0), entry.get("g", 0), entry.get("s", 0),
             entry.get("mt", 0), entry.get("at", 0), entry.get("n", 0), entry.get("r", 0),
             len(path),
@@ -274,6 +288,25 @@ def encode_entry(entry: Dict[str, Any]) -> bytes:
             parts += [_U8.pack(len(child)), child]
     payload = b"".join(parts)
     return _HEADER.pack(ENTRY, len(payload)) + payload
+
+
+def child_slices(entry: Dict[str, Any]) -> Iterator[Dict[str, Any]]:
+    """A directory's entry as entries whose child names take at most CHILD_SLICE_BYTES
+    each: all but the last say "more", all but the first "cont". Any other entry as it is."""
+    names = entry.get("c")
+    if entry["t"] != "d" or not names:
+        yield entry
+        return
+    start = size = 0
+    for k, name in enumerate(names):
+        size += len(name) + 1
+        if size > CHILD_SLICE_BYTES and k > start:
+            yield dict(entry, c=names[start:k], more=True, cont=start > 0)
+            start, size = k, len(name) + 1
+    if start == 0:
+        yield entry
+    else:
+        yield dict(entry, c=names[start:], more=False, cont=True)
 
 
 def _field(payload: bytes, pos: int, size: struct.Struct) -> Tuple[bytes, int]:
@@ -362,9 +395,10 @@ class ChildNames:
 def decode_entry(payload: bytes) -> Dict[str, Any]:
     """Decode and validate an ENTRY payload once, for the receiver.
 
-    Gives the keys of encode_entry, every number present (0 when absent), "p" as the wire
-    str (for logs and the journal) with "parts" its validated components, "l" as bytes,
-    "h" as validated components, "x" as {str: bytes} and "c" as validated ChildNames.
+    Gives the keys of encode_entry, every number present (0 when absent), "e", "more" and
+    "cont" as booleans, "p" as the wire str (for logs and the journal) with "parts" its
+    validated components, "l" as bytes, "h" as validated components, "x" as {str: bytes}
+    and "c" as validated ChildNames.
     """
     try:
         i, t, flags, m, u, g, s, mt, at, n, r, plen = _ENTRY_HEAD.unpack_from(payload)
@@ -377,7 +411,8 @@ def decode_entry(payload: bytes) -> Dict[str, Any]:
             raise ProtocolError("BAD_ENTRY", "an entry ends inside its path")
         entry = {
             "i": i, "t": kind, "m": m, "u": u, "g": g, "s": s, "mt": mt, "at": at, "n": n,
-            "r": r, "e": bool(flags & _FLAG_EXCLUDED),
+            "r": r, "e": bool(flags & _FLAG_EXCLUDED), "more": bool(flags & _FLAG_MORE),
+            "cont": bool(flags & _FLAG_CONTINUED),
             "p": path.decode("utf-8", "surrogateescape"), "parts": split_path(path), "x": {},
         }  # type: Dict[str, Any]  # fmt: skip
         if len(payload) == pos + 2 and kind in "fcbps" and payload.endswith(_NO_XATTRS):

@@ -33,6 +33,7 @@ from rehost.online.protocol import (
     MAX_FRAME,
     AgentError,
     blocks_digest,
+    child_slices,
     chunk_frame,
     chunk_head,
     encode_entry,
@@ -413,23 +414,24 @@ def _batches(walker: _Walker) -> Iterator[_Batch]:
     batch = []  # type: List[Tuple[Dict[str, Any], bytes]]
     frames = []  # type: List[bytes]
     size = 0
-    for entry, path in walker.walk():
-        entry["i"] = len(batch)
-        frame = encode_entry(entry)
-        if len(frame) > MAX_FRAME:
-            raise AgentError(
-                "ENTRY_TOO_LARGE",
-                f"{os.fsdecode(path)}: its entry takes {len(frame)} bytes, and the receiver "
-                f"takes at most {MAX_FRAME} (a directory lists its children: ~3 million "
-                "20-byte names)",
-                hint="exclude this directory (Excludes) and copy it separately, or split it",
-            )
-        batch.append((entry, path))
-        frames.append(frame)
-        size += len(frame)
-        if len(batch) >= BATCH_ENTRIES or size >= BATCH_BYTES:
-            yield batch, frames
-            batch, frames, size = [], [], 0
+    for whole, path in walker.walk():
+        for entry in child_slices(whole):  # a huge directory lists its names over several
+            entry["i"] = len(batch)
+            frame = encode_entry(entry)
+            if len(frame) > MAX_FRAME:
+                raise AgentError(
+                    "ENTRY_TOO_LARGE",
+                    f"{os.fsdecode(path)}: its entry takes {len(frame)} bytes with its "
+                    f"extended attributes, and the receiver takes at most {MAX_FRAME}",
+                    hint="remove what it does not need of its extended attributes, or "
+                    "exclude it (Excludes) and copy it separately",
+                )
+            batch.append((entry, path))
+            frames.append(frame)
+            size += len(frame)
+            if len(batch) >= BATCH_ENTRIES or size >= BATCH_BYTES:
+                yield batch, frames
+                batch, frames, size = [], [], 0
     if batch:
         yield batch, frames
 

@@ -205,6 +205,30 @@ class _Incoming:
         self.hashes[k] = zero_block_hash(alg, length) if data is None else block_hash(alg, data)
 
 
+class _Listing:
+    """What a directory holds that its entry has not listed: deleted once the last slice of
+    its child names has come (a directory of millions of names comes in several entries).
+
+    Sets of what is here, not of what was sent: a sent list may be a frame of millions of
+    names (ChildNames). `gone` is None when the first slice was missed, and then nothing
+    is deleted: what is here may have been listed in it.
+    """
+
+    def __init__(self, path: str, here: set[bytes] | None) -> None:
+        self.path = path
+        self.gone = here
+        self.partials = {n for n in here or () if n.startswith(PARTIAL_PREFIX.encode())}
+
+    def sent(self, names: ChildNames | None) -> None:
+        """Keep what `names` lists, and the partial files of listed files (their resume)."""
+        if self.gone is None or names is None:
+            return
+        for slab in names.slabs():
+            self.gone.difference_update(slab)
+            if self.partials:
+                self.gone.difference_update(self.partials.intersection(map(partial_name, slab)))
+
+
 class FsApplier:
     """Applies manifests, data batches and pass ends to the filesystem at `root`."""
 
@@ -227,6 +251,8 @@ class FsApplier:
         # emptied at the start of every request, and whenever _rmtree removed a directory
         self.dirs: OrderedDict[tuple[bytes, ...], int] = OrderedDict()
         self.dirs_gen = _removed_dirs
+        self.listing: _Listing | None = None
+        """A directory whose child names are coming in slices, until its last one."""
 
     def close(self) -> None:
         self._drop_dirs()
@@ -378,7 +404,8 @@ class FsApplier:
                 raise ProtocolError("BAD_ENTRY", "the root must be a directory")
             if t == "d":
                 deleted += self._apply_dir(entry, parts)
-                dirs.append((entry["p"], entry["at"], entry["mt"]))
+                if not entry["more"]:
+                    dirs.append((entry["p"], entry["at"], entry["mt"]))
             elif t == "h":
                 target = entry["h"]
                 if b"/".join(target) in pending_paths:
@@ -413,22 +440,28 @@ class FsApplier:
                 os.close(pfd)
         fd = self._open_dir(parts)
         try:
-            # What is here but not sent goes. Sets of what is here, not of what was sent:
-            # a sent list may be a frame of millions of names (ChildNames).
-            gone = set(map(os.fsencode, os.listdir(fd)))
-            sent: ChildNames | None = None if entry["e"] else entry["c"]
-            for slab in sent.slabs() if sent else ():
-                gone.difference_update(slab)
-            partials = {n for n in gone if n.startswith(PARTIAL_PREFIX.encode())}
-            for slab in sent.slabs() if sent and partials else ():
-                gone.difference_update(partials.intersection(map(partial_name, slab)))
+            listing = self.listing
+            if not entry["cont"] or listing is None or listing.path != entry["p"]:
+                if entry["cont"]:  # its first slice went to a receiver that since restarted
+                    log.warning(
+                        "%s: %r continues a listing this receiver did not see begin; what "
+                        "it lacks is deleted next pass",
+                        self.fs_id,
+                        entry["p"],
+                    )
+                here = None if entry["cont"] else set(map(os.fsencode, os.listdir(fd)))
+                listing = _Listing(entry["p"], here)
+            listing.sent(None if entry["e"] else entry["c"])
+            self.listing = listing if entry["more"] else None
+            if entry["more"]:
+                return 0
+            gone = listing.gone or set()
             for name in gone:
                 _rmtree(fd, name)
-            deleted = len(gone)
             self._set_meta(entry, "d", fd, fd, b"", st)
         finally:
             os.close(fd)
-        return deleted
+        return len(gone)
 
     def _apply_link(self, parts: list[bytes], target: list[bytes]) -> None:
         if not parts or not target:
@@ -715,6 +748,7 @@ class FsApplier:
     def finish(self) -> dict[str, Any]:
         """Re-apply directory times bottom-up, after everything below them changed."""
         self._drop_dirs()
+        self.listing = None  # a listing left unfinished is not carried into the next pass
         dirs = self.journal.take_dirs()
         for path in sorted(dirs, key=lambda p: -p.count("/") - (1 if p else 0)):
             atime, mtime = dirs[path]
