@@ -151,10 +151,16 @@ class DiskImage(ABC):
 
     def read_exact(self, offset: int, length: int, what: str) -> bytes:
         """Read from the file, refusing as truncated if it ends early."""
+        data = self.read_buffer(offset, length, what)
+        return data if isinstance(data, bytes) else data.tobytes()
+
+    def read_buffer(self, offset: int, length: int, what: str) -> bytes | memoryview:
+        """`read_exact` for a reader that takes any buffer (a decompressor): inside this
+        thread's host window, a view of it instead of a copy of every compressed byte."""
         self._check_inside(offset, length, what)
         held = self._windowed(offset, length)
         if held is not None:
-            return held.tobytes()
+            return held
         data = self.src.read(offset, length)
         self._check_length(offset, length, len(data), what)
         return data

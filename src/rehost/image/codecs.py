@@ -30,7 +30,7 @@ def _zstd() -> zstandard.ZstdDecompressor:
     return dctx
 
 
-def decompress(codec: str, data: bytes, expected: int, where: str) -> bytes:
+def decompress(codec: str, data: bytes | memoryview, expected: int, where: str) -> bytes:
     """Decode exactly `expected` bytes from `data`, which may carry trailing slack."""
     try:
         if codec == "zstd":
@@ -48,7 +48,7 @@ def decompress(codec: str, data: bytes, expected: int, where: str) -> bytes:
     return out
 
 
-def _inflate_exact(data: bytes, expected: int, wbits: int) -> bytes:
+def _inflate_exact(data: bytes | memoryview, expected: int, wbits: int) -> bytes:
     d = isal_zlib.decompressobj(wbits)
     out: bytes = d.decompress(data, expected)
     if len(out) == expected and not d.eof:
@@ -61,7 +61,7 @@ def _inflate_exact(data: bytes, expected: int, wbits: int) -> bytes:
     return out
 
 
-def _zstd_exact(data: bytes, expected: int) -> bytes:
+def _zstd_exact(data: bytes | memoryview, expected: int) -> bytes:
     # A frame header may declare any content size, and zstandard would allocate it: check first.
     declared = zstandard.frame_content_size(data)
     if declared not in (-1, expected):

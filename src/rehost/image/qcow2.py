@@ -712,7 +712,7 @@ class Qcow2Image(DiskImage):
         where = f"compressed cluster for guest offset {extent.offset} at host offset " + str(
             extent.host_offset
         )
-        data = self.read_exact(extent.host_offset, extent.host_length, where)
+        data = self.read_buffer(extent.host_offset, extent.host_length, where)
         out = decompress(extent.codec, data, self.cluster_size, where)
         return out[: extent.length] if extent.length < len(out) else out
 

@@ -298,11 +298,11 @@ class VhdxImage(DiskImage):
         self._overlay_keys = sorted(overlay)
 
     def read_parts(self, extent: Extent) -> Sequence[bytes | memoryview]:
-        # Replayed sectors patch what the file holds, so reads go through read_exact.
+        # Replayed sectors patch what the file holds, so reads go through read_buffer.
         return [self.read(extent)] if self._overlay_keys else super().read_parts(extent)
 
-    def read_exact(self, offset: int, length: int, what: str) -> bytes:
-        data = super().read_exact(offset, length, what)
+    def read_buffer(self, offset: int, length: int, what: str) -> bytes | memoryview:
+        data = super().read_buffer(offset, length, what)
         if not self._overlay_keys:
             return data
         keys = self._overlay_keys

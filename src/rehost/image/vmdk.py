@@ -707,7 +707,7 @@ class VmdkImage(DiskImage):
 
     def decompress(self, extent: Extent) -> bytes:
         marker_at = extent.host_offset - _GRAIN_MARKER.size
-        data = self.read_exact(
+        data = self.read_buffer(
             marker_at,
             _GRAIN_MARKER.size + extent.host_length,
             f"compressed grain at offset {marker_at}",
