@@ -171,9 +171,11 @@ def test_walk_applies_excludes_at_any_depth(tmp_path: Path) -> None:
     assert not anchored._may_exclude_below(b"data/keep")
 
 
-def test_the_walk_holds_a_directory_as_its_names(tmp_path: Path) -> None:
-    """While a directory's children are sent, the walk holds their names, not a stat per
-    child (~0.7 KiB each: GBs for a directory of millions of files on a live source)."""
+@pytest.mark.parametrize("kind", ["files", "directories"])
+def test_the_walk_holds_a_directory_as_its_names(tmp_path: Path, kind: str) -> None:
+    """While a directory's children are sent, and its subdirectories wait for their turn,
+    the walk holds their names, not a stat per child (~0.7 KiB each: GBs for a directory
+    of millions on a live source)."""
     import tracemalloc
 
     from rehost.online.agent.transfer import _Walker
@@ -182,7 +184,10 @@ def test_the_walk_holds_a_directory_as_its_names(tmp_path: Path) -> None:
     big.mkdir()
     count = 50_000
     for k in range(count):
-        os.close(os.open(big / f"some-file-{k:06d}.log", os.O_CREAT | os.O_WRONLY, 0o644))
+        if kind == "files":
+            os.close(os.open(big / f"some-file-{k:06d}.log", os.O_CREAT | os.O_WRONLY, 0o644))
+        else:
+            os.mkdir(big / f"some-dir-{k:06d}.d")
     tracemalloc.start()
     try:
         sent = sum(1 for _ in _Walker(str(tmp_path), [], None).walk())
@@ -190,7 +195,8 @@ def test_the_walk_holds_a_directory_as_its_names(tmp_path: Path) -> None:
     finally:
         tracemalloc.stop()
     assert sent == count + 2
-    assert peak < 150 * count, peak  # the names (~70 bytes each), not their stats
+    # the names (~70 bytes each), and a waiting subdirectory's path, not their stats
+    assert peak < 200 * count, peak
 
 
 def test_a_huge_directory_is_listed_in_slices(

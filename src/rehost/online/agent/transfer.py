@@ -258,9 +258,18 @@ class _Walker:
         for a directory of millions); a name that vanishes before its lstat is listed and
         not sent, as when it vanishes after."""
         root_st = os.lstat(self.root)
-        stack = [(b"", self.root, root_st)]
+        stack = [b""]  # directories still to walk, as their paths: a stat each is ~0.7 KiB
         while stack:
-            rel, path, st = stack.pop()
+            rel = stack.pop()
+            path = self._abs(rel)
+            st = root_st
+            if rel:
+                try:
+                    st = os.lstat(path)
+                except FileNotFoundError:
+                    continue
+                if not stat.S_ISDIR(st.st_mode):
+                    continue  # replaced since its parent was listed: the next pass sends it
             empty = bool(rel) and (
                 st.st_dev != root_st.st_dev or self.dir_excluded("/" + path_to_wire(rel))
             )
@@ -280,7 +289,7 @@ class _Walker:
                     continue
                 kind = _KINDS.get(stat.S_IFMT(cst.st_mode))
                 if kind == "d":
-                    subdirs.append((crel, cpath, cst))
+                    subdirs.append(crel)
                 elif kind is not None:
                     yield self._entry(crel, cpath, cst, kind), cpath
             stack.extend(reversed(subdirs))
