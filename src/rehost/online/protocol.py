@@ -294,8 +294,8 @@ def child_slices(entry: Dict[str, Any]) -> Iterator[Dict[str, Any]]:
     """A directory's entry as entries whose child names take at most CHILD_SLICE_BYTES
     each: all but the last say "more", all but the first "cont". Any other entry as it is."""
     names = entry.get("c")
-    if entry["t"] != "d" or not names:
-        yield entry
+    if entry["t"] != "d" or not names or len(names) * 256 <= CHILD_SLICE_BYTES:
+        yield entry  # (a name takes at most 256 bytes)
         return
     start = size = 0
     for k, name in enumerate(names):
