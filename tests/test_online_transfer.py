@@ -799,6 +799,40 @@ def test_a_directory_listed_in_slices_deletes_after_its_last(
     applier.close()
 
 
+def test_a_garbled_or_inflating_chunk_is_bad_frame() -> None:
+    """A chunk whose data does not decode is BAD_FRAME, and so is a zstd frame declaring
+    more than a frame: zstandard allocates and decodes a declared size whatever its
+    max_output_size says, so a few KB could fill the receiver's memory."""
+    import tracemalloc
+    import zlib
+
+    import zstandard
+
+    from rehost.online.protocol import CODEC_ZLIB, CODEC_ZSTD, MAX_FRAME
+    from rehost.online.receiver.apply import _decompress
+
+    bomb = zstandard.ZstdCompressor(write_content_size=True).compress(bytes(MAX_FRAME + 1))
+    header = bytes.fromhex("28b52ffd e0") + (1 << 60).to_bytes(8, "little") + bytes(3)
+    cases = [
+        (CODEC_ZLIB, b"\x78\x9c not deflate"),
+        (CODEC_ZLIB, zlib.compress(b"data")[:-1] + b"\0"),  # a wrong check value
+        (CODEC_ZSTD, b"not zstd"),
+        (CODEC_ZSTD, bomb),
+        (CODEC_ZSTD, header),
+    ]
+    tracemalloc.start()
+    try:
+        for codec, data in cases:
+            with pytest.raises(ProtocolError) as exc:
+                _decompress(codec, memoryview(data))
+            assert exc.value.code == "BAD_FRAME", (codec, exc.value)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < MiB, peak
+    assert bytes(_decompress(CODEC_ZSTD, memoryview(zstandard.compress(b"ok")))) == b"ok"
+
+
 def test_receiver_bounds_what_a_manifest_may_hold(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

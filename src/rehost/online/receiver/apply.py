@@ -143,16 +143,24 @@ def _proc(dir_fd: int, name: bytes) -> bytes:
 
 
 def _decompress(codec: int, data: memoryview) -> bytes | memoryview:
+    """A chunk's data, decoded to at most a frame's size: a garbled chunk is BAD_FRAME."""
     if codec == CODEC_RAW:
         return data
     if codec == CODEC_ZLIB:
         d = zlib.decompressobj()
-        out = d.decompress(data, MAX_FRAME)
+        try:
+            out = d.decompress(data, MAX_FRAME)
+        except zlib.error as e:
+            raise ProtocolError("BAD_FRAME", f"bad zlib chunk: {e}") from None
         if d.unconsumed_tail:
             raise ProtocolError("BAD_FRAME", "a zlib chunk inflates past the frame limit")
         return out
     if codec == CODEC_ZSTD:
         try:
+            # zstandard allocates and decodes a frame's declared size whatever
+            # max_output_size says: a 6 KB chunk could fill gigabytes
+            if zstandard.frame_content_size(data) > MAX_FRAME:
+                raise ProtocolError("BAD_FRAME", "a zstd chunk declares more than a frame")
             return zstandard.ZstdDecompressor().decompress(data, max_output_size=MAX_FRAME)
         except zstandard.ZstdError as e:
             raise ProtocolError("BAD_FRAME", f"bad zstd chunk: {e}") from None
