@@ -120,7 +120,7 @@ _MULTI_FILE_TYPES = {
     "custom",
 }
 _EXTENT_LINE = re.compile(
-    r'(RW|RDONLY|NOACCESS)\s+(\d+)\s+(\S+)(?:\s+"([^"]*)")?(?:\s+(\d+))?\s*', re.ASCII
+    r'(RW|RDONLY|NOACCESS)\s+(\d{1,20})\s+(\S+)(?:\s+"([^"]*)")?(?:\s+(\d+))?\s*', re.ASCII
 )
 _ACCESS_WORDS = ("RW", "RDONLY", "NOACCESS")
 _HEX_ID = re.compile(r"[0-9a-fA-F]{1,8}", re.ASCII)
