@@ -448,17 +448,7 @@ class FsApplier:
                 os.close(pfd)
         fd = self._open_dir(parts)
         try:
-            listing = self.listing
-            if not entry["cont"] or listing is None or listing.path != entry["p"]:
-                if entry["cont"]:  # its first slice went to a receiver that since restarted
-                    log.warning(
-                        "%s: %r continues a listing this receiver did not see begin; what "
-                        "it lacks is deleted next pass",
-                        self.fs_id,
-                        entry["p"],
-                    )
-                here = None if entry["cont"] else set(map(os.fsencode, os.listdir(fd)))
-                listing = _Listing(entry["p"], here)
+            listing = self._listing_for(entry, fd)
             listing.sent(None if entry["e"] else entry["c"])
             self.listing = listing if entry["more"] else None
             if entry["more"]:
@@ -470,6 +460,21 @@ class FsApplier:
         finally:
             os.close(fd)
         return len(gone)
+
+    def _listing_for(self, entry: dict[str, Any], fd: int) -> _Listing:
+        """The open listing a continued slice belongs to, or a new one of the directory `fd`."""
+        listing = self.listing
+        if entry["cont"] and listing is not None and listing.path == entry["p"]:
+            return listing
+        if entry["cont"]:  # its first slice went to a receiver that since restarted
+            log.warning(
+                "%s: %r continues a listing this receiver did not see begin; what it lacks "
+                "is deleted next pass",
+                self.fs_id,
+                entry["p"],
+            )
+            return _Listing(entry["p"], None)
+        return _Listing(entry["p"], set(map(os.fsencode, os.listdir(fd))))
 
     def _apply_link(self, parts: list[bytes], target: list[bytes]) -> None:
         if not parts or not target:
