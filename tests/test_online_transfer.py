@@ -69,8 +69,10 @@ print(json.dumps(s))
 RECEIVER = r"""
 import json, logging, sys
 from pathlib import Path
-from rehost.online.receiver.server import serve
+from rehost.online.receiver.server import _Server, serve
 a = json.loads(sys.argv[1])
+for name, value in a.get("limits", {}).items():  # tests shrink the connection limits
+    setattr(_Server, name, value)
 logging.basicConfig(level=logging.INFO, filename=a["log"], format="%(asctime)s %(message)s")
 serve(a["listen"], a["token"], Path(a["state"]), {}, roots={"root": Path(a["root"])},
       ready=lambda addr: open(a["ready"], "w").write(addr))
@@ -157,6 +159,7 @@ class Receiver:
     proc: subprocess.Popen[bytes] | None = None
     addr: str = ""
     port: int = 8443
+    limits: dict[str, float] = field(default_factory=dict)
 
     @property
     def fingerprint(self) -> str:
@@ -167,7 +170,7 @@ class Receiver:
         ready.unlink(missing_ok=True)
         args = {"listen": f"{self.pair.dest_ip}:{self.port}", "token": TOKEN,
                 "state": str(self.state), "root": str(self.root), "log": str(self.log),
-                "ready": str(ready)}  # fmt: skip
+                "ready": str(ready), "limits": self.limits}  # fmt: skip
         self.proc = subprocess.Popen(
             self.pair.cmd(self.pair.dest, [PY, "-c", RECEIVER, json.dumps(args)]),
             stdout=subprocess.DEVNULL,
@@ -313,6 +316,71 @@ def test_wrong_fingerprint_sends_nothing(env: Env) -> None:
     assert "copy the fingerprint" in result["hint"]
     time.sleep(0.3)
     assert env.receiver.log_text() == before, "the receiver saw a request"
+
+
+_FLOOD = r"""
+import http.client, json, socket, ssl, sys, time
+host, port = sys.argv[1].split(":")
+token, n = sys.argv[2], int(sys.argv[3])
+ctx = ssl._create_unverified_context()
+def hello(conn):
+    conn.request("GET", "/v1/hello", headers={"Authorization": "Bearer " + token})
+    reply = conn.getresponse()
+    reply.read()
+    return reply.status
+def closed(s):
+    s.setblocking(False)
+    try:
+        return s.recv(1) == b""
+    except BlockingIOError:
+        return False
+    except ConnectionError:
+        return True
+agent = http.client.HTTPSConnection(host, int(port), context=ctx)
+first = hello(agent)
+flood = [socket.create_connection((host, int(port))) for _ in range(n)]
+time.sleep(0.5)
+at_once = sum(closed(s) for s in flood)
+time.sleep(2.0)
+later = sum(closed(s) for s in flood)
+second = hello(agent)
+for s in flood:
+    s.close()
+agent.close()
+print(json.dumps({"at_once": at_once, "later": later, "agent": [first, second],
+                  "after": hello(http.client.HTTPSConnection(host, int(port), context=ctx))}))
+"""
+
+
+def test_a_flood_of_idle_connections_is_capped_and_dropped(env: Env) -> None:
+    """Connections beyond the cap are closed at once, and unauthenticated ones after the
+    pre-auth timeout; an authenticated connection outlives that timeout; the receiver's
+    threads stay bounded, and an agent is served once the flood is over."""
+    env.receiver.kill()
+    env.receiver.limits = {"max_connections": 4, "preauth_timeout": 1.0}
+    env.receiver.start()
+    assert env.receiver.proc is not None
+    tasks = Path(f"/proc/{env.receiver.proc.pid}/task")
+    idle_threads = len(list(tasks.iterdir()))
+    flood = subprocess.Popen(
+        env.pair.cmd(env.pair.source, [PY, "-c", _FLOOD, env.receiver.addr, TOKEN, "12"]),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    time.sleep(0.4)
+    busiest = len(list(tasks.iterdir()))
+    out, err = flood.communicate(timeout=60)
+    assert flood.returncode == 0, err
+    result = json.loads(out)
+    assert result["at_once"] == 12 - 3, result  # beyond the cap (the agent holds one)
+    assert result["later"] == 12, result  # the rest: dropped after the pre-auth timeout
+    assert result["agent"] == [200, 200], result  # authenticated: idle past that timeout
+    assert result["after"] == 200, result
+    assert busiest <= idle_threads + 4, (idle_threads, busiest)
+    assert "refused a connection from" in env.receiver.log_text()
+    env.src.mkdir()
+    (env.src / "f").write_bytes(b"still served")
+    assert env.agent()["files_sent"] == 1
+    assert_same(env)
 
 
 def _raw_post(env: Env, path: str, body: bytes) -> tuple[int, dict[str, Any]]:

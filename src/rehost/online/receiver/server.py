@@ -274,6 +274,7 @@ class _Handler(BaseHTTPRequestHandler):
         given = self.headers.get("Authorization", "")
         want = "Bearer " + self.server.receiver.token
         if hmac.compare_digest(given.encode(), want.encode()):
+            self.connection.settimeout(self.server.request_timeout)
             return True
         log.warning(
             "refused %s %s from %s: %s token",
@@ -359,16 +360,55 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 class _Server(ThreadingHTTPServer):
+    """The receiver faces whatever can reach its port, often the internet: connections are
+    capped and must authenticate promptly, so a flood of idle or half-open connections
+    holds a bounded number of threads (each ~70 KiB and a descriptor) for a short while,
+    instead of one per connection for ten minutes."""
+
     daemon_threads = True
     request_queue_size = 64
+    max_connections = 64
+    """Connections served at once. An agent keeps one; beyond this, new ones are closed."""
+    preauth_timeout = 30.0
+    """Seconds a socket operation may wait until the connection's first authorised request."""
+    request_timeout = 600.0
+    """Seconds a socket operation may wait once the connection has authenticated."""
 
     def __init__(self, address: tuple[str, int], context: ssl.SSLContext, receiver: Receiver):
         self.context = context
         self.receiver = receiver
+        self._slots = threading.BoundedSemaphore(self.max_connections)
+        self._refused = 0
+        self._refusal_logged = 0.0
         super().__init__(address, _Handler)
 
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self._refused += 1
+            now = time.monotonic()
+            if now - self._refusal_logged >= 10:
+                self._refusal_logged = now
+                log.warning(
+                    "refused a connection from %s: %d connections are open, the most served "
+                    "at once (%d refused so far)",
+                    client_address[0], self.max_connections, self._refused,
+                )  # fmt: skip
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
     def finish_request(self, request: Any, client_address: Any) -> None:
-        request.settimeout(600)
+        request.settimeout(self.preauth_timeout)
         # answers are written as headers then body: without this, Nagle holds the body back
         # until the agent's delayed ACK of the headers (40 ms per request)
         request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
