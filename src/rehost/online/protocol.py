@@ -13,7 +13,7 @@ import os
 import struct
 from typing import IO, Any, Dict, Iterator, List, Optional, Tuple, Union
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 
 ENTRY = b"E"
 DATA = b"D"
@@ -484,7 +484,8 @@ def iter_blocks(fd: int, size: int, block: int) -> Iterator[Tuple[int, Optional[
             j = k
             while j < len(segments) and segments[j][0] < end:
                 s, e = max(segments[j][0], off), min(segments[j][1], end)
-                buf[s - off : e - off] = os.pread(fd, e - s, s)
+                piece = os.pread(fd, e - s, s)
+                buf[s - off : s - off + len(piece)] = piece
                 j += 1
             data = bytes(buf)
         if len(data) < end - off:  # the file shrank while we read it
@@ -492,24 +493,17 @@ def iter_blocks(fd: int, size: int, block: int) -> Iterator[Tuple[int, Optional[
         yield off, data
 
 
-def iter_data(fd: int, size: int, chunk: int) -> Iterator[Tuple[int, bytes]]:
-    """(offset, data) pieces of at most `chunk` bytes covering only the data segments."""
+def iter_data(fd: int, size: int, block: int) -> Iterator[Tuple[int, bytes]]:
+    """(offset, data) pieces covering only the data segments, each within one aligned
+    block (FileDigest takes them so); short where the file shrank while read."""
     for start, end in data_segments(fd, size):
-        for off in range(start, end, chunk):
-            data = os.pread(fd, min(chunk, end - off), off)
+        off = start
+        while off < end:
+            stop = min(end, off - off % block + block)
+            data = os.pread(fd, stop - off, off)
             if data:
                 yield off, data
-
-
-_ZEROS = bytes(1024 * 1024)
-
-
-def feed_zeros(hasher: Any, n: int) -> None:
-    """Hash n zero bytes (the holes of a sparse file) without reading them."""
-    while n > 0:
-        step = min(n, len(_ZEROS))
-        hasher.update(_ZEROS[:step])
-        n -= step
+            off = stop
 
 
 # --- hashing ------------------------------------------------------------------------------
@@ -542,7 +536,7 @@ def new_hash(alg: str) -> Any:
     raise ProtocolError("BAD_HASH", f"unknown hash algorithm {alg!r}")
 
 
-def block_hash(alg: str, data: Union[bytes, memoryview]) -> str:
+def block_hash(alg: str, data: Union[bytes, bytearray, memoryview]) -> str:
     """The hash of one delta block: 128 bits are plenty next to the whole-file hash."""
     h = new_hash(alg)
     h.update(data)
@@ -573,6 +567,91 @@ def blocks_digest(alg: str, hashes: List[str]) -> str:
     h = new_hash(alg)
     h.update("".join(hashes).encode("ascii"))
     return str(h.hexdigest())
+
+
+class FileDigest:
+    """END's hash of a whole file (a DATA file), fed its data in order.
+
+    A file of at most one block (CHUNK_SIZE) hashes its bytes. A larger one hashes, in
+    order, the block_hash of each aligned block, as blocks_digest does; what is never fed
+    is zeros. So a hole costs its block count, not its bytes: hashing the zeros of a 1 TiB
+    sparse file (a lastlog where uids run to 2^32) took 15 s on each side with XXH3, and ten
+    minutes with sha256, the only hash of an agent on a bare python3.
+    """
+
+    __slots__ = ("alg", "blocks", "hash", "next", "part", "pos", "size", "small")
+
+    def __init__(self, alg: str, size: int) -> None:
+        self.alg = alg
+        self.size = size
+        self.small = size <= CHUNK_SIZE
+        self.blocks = -(-size // CHUNK_SIZE)
+        self.hash = new_hash(alg)
+        self.next = 0  # the first block not yet hashed
+        self.part = None  # type: Optional[bytearray]  # block `next`, while fed in pieces
+        self.pos = 0  # where the last piece ended
+
+    def feed(self, offset: int, data: Union[bytes, memoryview]) -> bool:
+        """Take the piece at `offset`; False, taking nothing, unless it lies within one
+        block and after the pieces before it."""
+        if self.small:  # most files: their bytes, gaps as zeros
+            if offset < self.pos or offset + len(data) > self.size:
+                return False
+            if offset > self.pos:
+                self.hash.update(bytes(offset - self.pos))
+            self.hash.update(data)
+            self.pos = offset + len(data)
+            return True
+        k, within = divmod(offset, CHUNK_SIZE)
+        length = min(CHUNK_SIZE, self.size - k * CHUNK_SIZE)
+        if offset < self.pos or k >= self.blocks or within + len(data) > length:
+            return False
+        if self.part is not None and k != self.next:
+            self._block(self.part)
+        if self.part is None and within == 0 and len(data) == length:
+            self._zeros(k)
+            self._block(data)  # a whole block, uncopied
+        else:
+            if self.part is None:
+                self._zeros(k)
+                self.part = bytearray(length)
+            self.part[within : within + len(data)] = data
+        self.pos = offset + len(data)
+        return True
+
+    def _block(self, data: Union[bytes, bytearray, memoryview]) -> None:
+        """Hash block `next`, whole."""
+        self.hash.update(block_hash(self.alg, data).encode("ascii"))
+        self.next += 1
+        self.part = None
+
+    def _zeros(self, upto: int) -> None:
+        """Hash blocks next..upto-1 as zeros, in bulk: only the last block can be short."""
+        full = min(upto, self.size // CHUNK_SIZE) - self.next
+        if full > 0:
+            zero = zero_block_hash(self.alg, CHUNK_SIZE).encode("ascii")
+            for done in range(0, full, 65536):
+                self.hash.update(zero * min(65536, full - done))
+            self.next += full
+        if self.next < upto:  # the file's short last block
+            self._block(bytes(self.size - self.next * CHUNK_SIZE))
+
+    def hexdigest(self) -> str:
+        if self.small:
+            self.feed(self.size, b"")  # the zeros after the last piece
+        else:
+            if self.part is not None:
+                self._block(self.part)
+            self._zeros(self.blocks)
+        return str(self.hash.hexdigest())
+
+
+def file_digest(fd: int, size: int, alg: str) -> str:
+    """FileDigest of what a file holds, re-read."""
+    digest = FileDigest(alg, size)
+    for off, data in iter_data(fd, size, CHUNK_SIZE):
+        digest.feed(off, data)
+    return digest.hexdigest()
 
 
 def delta_block_size(size: int) -> int:

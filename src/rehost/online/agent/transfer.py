@@ -32,16 +32,15 @@ from rehost.online.protocol import (
     END,
     MAX_FRAME,
     AgentError,
+    FileDigest,
     blocks_digest,
     child_slices,
     chunk_frame,
     chunk_head,
     encode_entry,
     encode_frame,
-    feed_zeros,
     hashed_blocks,
     iter_data,
-    new_hash,
     path_to_wire,
     zero_frame,
 )
@@ -353,15 +352,11 @@ class _Sender:
                 digest = blocks_digest(alg, mine)
             else:
                 yield encode_frame(DATA, b'{"i":%d}' % index)
-                whole = new_hash(alg)
-                done = 0
+                whole = FileDigest(alg, size)
                 for off, data in iter_data(fd, size, CHUNK_SIZE):
-                    feed_zeros(whole, off - done)
-                    whole.update(data)
-                    done = off + len(data)
+                    whole.feed(off, data)
                     if data[-1:] != b"\0" or data != _ZERO[: len(data)]:
                         yield self._chunk(off, data)
-                feed_zeros(whole, size - done)
                 digest = whole.hexdigest()
             self.stats["files_sent"] += 1
             # compact JSON, without json's cost on every small file

@@ -47,6 +47,7 @@ from rehost.online.protocol import (
     MAX_MANIFEST_ENTRIES,
     PARTIAL_PREFIX,
     ChildNames,
+    FileDigest,
     ProtocolError,
     block_hash,
     blocks_digest,
@@ -54,9 +55,8 @@ from rehost.online.protocol import (
     decode_entry,
     decode_json,
     delta_block_size,
-    feed_zeros,
+    file_digest,
     hashed_blocks,
-    iter_blocks,
     new_hash,
     partial_name,
     required_int,
@@ -599,16 +599,14 @@ class FsApplier:
         received = 0
         failed: list[int] = []
         cur: _Incoming | None = None
-        hasher: Any = None
-        expect = 0
+        digest: FileDigest | None = None  # a DATA file's, while its blocks come in order
         try:
             for kind, payload in frames:
                 if kind in (DATA, DELTA):
                     if cur is not None:
                         raise ProtocolError("BAD_FRAME", "a file began before the last ended")
                     cur = self._open_incoming(_header_index(payload), kind == DELTA)
-                    hasher = new_hash(self.alg) if kind == DATA else None
-                    expect = 0
+                    digest = FileDigest(self.alg, cur.size) if kind == DATA else None
                 elif kind == CHUNK:
                     if cur is None:
                         raise ProtocolError("BAD_FRAME", "a chunk outside a file")
@@ -628,26 +626,20 @@ class FsApplier:
                     received += len(data)
                     if cur.delta:
                         cur.note_block(self.alg, offset, len(data), data)
-                    elif hasher is not None:
-                        if offset < expect:
-                            hasher = None  # out of order: verify by re-reading instead
-                        else:
-                            feed_zeros(hasher, offset - expect)
-                            hasher.update(data)
-                            expect = offset + len(data)
+                    elif digest is not None and not digest.feed(offset, data):
+                        digest = None  # out of order: verify by re-reading instead
                 elif kind == END:
                     if cur is None:
                         raise ProtocolError("BAD_FRAME", "END outside a file")
                     end = decode_json(payload)
                     alg = str(end.get("alg", "sha256"))
                     if cur.delta:
-                        digest = self._delta_digest(cur, alg)
-                    elif hasher is not None and alg == self.alg:
-                        feed_zeros(hasher, cur.size - expect)
-                        digest = hasher.hexdigest()
+                        got = self._delta_digest(cur, alg)
+                    elif digest is not None and alg == self.alg:
+                        got = digest.hexdigest()
                     else:
-                        digest = _file_hash(cur.fd, cur.size, alg)
-                    if digest == end.get("hash"):
+                        got = file_digest(cur.fd, cur.size, alg)
+                    if got == end.get("hash"):
                         self._commit_file(cur)
                         files += 1
                     else:
@@ -787,13 +779,3 @@ def _header_index(payload: bytes) -> int:
 
 def _block_hashes(fd: int, size: int, block: int, alg: str) -> list[str]:
     return [digest for _, _, digest in hashed_blocks(fd, size, block, alg)]
-
-
-def _file_hash(fd: int, size: int, alg: str) -> str:
-    h = new_hash(alg)
-    for off, data in iter_blocks(fd, size, CHUNK_SIZE):
-        if data is None:
-            feed_zeros(h, min(CHUNK_SIZE, size - off))
-        else:
-            h.update(data)
-    return str(h.hexdigest())
