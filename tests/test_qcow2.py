@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 import zstandard
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from helpers import (
     MiB,
@@ -873,3 +875,101 @@ def test_the_walk_fetches_l2_tables_ahead_over_a_remote_source(tmp_path: Path) -
     write_scattered(raw, skip=4096)  # 4 KiB clusters: one 4 KiB L2 table per 2 MiB
     run("qemu-img", "convert", "-O", "qcow2", "-o", "cluster_size=4096", raw, img_path)
     assert_tables_fetched_ahead(img_path)
+
+
+# -- hand-built images: L2 tables exactly as given ---------------------------------
+
+
+def _hand_built(
+    path: Path,
+    tables: list[bytes],
+    *,
+    cluster_bits: int = 16,
+    size: int = 0,
+    version: int = 3,
+    incompat: int = 0,
+) -> Path:
+    """A qcow2 of header, L1, refcount table and block, then `tables` (one cluster each, in
+    order), then one data cluster; `size` defaults to what the tables cover."""
+    cs = 1 << cluster_bits
+    width = 16 if incompat & 16 else 8
+    size = size or len(tables) * cs * (cs // width)
+    l1 = b"".join(_be64(COPIED | (4 + i) * cs) for i in range(len(tables)))
+    header = struct.pack(
+        ">4sIQIIQIIQQIIQQQQII", b"QFI\xfb", version, 0, 0, cluster_bits, size, 0, len(tables),
+        cs, 2 * cs, 1, 0, 0, incompat, 0, 0, 4, 104,
+    )[: 72 if version == 2 else None]  # fmt: skip
+    with open(path, "wb") as f:
+        for part in (header, l1, _be64(3 * cs), b"", *tables, b"\xa5" * cs):
+            f.write(part.ljust(cs, b"\0"))
+    return path
+
+
+def _reads(path: Path) -> list[object] | str:
+    """The image's extents, or the reason it is refused."""
+    try:
+        with qcow2.open(LocalFile(path)) as img:
+            return list(img.extents())
+    except ImageMetadataError as e:
+        return e.reason
+
+
+def test_tables_of_zero_entries_walk_quickly(tmp_path: Path) -> None:
+    """Zero entries need no host cluster, so 32 MiB of them describe 4M clusters: the walk
+    judges such tables whole, not entry by entry (that took 4 s here, 15 s for 128 MiB)."""
+    cs = 1 << 16
+    pattern = [1, 0, COPIED | 1, COPIED, 5 * cs | 1, COPIED | (1 << 55) | 1]
+    entries = (pattern * (cs // 8 // len(pattern) + 1))[: cs // 8]
+    table = b"".join(_be64(e) for e in entries)
+    path = _hand_built(tmp_path / "zero-entries.qcow2", [table] * 512)
+    start = time.monotonic()
+    with open_image(LocalFile(path)) as img:
+        report = img.check()
+    assert time.monotonic() - start < 1
+    assert report.zero_bytes == img.virtual_size == 256 << 30
+
+
+_STANDARD_ENTRIES = [
+    0, 1, COPIED, COPIED | 1, 5 * 65536 | 1, 5 * 65536, COPIED | 5 * 65536, 5 * 65536 + 512 | 1,
+    1 << 57 | 1, 2 | 1, 1 << 8 | 1, COMPRESSED | 5 * 65536, COMPRESSED | 1, 1 << 55 | 1,
+]  # fmt: skip
+_EXTENDED_ENTRIES = [
+    (0, 0), (0, 0xFFFF_FFFF << 32), (0, 1 << 32), (5 * 16384, 0), (5 * 16384, 3 << 32),
+    (COPIED | 5 * 16384, 0), (5 * 16384 | 1, 0), (5 * 16384 + 512, 0), (0, 1),
+    (5 * 16384, 0xFFFF_FFFF), (5 * 16384, 1 | 1 << 32), (COMPRESSED | 5 * 16384, 0),
+    (1 << 58, 0), (0, 1 << 63),
+]  # fmt: skip
+
+
+@settings(max_examples=150, deadline=None, database=None)
+@given(
+    version=st.sampled_from([2, 3]),
+    extended=st.booleans(),
+    pattern=st.lists(st.integers(0, len(_STANDARD_ENTRIES) - 1), min_size=1, max_size=4),
+    odd=st.none() | st.tuples(st.integers(0, 1023), st.integers(0, 13)),
+    short=st.integers(0, 3),
+)
+def test_whole_table_judgement_agrees_with_each_entry(
+    version: int,
+    extended: bool,
+    pattern: list[int],
+    odd: tuple[int, int] | None,
+    short: int,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """Judging a table whole accepts and refuses exactly what judging each entry does."""
+    kinds = [*pattern * 1024][:1024]
+    if odd:
+        kinds[odd[0]] = odd[1]
+    if extended:
+        table = b"".join(_be64(d) + _be64(b) for d, b in (_EXTENDED_ENTRIES[k] for k in kinds))
+        path, cs = tmp_path_factory.mktemp("extl2") / "t.qcow2", 16384
+        path = _hand_built(path, [table], cluster_bits=14, size=(1024 - short) * cs, incompat=16)
+    else:
+        table = b"".join(_be64(_STANDARD_ENTRIES[k]) for k in kinds)
+        path, cs = tmp_path_factory.mktemp("std") / "t.qcow2", 65536
+        path = _hand_built(path, [table], size=(1024 - short) * cs, version=version)
+    whole = _reads(path)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(qcow2.Qcow2Image, "_reads_as_zero", lambda *_: False)
+        assert _reads(path) == whole
