@@ -621,6 +621,12 @@ CORPUS: list[tuple[str, str, Callable[[Layout], Edits], str]] = [
         "claims 65536 bytes",
     ),
     (
+        "ext-end-too-long",
+        "v3-64k",
+        lambda lay: [(lay.u32(100), struct.pack(">II", 0, 0xFE000000))],
+        "extension 0x0 at offset 112 claims 4261412864 bytes",
+    ),
+    (
         "ext-too-many",
         "v3-64k",
         lambda lay: _extensions(lay, *[_ext(0x1234, b"")] * 65),

@@ -336,13 +336,14 @@ class Qcow2Image(DiskImage):
             ext_type, length = _EXT_HEADER.unpack(
                 self.read_exact(off, _EXT_HEADER.size, "header extension")
             )
-            if ext_type == EXT_END:
-                break
+            # Even the end marker's length is bounded: qemu refuses the image otherwise.
             require(
                 length <= cs - off - _EXT_HEADER.size,
                 f"header extension {ext_type:#x} at offset {off} claims {length} bytes, "
                 "more than is left of the header cluster",
             )
+            if ext_type == EXT_END:
+                break
             require(
                 len(found) < MAX_EXTENSIONS,
                 f"more than {MAX_EXTENSIONS} header extensions; the header is implausible",
