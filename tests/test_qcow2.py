@@ -490,6 +490,7 @@ CORPUS: list[tuple[str, str, Callable[[Layout], Edits], str]] = [
     ("refcount-order-7", "v3-64k", _set(96, _be32(7)), "refcount_order 7 exceeds 6"),
     ("unknown-incompat", "v3-64k", _incompat(1 << 5), "unknown incompatible features: bit 5"),
     ("unknown-incompat-63", "v3-64k", _incompat(1 << 63), "bit 63"),
+    ("raw-data-without-file", "v3-64k", _set(88, _be64(2)), "raw external data) is set"),
     ("compression-no-bit", "v3-64k", _set(104, b"\x01"), "disagrees with the compression-type"),
     ("compression-bit-only", "v3-64k", _incompat(8), "disagrees with the compression-type"),
     ("compression-unknown", "zstd-64k", _set(104, b"\x02"), "unknown compression_type 2"),

@@ -98,6 +98,7 @@ INCOMPAT_COMPRESSION = 1 << 3
 INCOMPAT_EXTL2 = 1 << 4
 COMPAT_LAZY_REFCOUNTS = 1 << 0
 AUTOCLEAR_BITMAPS = 1 << 0
+AUTOCLEAR_DATA_FILE_RAW = 1 << 1
 _FEATURE_NAMES = {
     0: {0: "dirty", 1: "corrupt", 2: "external data file", 3: "compression type", 4: "extended L2"},
     1: {0: "lazy refcounts"},
@@ -226,7 +227,7 @@ class Qcow2Image(DiskImage):
             hint=SINGLE_FILE_HINT,
         )
         extensions = self._read_extensions(header_length)
-        self._check_features(incompat)
+        self._check_features(incompat, autoclear)
         require(
             crypt_method == 0,
             f"the image is encrypted ({CRYPT_METHODS.get(crypt_method, 'unknown')} "
@@ -375,7 +376,7 @@ class Qcow2Image(DiskImage):
             off = data_at + _round_up(length, 8)
         return found
 
-    def _check_features(self, incompat: int) -> None:
+    def _check_features(self, incompat: int, autoclear: int) -> None:
         unknown = incompat & ~_KNOWN_INCOMPAT
         require(
             unknown == 0,
@@ -395,6 +396,11 @@ class Qcow2Image(DiskImage):
             not incompat & INCOMPAT_DATA_FILE,
             "the image keeps its data in an external data file (incompatible feature bit 2)",
             hint=SINGLE_FILE_HINT,
+        )
+        require(
+            not autoclear & AUTOCLEAR_DATA_FILE_RAW,
+            "autoclear feature bit 1 (raw external data) is set but the image has no external "
+            "data file; qemu refuses such an image",
         )
 
     def _check_table(self, what: str, offset: int, length: int) -> None:
