@@ -895,9 +895,10 @@ def _hand_built(
     size: int = 0,
     version: int = 3,
     incompat: int = 0,
+    data: bytes = b"",
 ) -> Path:
     """A qcow2 of header, L1, refcount table and block, then `tables` (one cluster each, in
-    order), then one data cluster; `size` defaults to what the tables cover."""
+    order), then `data` padded to a cluster; `size` defaults to what the tables cover."""
     cs = 1 << cluster_bits
     width = 16 if incompat & 16 else 8
     size = size or len(tables) * cs * (cs // width)
@@ -907,7 +908,7 @@ def _hand_built(
         cs, 2 * cs, 1, 0, 0, incompat, 0, 0, 4, 104,
     )[: 72 if version == 2 else None]  # fmt: skip
     with open(path, "wb") as f:
-        for part in (header, l1, _be64(3 * cs), b"", *tables, b"\xa5" * cs):
+        for part in (header, l1, _be64(3 * cs), b"", *tables, data):
             f.write(part.ljust(cs, b"\0"))
     return path
 
@@ -980,3 +981,17 @@ def test_whole_table_judgement_agrees_with_each_entry(
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(qcow2.Qcow2Image, "_reads_as_zero", lambda *_: False)
         assert _reads(path) == whole
+
+
+def test_deflate_stream_without_its_end_is_read_as_qemu_reads_it(tmp_path: Path) -> None:
+    """qemu takes a compressed cluster once it decodes to a whole cluster, whether or not its
+    raw deflate stream goes on to an end marker; so does rehost (zlib grains must end)."""
+    cs = 1 << 16
+    c = zlib.compressobj(wbits=-15)
+    stream = c.compress(b"\x5a" * cs) + c.flush(zlib.Z_SYNC_FLUSH)
+    sectors = len(stream) // 512 + 1
+    # Then empty stored blocks to the end of its sectors: no end marker, and no garbage.
+    stream = (stream + b"\0\0\0\xff\xff" * 512)[: sectors * 512]
+    entry = COMPRESSED | (sectors - 1) << 54 | 5 * cs
+    path = _hand_built(tmp_path / "unended.qcow2", [_be64(entry)], size=cs, data=stream)
+    assert rehost_sha256(path, tmp_path) == oracle_sha256(path, tmp_path)

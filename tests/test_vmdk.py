@@ -421,6 +421,17 @@ def garble_grain(b: bytearray) -> bytes:
     return bytes(b)
 
 
+def cut_grain(n: int) -> Mutation:
+    """Shorten the first grain's stream by n bytes, of its 4-byte Adler-32 trailer."""
+
+    def mutate(b: bytearray) -> bytes:
+        at = first_grain(b)
+        struct.pack_into("<I", b, at + 8, struct.unpack_from("<I", b, at + 8)[0] - n)
+        return bytes(b)
+
+    return mutate
+
+
 def short_grain(b: bytearray) -> bytes:
     """Replace the first grain's stream with one that decodes to half a grain."""
     at = first_grain(b)
@@ -595,6 +606,8 @@ CASES = [
     ),
     case("stream-marker-in-metadata", "small-stream", set_gte(0, 2), "inside the metadata"),
     case("stream-garbled", "small-stream", garble_grain, "garbled"),
+    case("stream-adler-cut-1", "small-stream", cut_grain(1), "ends before its Adler-32"),
+    case("stream-adler-cut-4", "small-stream", cut_grain(4), "ends before its Adler-32"),
     case("stream-short-grain", "small-stream", short_grain, "decodes to 32768 bytes, not 65536"),
     case(
         "stream-createtype-mismatch",

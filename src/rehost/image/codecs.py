@@ -2,7 +2,9 @@
 
 Every call decodes at most `expected` bytes, so a compression bomb cannot grow
 memory, and refuses a stream that errors, ends short, or would decode to more
-than one cluster. ISA-L's inflate (the `isal` package) is used because it is
+than one cluster; a zlib stream must also end in its Adler-32, as qemu's
+VMDK reader insists, while raw deflate (qcow2) may stop once the cluster is
+full, as qemu's qcow2 reader allows. ISA-L's inflate (the `isal` package) is used because it is
 2-3x faster than zlib's and, like zlib and zstd, releases the GIL, which lets a
 thread pool decompress on every core.
 """
@@ -53,12 +55,15 @@ def _inflate_exact(data: bytes | memoryview, expected: int, wbits: int) -> bytes
     out: bytes = d.decompress(data, expected)
     if len(out) == expected and not d.eof:
         # The end-of-stream marker may be all that is left; anything more is excess output.
-        extra = d.decompress(d.unconsumed_tail, 1)
-        if extra:
-            return out + extra
-    elif not d.eof:
+        out += d.decompress(d.unconsumed_tail, 1)
+    if d.eof or len(out) > expected:
+        return out  # decompress() refuses a wrong length
+    if len(out) < expected:
         raise ValueError(f"the stream ends early after {len(out)} bytes")
-    return out
+    if wbits > 0:
+        # A VMDK grain: qemu's uncompress() insists on the zlib trailer, an Adler-32.
+        raise ValueError("the stream ends before its Adler-32 checksum")
+    return out  # raw deflate (qcow2): qemu stops once the cluster is full, end or not
 
 
 def _zstd_exact(data: bytes | memoryview, expected: int) -> bytes:
