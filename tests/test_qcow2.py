@@ -995,3 +995,14 @@ def test_deflate_stream_without_its_end_is_read_as_qemu_reads_it(tmp_path: Path)
     entry = COMPRESSED | (sectors - 1) << 54 | 5 * cs
     path = _hand_built(tmp_path / "unended.qcow2", [_be64(entry)], size=cs, data=stream)
     assert rehost_sha256(path, tmp_path) == oracle_sha256(path, tmp_path)
+
+
+def test_a_size_in_part_sectors_is_floored_as_qemu_does(images: Images, tmp_path: Path) -> None:
+    """qemu's block layer sees whole 512-byte sectors: 3 bytes more in the header's size
+    are not part of the disk."""
+    src = images["v3-64k"]
+    size = Layout(src.read_bytes()).u64(24)
+    path = _patch(src, tmp_path / "odd.qcow2", [(24, _be64(size + 3))])
+    with open_image(LocalFile(path)) as img:
+        assert img.virtual_size == size
+    assert rehost_sha256(path, tmp_path) == oracle_sha256(path, tmp_path)

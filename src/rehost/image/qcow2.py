@@ -120,6 +120,7 @@ SUBCLUSTERS = 32
 ALL_ALLOCATED = (1 << SUBCLUSTERS) - 1
 MAX_HOST_OFFSET = 1 << 56
 COMPRESSED_SECTOR = 512
+SECTOR = 512
 _LANE_MAX = (1 << 64) - 1
 
 
@@ -249,8 +250,10 @@ class Qcow2Image(DiskImage):
             f"extended L2 entries need clusters of at least 16 KiB; cluster_bits is {cluster_bits}",
         )
 
-        self.virtual_size = size
-        check_virtual_size(size)
+        # qemu's block layer sees whole sectors, so it floors the size (but sizes the L1
+        # table from the header's).
+        self.virtual_size = size // SECTOR * SECTOR
+        check_virtual_size(self.virtual_size)
         self._extended_l2 = extended_l2
         self._l2_entries = cs // (16 if extended_l2 else 8)
         self._l2_coverage = cs * self._l2_entries
@@ -527,9 +530,10 @@ class Qcow2Image(DiskImage):
 
     def _walk(self) -> Iterator[Extent]:
         cov, size = self._l2_coverage, self.virtual_size
+        needed = -(-size // cov)
         budget = _Budget(self.file_size, self.cluster_size)
-        for first in range(0, self._l1_needed, L1_SLICE_ENTRIES):
-            n = min(L1_SLICE_ENTRIES, self._l1_needed - first)
+        for first in range(0, needed, L1_SLICE_ENTRIES):
+            n = min(L1_SLICE_ENTRIES, needed - first)
             raw = self.read_exact(self._l1_offset + first * 8, n * 8, "active L1 table")
             if raw.count(0) == len(raw):
                 base = first * cov
