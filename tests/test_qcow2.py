@@ -692,11 +692,13 @@ def _patch(src: Path, dst: Path, edits: Edits) -> Path:
 
 def _refusal(path: Path, *, driver: bool = False) -> ImageMetadataError:
     """Open the image and walk it completely; return the refusal."""
-    with pytest.raises(ImageMetadataError) as info:
-        src = LocalFile(path)
-        img = qcow2.open(src) if driver else open_image(src)
-        with img:
-            img.check()
+    opener: Callable[[LocalFile], DiskImage] = qcow2.open if driver else open_image
+    with (
+        pytest.raises(ImageMetadataError) as info,
+        LocalFile(path) as src,
+        opener(src) as img,
+    ):
+        img.check()
     assert info.value.code == "IMAGE_METADATA_UNREADABLE"
     return info.value
 

@@ -132,7 +132,11 @@ def set_bat_entry(buf: bytearray, index: int, value: int) -> None:
 
 def refused(path: Path, reason: str) -> ImageMetadataError:
     """Opening and walking the image must fail with a typed error naming `reason`."""
-    with pytest.raises(ImageMetadataError) as info, open_image(LocalFile(path)) as img:
+    with (
+        pytest.raises(ImageMetadataError) as info,
+        LocalFile(path) as src,
+        open_image(src) as img,
+    ):
         img.check()
     assert reason in info.value.reason, info.value.reason
     return info.value

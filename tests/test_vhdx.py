@@ -187,7 +187,11 @@ def derive_head(src: Path, dst: Path, edit: Callable[[bytearray], object]) -> Pa
 
 
 def refused(path: Path, reason: str) -> ImageMetadataError:
-    with pytest.raises(ImageMetadataError) as info, open_image(LocalFile(path)) as img:
+    with (
+        pytest.raises(ImageMetadataError) as info,
+        LocalFile(path) as src,
+        open_image(src) as img,
+    ):
         img.check()
     assert reason in info.value.reason, info.value.reason
     return info.value

@@ -56,7 +56,11 @@ def detect_format(src: RangeSource) -> str:
 
 
 def open_image(src: RangeSource, format: str | None = None) -> DiskImage:
-    """Detect the format (unless given) and validate the headers; refuse anything unsafe."""
+    """Detect the format (unless given) and validate the headers; refuse anything unsafe.
+
+    The image returned owns `src` (closing it closes `src`); if opening fails, `src` is
+    still the caller's to close.
+    """
     name = format or detect_format(src)
     if name not in FORMATS:
         raise ImageMetadataError(f"unsupported format {name!r}")
