@@ -36,6 +36,7 @@ from rehost.online.protocol import (
     ENTRY,
     FileDigest,
     ProtocolError,
+    block_digests,
     block_hash,
     blocks_digest,
     decode_entry,
@@ -307,29 +308,41 @@ def test_full_then_incremental(env: Env) -> None:
 
 
 def test_a_terabyte_sparse_file_costs_its_data(env: Env) -> None:
-    """A 1 TiB lastlog with three records arrives whole and sparse, and its hash costs its
-    blocks, not its terabyte of zeros (15 s a side with XXH3 when holes were hashed)."""
+    """A 1 TiB lastlog with a few records arrives whole and sparse, and its hash costs its
+    blocks, not its terabyte of zeros (15 s a side with XXH3 when holes were hashed). After
+    one record changes, the incremental pass sends a delta of its 128 MiB block in pieces
+    (one frame of it was refused as too large) and the copy stays as sparse as the source."""
     records = [(292 * 1000, b"a" * 292), (5 * MiB - 100, b"b" * 292), ((1 << 40) - 292, b"c" * 292)]
     env.src.mkdir()
-    with open(env.src / "lastlog", "wb") as f:
-        f.truncate(1 << 40)
-        for off, record in records:
+    lastlog = env.src / "lastlog"
+
+    def write(off: int, record: bytes) -> None:
+        with open(lastlog, "r+b") as f:
             f.seek(off)
             f.write(record)
-    start = time.monotonic()
-    result = env.agent()
-    took = time.monotonic() - start
-    assert "error" not in result and result["files_sent"] == 1, result
-    assert result["bytes_sent"] < 3 * 2 * 4096, result  # the data pages only
-    st = os.stat(env.dst / "lastlog")
-    assert st.st_size == 1 << 40
-    assert st.st_blocks <= os.stat(env.src / "lastlog").st_blocks
-    with open(env.dst / "lastlog", "rb") as f:
-        for off, record in records:
-            f.seek(off)
-            assert f.read(len(record)) == record
-    assert meta_diff(env.src, env.dst) == []
-    print(f"1 TiB sparse file migrated in {took:.2f} s")
+
+    lastlog.touch()
+    os.truncate(lastlog, 1 << 40)
+    for off, record in records:
+        write(off, record)
+    for run in ("full", "incremental"):
+        start = time.monotonic()
+        result = env.agent()
+        took = time.monotonic() - start
+        assert "error" not in result and result["files_sent"] == 1, result
+        assert result["delta_files"] == (run == "incremental"), result
+        assert result["bytes_sent"] < 3 * 2 * 4096, result  # the data pages only
+        st = os.stat(env.dst / "lastlog")
+        assert st.st_size == 1 << 40
+        assert st.st_blocks <= os.stat(lastlog).st_blocks
+        with open(env.dst / "lastlog", "rb") as f:
+            for off, record in records:
+                f.seek(off)
+                assert f.read(len(record)) == record
+        assert meta_diff(env.src, env.dst) == []
+        print(f"1 TiB sparse file, {run}: {took:.2f} s")
+        records.append((292 * 3000, b"d" * 292))  # another login, in the first record's block
+        write(*records[-1])
 
 
 def test_wrong_token_is_refused_and_logged(env: Env) -> None:
@@ -706,6 +719,34 @@ def test_file_digest_is_over_blocks_and_holes_cost_nothing(
         assert not late.feed(2 * CHUNK_SIZE - 5, bytes(10))  # across a block edge
 
 
+@pytest.mark.parametrize("block", [128 * 1024, 4 * CHUNK_SIZE])
+def test_block_digests_read_in_pieces_agree_with_whole_blocks(tmp_path: Path, block: int) -> None:
+    """Delta block hashes, read a piece at a time, are those of the whole blocks, holes as
+    zeros; a block of zeros, stored or not, is flagged as such."""
+    size = 3 * 4 * CHUNK_SIZE + 777
+    content = bytearray(size)
+    path = tmp_path / "f"
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for off, n in [(100, 5000), (CHUNK_SIZE + 3, 2 * CHUNK_SIZE), (size - 10, 10)]:
+            piece = os.urandom(n)
+            content[off : off + n] = piece
+            f.seek(off)
+            f.write(piece)
+        f.seek(9 * CHUNK_SIZE)
+        f.write(bytes(CHUNK_SIZE))  # stored zeros
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        got = list(block_digests(fd, size, block, "xxh128"))
+    finally:
+        os.close(fd)
+    want = []
+    for off in range(0, size, block):
+        data = bytes(content[off : off + block])
+        want.append((off, block_hash("xxh128", data), data == bytes(len(data))))
+    assert got == want
+
+
 def test_a_terabyte_hole_hashes_in_its_block_count() -> None:
     """1 TiB of holes: the digest is that of its 2^20 zero blocks, without hashing 1 TiB."""
     size = 1 << 40
@@ -847,6 +888,22 @@ def test_delta_end_hash_is_checked_over_block_hashes(
     assert run([chunk_frame(5, 0, b"off the grid")], digest_of(new))["failed"] == []
     assert (root / "big").read_bytes() == new
     assert len(reads) == 2  # off the grid: END re-read the patched file
+    # a block in pieces (the agent cuts blocks larger than 1 MiB), a data piece then a zero
+    # run: hashed as they come; the same pieces out of order: END re-reads
+    half = block // 2
+    for k, order in [(2, 1), (4, -1)]:
+        old = new
+        os.utime(root / "big", ns=(k, k))
+        piece = os.urandom(half)
+        new = patched((k * block, piece + bytes(half)))
+        pieces = [chunk_frame(k * block, 0, piece), zero_frame(k * block + half, half)]
+        reads.clear()
+        assert run(pieces[::order], "0" * 32)["failed"] == [1]
+        os.utime(root / "big", ns=(k, k))
+        reads.clear()
+        assert run(pieces[::order], digest_of(new))["failed"] == []
+        assert (root / "big").read_bytes() == new
+        assert len(reads) == (1 if order == 1 else 2)
     applier.close()
 
 

@@ -333,7 +333,7 @@ class ChildNames:
         self._payload = payload
         self._start = start
         self._count = count
-        self._only = None  # type: Optional[List[bytes]]  # a list of one slab, kept as cut
+        self._only: Optional[List[bytes]] = None  # a list of one slab, kept as cut
 
     def __len__(self) -> int:
         return self._count
@@ -445,59 +445,32 @@ def decode_entry(payload: bytes) -> Dict[str, Any]:
 # --- file content -------------------------------------------------------------------
 
 
-def data_segments(fd: int, size: int) -> List[Tuple[int, int]]:
-    """The data ranges of a file below `size` (holes left out)."""
+def data_segments(fd: int, size: int, start: int = 0) -> List[Tuple[int, int]]:
+    """The data ranges of a file from `start` to `size` (holes left out)."""
     if size < 65536:
-        return [(0, size)] if size else []
+        return [(start, size)] if size > start else []
     out = []  # type: List[Tuple[int, int]]
-    pos = 0
+    pos = start
     while pos < size:
         try:
-            start = os.lseek(fd, pos, os.SEEK_DATA)
+            data = os.lseek(fd, pos, os.SEEK_DATA)
         except OSError as e:
             if e.errno == errno.ENXIO:
                 break
-            return [(0, size)]
-        if start >= size:
+            return [(start, size)]
+        if data >= size:
             break
-        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
-        out.append((start, end))
+        end = min(os.lseek(fd, data, os.SEEK_HOLE), size)
+        out.append((data, end))
         pos = end
     return out
 
 
-def iter_blocks(fd: int, size: int, block: int) -> Iterator[Tuple[int, Optional[bytes]]]:
-    """(offset, data) per aligned block; data is None for a block wholly inside a hole."""
-    segments = data_segments(fd, size)
-    k = 0
-    for off in range(0, size, block):
-        end = min(off + block, size)
-        while k < len(segments) and segments[k][1] <= off:
-            k += 1
-        if k == len(segments) or segments[k][0] >= end:
-            yield off, None
-            continue
-        if segments[k][0] <= off and segments[k][1] >= end:
-            data = os.pread(fd, end - off, off)
-        else:
-            buf = bytearray(end - off)
-            j = k
-            while j < len(segments) and segments[j][0] < end:
-                s, e = max(segments[j][0], off), min(segments[j][1], end)
-                piece = os.pread(fd, e - s, s)
-                buf[s - off : s - off + len(piece)] = piece
-                j += 1
-            data = bytes(buf)
-        if len(data) < end - off:  # the file shrank while we read it
-            data += bytes(end - off - len(data))
-        yield off, data
-
-
-def iter_data(fd: int, size: int, block: int) -> Iterator[Tuple[int, bytes]]:
-    """(offset, data) pieces covering only the data segments, each within one aligned
-    block (FileDigest takes them so); short where the file shrank while read."""
-    for start, end in data_segments(fd, size):
-        off = start
+def iter_data(fd: int, size: int, block: int, start: int = 0) -> Iterator[Tuple[int, bytes]]:
+    """(offset, data) pieces covering only the data segments from `start` to `size`, each
+    within one aligned block (FileDigest takes them so); short where the file shrank."""
+    for first, end in data_segments(fd, size, start):
+        off = first
         while off < end:
             stop = min(end, off - off % block + block)
             data = os.pread(fd, stop - off, off)
@@ -536,28 +509,71 @@ def new_hash(alg: str) -> Any:
     raise ProtocolError("BAD_HASH", f"unknown hash algorithm {alg!r}")
 
 
+HASH_HEX = 32  # hex digits of a block hash
+
+
 def block_hash(alg: str, data: Union[bytes, bytearray, memoryview]) -> str:
     """The hash of one delta block: 128 bits are plenty next to the whole-file hash."""
     h = new_hash(alg)
     h.update(data)
-    return str(h.hexdigest())[:32]
+    return str(h.hexdigest())[:HASH_HEX]
 
 
 @functools.lru_cache(maxsize=32)
 def zero_block_hash(alg: str, n: int) -> str:
     """block_hash of n zero bytes: holes and zero blocks, without hashing them each time."""
-    return block_hash(alg, bytes(n))
+    h = new_hash(alg)
+    feed_zeros(h, n)
+    return str(h.hexdigest())[:HASH_HEX]
 
 
-def hashed_blocks(
-    fd: int, size: int, block: int, alg: str
-) -> Iterator[Tuple[int, Optional[bytes], str]]:
-    """(offset, data, block hash) per aligned block of the file; data is None in a hole."""
-    for off, data in iter_blocks(fd, size, block):
-        if data is None:
-            yield off, None, zero_block_hash(alg, min(block, size - off))
-        else:
-            yield off, data, block_hash(alg, data)
+_ZEROS = bytes(CHUNK_SIZE)
+
+
+def feed_zeros(hasher: Any, n: int) -> None:
+    """Hash n zero bytes, 1 MiB at a time."""
+    while n > 0:
+        step = min(n, CHUNK_SIZE)
+        hasher.update(_ZEROS[:step])
+        n -= step
+
+
+def is_zero(data: Union[bytes, memoryview]) -> bool:
+    return data[-1:] in (b"", b"\0") and data == _ZEROS[: len(data)]
+
+
+def block_digests(fd: int, size: int, block: int, alg: str) -> Iterator[Tuple[int, str, bool]]:
+    """(offset, block hash, whether it is all zeros) per aligned block of the file.
+
+    Read in pieces of at most CHUNK_SIZE, hashed as they come: a delta block can be of any
+    size (128 MiB for a 1 TiB file), and neither side may hold one whole. Holes cost nothing
+    but the zeros hashed inside a block that also holds data.
+    """
+    k = 0  # the next block to yield
+    hasher = None  # type: Any  # block k's, once a piece of it has come
+    pos = 0  # where block k's last piece ended
+    zero = True
+    for off, data in iter_data(fd, size, min(block, CHUNK_SIZE)):
+        if off // block != k and hasher is not None:
+            end = min(k * block + block, size)
+            feed_zeros(hasher, end - pos)
+            yield k * block, str(hasher.hexdigest())[:HASH_HEX], zero
+            k, hasher = k + 1, None
+        while k < off // block:
+            yield k * block, zero_block_hash(alg, min(block, size - k * block)), True
+            k += 1
+        if hasher is None:
+            hasher, pos, zero = new_hash(alg), k * block, True
+        feed_zeros(hasher, off - pos)
+        hasher.update(data)
+        pos = off + len(data)
+        zero = zero and is_zero(data)
+    if hasher is not None:
+        feed_zeros(hasher, min(k * block + block, size) - pos)
+        yield k * block, str(hasher.hexdigest())[:HASH_HEX], zero
+        k += 1
+    for off in range(k * block, size, block):
+        yield off, zero_block_hash(alg, min(block, size - off)), True
 
 
 def blocks_digest(alg: str, hashes: List[str]) -> str:
@@ -588,7 +604,7 @@ class FileDigest:
         self.blocks = -(-size // CHUNK_SIZE)
         self.hash = new_hash(alg)
         self.next = 0  # the first block not yet hashed
-        self.part = None  # type: Optional[bytearray]  # block `next`, while fed in pieces
+        self.part: Optional[bytearray] = None  # block `next`, while fed in pieces
         self.pos = 0  # where the last piece ended
 
     def feed(self, offset: int, data: Union[bytes, memoryview]) -> bool:

@@ -33,13 +33,14 @@ from rehost.online.protocol import (
     MAX_FRAME,
     AgentError,
     FileDigest,
+    block_digests,
     blocks_digest,
     child_slices,
     chunk_frame,
     chunk_head,
     encode_entry,
     encode_frame,
-    hashed_blocks,
+    is_zero,
     iter_data,
     path_to_wire,
     zero_frame,
@@ -51,7 +52,6 @@ except ImportError:  # pragma: no cover - depends on the source host
     _zstd = None  # type: ignore[assignment]
 
 Log = Optional[Callable[[str], None]]
-_ZERO = bytes(CHUNK_SIZE)
 _BATCH_ATTEMPTS = 5
 _LINK_WINDOW = 0.5  # seconds of streaming per compression decision
 # the first decision comes sooner: until then "auto" compresses, which on a fast link costs
@@ -340,22 +340,32 @@ class _Sender:
                 yield encode_frame(DELTA, b'{"i":%d}' % index)
                 self.stats["delta_files"] += 1
                 mine = []  # type: List[str]
-                for off, data, digest in hashed_blocks(fd, size, block, alg):
+                for off, digest, zero in block_digests(fd, size, block, alg):
                     k = off // block
                     mine.append(digest)
                     if k < len(theirs) and theirs[k] == digest:
                         continue
-                    if data is None or data == _ZERO[: len(data)]:
-                        yield zero_frame(off, min(block, size - off))
-                    else:
-                        yield self._chunk(off, data)
+                    stop = min(off + block, size)
+                    if zero:
+                        yield zero_frame(off, stop - off)
+                        continue
+                    # read again, in pieces (a block can be far larger than a frame), its
+                    # holes sent as zero runs, which the receiver punches: it stays sparse
+                    pos = off
+                    for at, data in iter_data(fd, stop, CHUNK_SIZE, off):
+                        if at > pos:
+                            yield zero_frame(pos, at - pos)
+                        yield zero_frame(at, len(data)) if is_zero(data) else self._chunk(at, data)
+                        pos = at + len(data)
+                    if pos < stop:
+                        yield zero_frame(pos, stop - pos)
                 digest = blocks_digest(alg, mine)
             else:
                 yield encode_frame(DATA, b'{"i":%d}' % index)
                 whole = FileDigest(alg, size)
                 for off, data in iter_data(fd, size, CHUNK_SIZE):
                     whole.feed(off, data)
-                    if data[-1:] != b"\0" or data != _ZERO[: len(data)]:
+                    if not is_zero(data):
                         yield self._chunk(off, data)
                 digest = whole.hexdigest()
             self.stats["files_sent"] += 1

@@ -42,6 +42,7 @@ from rehost.online.protocol import (
     DELTA_MIN_SIZE,
     END,
     ENTRY,
+    HASH_HEX,
     MAX_FRAME,
     MAX_MANIFEST_BYTES,
     MAX_MANIFEST_ENTRIES,
@@ -49,14 +50,15 @@ from rehost.online.protocol import (
     ChildNames,
     FileDigest,
     ProtocolError,
+    block_digests,
     block_hash,
     blocks_digest,
     decode_chunk,
     decode_entry,
     decode_json,
     delta_block_size,
+    feed_zeros,
     file_digest,
-    hashed_blocks,
     new_hash,
     partial_name,
     required_int,
@@ -195,22 +197,37 @@ class _Incoming:
         # replaced as its block arrives; None once something arrives off the block grid
         self.block = 0
         self.hashes: list[str | None] | None = None
+        self.open: tuple[int, Any, int] | None = None  # a block coming in pieces: k, hash, end
 
-    def note_block(
+    def note_piece(
         self, alg: str, offset: int, length: int, data: bytes | memoryview | None
     ) -> None:
-        """A delta block arrived (data None: a zero block): record its hash."""
+        """A delta piece arrived (data None: zeros): fold it into its block's hash.
+
+        A block larger than a frame comes in pieces, in order; its hash is unknown (None)
+        until the last one. Anything else off the block grid leaves END to re-read the file.
+        """
         if self.hashes is None:
             return
-        k = offset // self.block
-        if (
-            offset % self.block
-            or k >= len(self.hashes)
-            or length != min(self.block, self.size - offset)
-        ):
-            self.hashes = None  # verified by re-reading instead
-            return
-        self.hashes[k] = zero_block_hash(alg, length) if data is None else block_hash(alg, data)
+        k, within = divmod(offset, self.block)
+        last = min(self.block, self.size - k * self.block)  # the block's length
+        if k >= len(self.hashes) or within + length > last:
+            self.hashes = None
+        elif within == 0 and length == last:  # a whole block
+            self.hashes[k] = zero_block_hash(alg, length) if data is None else block_hash(alg, data)
+        elif within == 0 or (self.open is not None and self.open[::2] == (k, within)):
+            hasher = new_hash(alg) if within == 0 else cast("tuple[int, Any, int]", self.open)[1]
+            if data is None:
+                feed_zeros(hasher, length)
+            else:
+                hasher.update(data)
+            self.hashes[k] = None
+            self.open = (k, hasher, within + length)
+            if within + length == last:
+                self.hashes[k] = str(hasher.hexdigest())[:HASH_HEX]
+                self.open = None
+        else:
+            self.hashes = None
 
 
 class _Listing:
@@ -617,7 +634,7 @@ class FsApplier:
                             raise ProtocolError("BAD_FRAME", "a chunk past the file's size")
                         if cur.delta:
                             _punch(cur.fd, offset, length)
-                            cur.note_block(self.alg, offset, length, None)
+                            cur.note_piece(self.alg, offset, length, None)
                         continue
                     data = _decompress(codec, body)
                     if offset + len(data) > cur.size:
@@ -625,7 +642,7 @@ class FsApplier:
                     _pwrite_all(cur.fd, data, offset)
                     received += len(data)
                     if cur.delta:
-                        cur.note_block(self.alg, offset, len(data), data)
+                        cur.note_piece(self.alg, offset, len(data), data)
                     elif digest is not None and not digest.feed(offset, data):
                         digest = None  # out of order: verify by re-reading instead
                 elif kind == END:
@@ -778,4 +795,4 @@ def _header_index(payload: bytes) -> int:
 
 
 def _block_hashes(fd: int, size: int, block: int, alg: str) -> list[str]:
-    return [digest for _, _, digest in hashed_blocks(fd, size, block, alg)]
+    return [digest for _, digest, _ in block_digests(fd, size, block, alg)]
