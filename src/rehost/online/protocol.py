@@ -542,8 +542,8 @@ def is_zero(data: Union[bytes, memoryview]) -> bool:
     return data[-1:] in (b"", b"\0") and data == _ZEROS[: len(data)]
 
 
-def block_digests(fd: int, size: int, block: int, alg: str) -> Iterator[Tuple[int, str, bool]]:
-    """(offset, block hash, whether it is all zeros) per aligned block of the file.
+def block_digests(fd: int, size: int, block: int, alg: str) -> Iterator[Tuple[int, str]]:
+    """(offset, block hash) per aligned block of the file.
 
     Read in pieces of at most CHUNK_SIZE, hashed as they come: a delta block can be of any
     size (128 MiB for a 1 TiB file), and neither side may hold one whole. Holes cost nothing
@@ -552,28 +552,25 @@ def block_digests(fd: int, size: int, block: int, alg: str) -> Iterator[Tuple[in
     k = 0  # the next block to yield
     hasher = None  # type: Any  # block k's, once a piece of it has come
     pos = 0  # where block k's last piece ended
-    zero = True
     for off, data in iter_data(fd, size, min(block, CHUNK_SIZE)):
         if off // block != k and hasher is not None:
-            end = min(k * block + block, size)
-            feed_zeros(hasher, end - pos)
-            yield k * block, str(hasher.hexdigest())[:HASH_HEX], zero
+            feed_zeros(hasher, min(k * block + block, size) - pos)
+            yield k * block, str(hasher.hexdigest())[:HASH_HEX]
             k, hasher = k + 1, None
         while k < off // block:
-            yield k * block, zero_block_hash(alg, min(block, size - k * block)), True
+            yield k * block, zero_block_hash(alg, min(block, size - k * block))
             k += 1
         if hasher is None:
-            hasher, pos, zero = new_hash(alg), k * block, True
+            hasher, pos = new_hash(alg), k * block
         feed_zeros(hasher, off - pos)
         hasher.update(data)
         pos = off + len(data)
-        zero = zero and is_zero(data)
     if hasher is not None:
         feed_zeros(hasher, min(k * block + block, size) - pos)
-        yield k * block, str(hasher.hexdigest())[:HASH_HEX], zero
+        yield k * block, str(hasher.hexdigest())[:HASH_HEX]
         k += 1
     for off in range(k * block, size, block):
-        yield off, zero_block_hash(alg, min(block, size - off)), True
+        yield off, zero_block_hash(alg, min(block, size - off))
 
 
 def blocks_digest(alg: str, hashes: List[str]) -> str:
@@ -654,7 +651,9 @@ class FileDigest:
 
     def hexdigest(self) -> str:
         if self.small:
-            self.feed(self.size, b"")  # the zeros after the last piece
+            if self.pos < self.size:  # zeros after the last piece
+                self.hash.update(bytes(self.size - self.pos))
+                self.pos = self.size
         else:
             if self.part is not None:
                 self._block(self.part)

@@ -340,15 +340,12 @@ class _Sender:
                 yield encode_frame(DELTA, b'{"i":%d}' % index)
                 self.stats["delta_files"] += 1
                 mine = []  # type: List[str]
-                for off, digest, zero in block_digests(fd, size, block, alg):
+                for off, digest in block_digests(fd, size, block, alg):
                     k = off // block
                     mine.append(digest)
                     if k < len(theirs) and theirs[k] == digest:
                         continue
                     stop = min(off + block, size)
-                    if zero:
-                        yield zero_frame(off, stop - off)
-                        continue
                     # read again, in pieces (a block can be far larger than a frame), its
                     # holes sent as zero runs, which the receiver punches: it stays sparse
                     pos = off

@@ -795,4 +795,4 @@ def _header_index(payload: bytes) -> int:
 
 
 def _block_hashes(fd: int, size: int, block: int, alg: str) -> list[str]:
-    return [digest for _, digest, _ in block_digests(fd, size, block, alg)]
+    return [digest for _, digest in block_digests(fd, size, block, alg)]
