@@ -8,6 +8,7 @@ walk comparing what rsync does not (nanosecond times, directory times).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
@@ -343,6 +344,49 @@ def test_a_terabyte_sparse_file_costs_its_data(env: Env) -> None:
         print(f"1 TiB sparse file, {run}: {took:.2f} s")
         records.append((292 * 3000, b"d" * 292))  # another login, in the first record's block
         write(*records[-1])
+
+
+def _deep(root: Path, depth: int) -> int:
+    """The fd of root/d.../d... (`depth` levels of 30-byte names), made if missing."""
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    for _ in range(depth):
+        with contextlib.suppress(FileExistsError):
+            os.mkdir("d" * 30, dir_fd=fd)
+        step = os.open("d" * 30, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+        os.close(fd)
+        fd = step
+    return fd
+
+
+def test_a_path_longer_than_path_max_is_migrated(env: Env) -> None:
+    """Entries 9 KB deep, beyond the 4 KiB a path may have: a file with an xattr and a
+    symlink arrive, and a second pass finds nothing to send (it stopped the agent with
+    ENAMETOOLONG)."""
+    env.src.mkdir()
+    env.dst.mkdir(exist_ok=True)
+    fd = _deep(env.src, 300)
+    try:
+        leaf = os.open("leaf", os.O_WRONLY | os.O_CREAT, 0o640, dir_fd=fd)
+        os.write(leaf, b"deep leaf\n")
+        os.setxattr(leaf, "user.depth", b"300")
+        os.close(leaf)
+        os.symlink("leaf", "link", dir_fd=fd)
+    finally:
+        os.close(fd)
+    first = env.agent()
+    assert "error" not in first and first["files_sent"] == 1, first
+    fd = _deep(env.dst, 300)
+    try:
+        leaf = os.open("leaf", os.O_RDONLY, dir_fd=fd)
+        assert os.read(leaf, 100) == b"deep leaf\n"
+        assert os.getxattr(leaf, "user.depth") == b"300"
+        assert stat.S_IMODE(os.fstat(leaf).st_mode) == 0o640
+        os.close(leaf)
+        assert os.readlink("link", dir_fd=fd) == "leaf"
+    finally:
+        os.close(fd)
+    again = env.agent()
+    assert "error" not in again and again["files_sent"] == 0, again
 
 
 def test_wrong_token_is_refused_and_logged(env: Env) -> None:

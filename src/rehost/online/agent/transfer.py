@@ -17,7 +17,7 @@ import stat
 import threading
 import time
 import zlib
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, TypeVar, Union
 from urllib.parse import quote
 
 from rehost.online.protocol import (
@@ -52,6 +52,7 @@ except ImportError:  # pragma: no cover - depends on the source host
     _zstd = None  # type: ignore[assignment]
 
 Log = Optional[Callable[[str], None]]
+_T = TypeVar("_T")
 _BATCH_ATTEMPTS = 5
 _LINK_WINDOW = 0.5  # seconds of streaming per compression decision
 # the first decision comes sooner: until then "auto" compresses, which on a fast link costs
@@ -170,6 +171,41 @@ def _matcher(patterns: List[str]) -> Callable[[str], bool]:
     return lambda path: regex.match(path) is not None
 
 
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0)
+_PATH_MAX = 4096  # what the kernel takes in one path, its NUL included
+
+
+def _at(call: Callable[..., _T], path: bytes, *args: Any) -> _T:
+    """call(path, *args), even for a path longer than the kernel takes (ENAMETOOLONG).
+
+    Deep trees exist (300 levels of 30-byte names is a 9 KB path), and one such path must
+    not stop a migration. The long path's parent directory is opened a piece at a time,
+    and `call` gets /proc/self/fd/N/NAME, a short path through it.
+    """
+    try:
+        return call(path, *args)
+    except OSError as e:
+        if e.errno != errno.ENAMETOOLONG:
+            raise
+    parent, _, name = path.rpartition(b"/")
+    fd = os.open(b"/" if path.startswith(b"/") else b".", _DIR_FLAGS)
+    try:
+        rest = parent.lstrip(b"/")
+        while rest:
+            cut = rest.rfind(b"/", 0, _PATH_MAX - 1) if len(rest) >= _PATH_MAX else len(rest)
+            step = os.open(rest[:cut], _DIR_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd = step
+            rest = rest[cut + 1 :]
+        return call(b"/proc/self/fd/%d/%s" % (fd, name), *args)
+    finally:
+        os.close(fd)
+
+
+def _listdir(path: bytes) -> List[bytes]:
+    return os.listdir(path)
+
+
 def _xattrs(path: bytes) -> Dict[str, bytes]:
     try:
         names = os.listxattr(path, follow_symlinks=False)
@@ -228,12 +264,12 @@ class _Walker:
             "s": st.st_size if kind == "f" else 0,
             "mt": st.st_mtime_ns,
             "at": st.st_atime_ns,
-            "x": _xattrs(path),
+            "x": _at(_xattrs, path),
         }  # type: Dict[str, Any]
         if kind == "f" and st.st_nlink > 1:
             entry["n"] = st.st_nlink
         elif kind == "l":
-            entry["l"] = os.readlink(path)
+            entry["l"] = _at(os.readlink, path)
         elif kind in ("c", "b"):
             entry["r"] = st.st_rdev
         return entry
@@ -241,7 +277,7 @@ class _Walker:
     def _children(self, rel: bytes) -> List[bytes]:
         """The names in a directory after excludes, sorted; stat'ed only as they are sent."""
         try:
-            names = sorted(os.listdir(self._abs(rel)))
+            names = sorted(_at(_listdir, self._abs(rel)))
         except OSError as e:
             if self.log:
                 self.log(f"cannot list {self._abs(rel)!r}: {e}")
@@ -264,7 +300,7 @@ class _Walker:
             st = root_st
             if rel:
                 try:
-                    st = os.lstat(path)
+                    st = _at(os.lstat, path)
                 except FileNotFoundError:
                     continue
                 if not stat.S_ISDIR(st.st_mode):
@@ -283,7 +319,7 @@ class _Walker:
                 crel = rel + b"/" + name if rel else name
                 cpath = self._abs(crel)
                 try:
-                    cst = os.lstat(cpath)
+                    cst = _at(os.lstat, cpath)
                 except FileNotFoundError:
                     continue
                 kind = _KINDS.get(stat.S_IFMT(cst.st_mode))
@@ -328,7 +364,7 @@ class _Sender:
 
     def frames(self, index: int, path: bytes, size: int, need: List[Any]) -> Iterator[Frame]:
         try:
-            fd = _open_source(path)
+            fd = _at(_open_source, path)
         except OSError as e:
             if self.log:
                 self.log(f"skipping {path!r}: {e}")
