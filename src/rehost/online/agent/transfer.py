@@ -175,18 +175,14 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0)
 _PATH_MAX = 4096  # what the kernel takes in one path, its NUL included
 
 
-def _at(call: Callable[..., _T], path: bytes, *args: Any) -> _T:
-    """call(path, *args), even for a path longer than the kernel takes (ENAMETOOLONG).
+def _long(call: Callable[..., _T], path: bytes) -> _T:
+    """call(path) for a path longer than the kernel takes (PATH_MAX, 4096 with its NUL).
 
     Deep trees exist (300 levels of 30-byte names is a 9 KB path), and one such path must
-    not stop a migration. The long path's parent directory is opened a piece at a time,
-    and `call` gets /proc/self/fd/N/NAME, a short path through it.
+    not stop a migration. Its parent directory is opened a piece at a time, and `call`
+    gets /proc/self/fd/N/NAME, a short path through it. (Callers test the length inline:
+    a call through here for every path cost the walk 9%.)
     """
-    try:
-        return call(path, *args)
-    except OSError as e:
-        if e.errno != errno.ENAMETOOLONG:
-            raise
     parent, _, name = path.rpartition(b"/")
     fd = os.open(b"/" if path.startswith(b"/") else b".", _DIR_FLAGS)
     try:
@@ -197,7 +193,7 @@ def _at(call: Callable[..., _T], path: bytes, *args: Any) -> _T:
             os.close(fd)
             fd = step
             rest = rest[cut + 1 :]
-        return call(b"/proc/self/fd/%d/%s" % (fd, name), *args)
+        return call(b"/proc/self/fd/%d/%s" % (fd, name))
     finally:
         os.close(fd)
 
@@ -264,23 +260,24 @@ class _Walker:
             "s": st.st_size if kind == "f" else 0,
             "mt": st.st_mtime_ns,
             "at": st.st_atime_ns,
-            "x": _at(_xattrs, path),
+            "x": _xattrs(path) if len(path) < _PATH_MAX else _long(_xattrs, path),
         }  # type: Dict[str, Any]
         if kind == "f" and st.st_nlink > 1:
             entry["n"] = st.st_nlink
         elif kind == "l":
-            entry["l"] = _at(os.readlink, path)
+            entry["l"] = os.readlink(path) if len(path) < _PATH_MAX else _long(os.readlink, path)
         elif kind in ("c", "b"):
             entry["r"] = st.st_rdev
         return entry
 
     def _children(self, rel: bytes) -> List[bytes]:
         """The names in a directory after excludes, sorted; stat'ed only as they are sent."""
+        path = self._abs(rel)
         try:
-            names = sorted(_at(_listdir, self._abs(rel)))
+            names = sorted(os.listdir(path) if len(path) < _PATH_MAX else _long(_listdir, path))
         except OSError as e:
             if self.log:
-                self.log(f"cannot list {self._abs(rel)!r}: {e}")
+                self.log(f"cannot list {path!r}: {e}")
             return []
         if not self._may_exclude_below(rel):
             return names
@@ -300,7 +297,7 @@ class _Walker:
             st = root_st
             if rel:
                 try:
-                    st = _at(os.lstat, path)
+                    st = os.lstat(path) if len(path) < _PATH_MAX else _long(os.lstat, path)
                 except FileNotFoundError:
                     continue
                 if not stat.S_ISDIR(st.st_mode):
@@ -319,7 +316,7 @@ class _Walker:
                 crel = rel + b"/" + name if rel else name
                 cpath = self._abs(crel)
                 try:
-                    cst = _at(os.lstat, cpath)
+                    cst = os.lstat(cpath) if len(cpath) < _PATH_MAX else _long(os.lstat, cpath)
                 except FileNotFoundError:
                     continue
                 kind = _KINDS.get(stat.S_IFMT(cst.st_mode))
@@ -364,7 +361,7 @@ class _Sender:
 
     def frames(self, index: int, path: bytes, size: int, need: List[Any]) -> Iterator[Frame]:
         try:
-            fd = _at(_open_source, path)
+            fd = _open_source(path) if len(path) < _PATH_MAX else _long(_open_source, path)
         except OSError as e:
             if self.log:
                 self.log(f"skipping {path!r}: {e}")
