@@ -9,6 +9,7 @@ walk comparing what rsync does not (nanosecond times, directory times).
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import itertools
 import json
@@ -710,6 +711,46 @@ def _digest_by_definition(alg: str, content: bytes) -> str:
         return str(whole.hexdigest())
     blocks = range(0, len(content), CHUNK_SIZE)
     return blocks_digest(alg, [block_hash(alg, content[o : o + CHUNK_SIZE]) for o in blocks])
+
+
+def test_a_directory_the_agent_cannot_list_keeps_its_copy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An I/O error listing a source directory (a failing disk) flags its entry "unlisted",
+    and the receiver then deletes nothing in it; the same empty list unflagged empties it."""
+    from rehost.online.agent import transfer
+    from rehost.online.receiver.apply import FsApplier
+
+    src = tmp_path / "src"
+    (src / "sick").mkdir(parents=True)
+    (src / "sick" / "a").write_text("a")
+    real = os.listdir
+
+    def failing(path: Any) -> Any:
+        if os.fsencode(path).endswith(b"/sick"):
+            raise OSError(errno.EIO, "Input/output error")
+        return real(path)
+
+    monkeypatch.setattr(transfer.os, "listdir", failing)
+    logged: list[str] = []
+    entries = [e for e, _ in transfer._Walker(str(src), [], logged.append).walk()]
+    sick = next(e for e in entries if e["p"] == b"sick")
+    assert sick["unlisted"] and sick["c"] == [], sick
+    assert "nothing in it is sent or deleted" in logged[0]
+    monkeypatch.setattr(transfer.os, "listdir", real)
+
+    dst = tmp_path / "dst"
+    (dst / "sick").mkdir(parents=True)
+    (dst / "sick" / "a").write_text("a")
+    applier = FsApplier("root", dst, tmp_path / "state")
+    for i, entry in enumerate(entries):
+        entry["i"] = i
+    applier.manifest([(ENTRY, encode_entry(e)[5:]) for e in entries], "xxh128")
+    assert (dst / "sick" / "a").exists()
+    del sick["unlisted"]
+    applier.manifest([(ENTRY, encode_entry(e)[5:]) for e in entries], "xxh128")
+    assert not (dst / "sick" / "a").exists()
+    applier.close()
 
 
 @pytest.mark.parametrize("alg", ["xxh128", "sha256"])

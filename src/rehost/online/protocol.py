@@ -235,6 +235,7 @@ _ENTRY_HEAD = struct.Struct(">IcBIIIQqqIQI")
 _FLAG_EXCLUDED = 1
 _FLAG_MORE = 2  # more of this directory's child names follow, in the next entry
 _FLAG_CONTINUED = 4  # this entry continues the previous entry's child names
+_FLAG_UNLISTED = 8  # the agent could not list this directory: nothing in it is deleted
 _U8 = struct.Struct(">B")
 _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
@@ -249,8 +250,8 @@ def encode_entry(entry: Dict[str, Any]) -> bytes:
     (st_nlink of a multiply linked file), "r" (rdev), "e" (an excluded directory), "l" (a
     symlink's target, bytes), "h" (a hardlink's first path, bytes), "x" ({name: bytes}),
     "c" (a directory's child names, bytes), "more" and "cont" (a slice of them: more follow,
-    and this one continues the last; see child_slices). Nothing is validated: the receiver
-    does that.
+    and this one continues the last; see child_slices), "unlisted" (a directory that could
+    not be listed). Nothing is validated: the receiver does that.
     """
     kind = entry["t"]
     path = entry["p"]
@@ -260,6 +261,7 @@ def encode_entry(entry: Dict[str, Any]) -> bytes:
             (_FLAG_EXCLUDED if entry.get("e") else 0)
             | (_FLAG_MORE if entry.get("more") else 0)
             | (_FLAG_CONTINUED if entry.get("cont") else 0)
+            | (_FLAG_UNLISTED if entry.get("unlisted") else 0)
         )
     parts = [
         _ENTRY_HEAD.pack(
@@ -395,8 +397,8 @@ class ChildNames:
 def decode_entry(payload: bytes) -> Dict[str, Any]:
     """Decode and validate an ENTRY payload once, for the receiver.
 
-    Gives the keys of encode_entry, every number present (0 when absent), "e", "more" and
-    "cont" as booleans, "p" as the wire str (for logs and the journal) with "parts" its
+    Gives the keys of encode_entry, every number present (0 when absent), "e", "more",
+    "cont" and "unlisted" as booleans, "p" as the wire str (for logs and the journal) with "parts" its
     validated components, "l" as bytes, "h" as validated components, "x" as {str: bytes}
     and "c" as validated ChildNames.
     """
@@ -412,7 +414,7 @@ def decode_entry(payload: bytes) -> Dict[str, Any]:
         entry = {
             "i": i, "t": kind, "m": m, "u": u, "g": g, "s": s, "mt": mt, "at": at, "n": n,
             "r": r, "e": bool(flags & _FLAG_EXCLUDED), "more": bool(flags & _FLAG_MORE),
-            "cont": bool(flags & _FLAG_CONTINUED),
+            "cont": bool(flags & _FLAG_CONTINUED), "unlisted": bool(flags & _FLAG_UNLISTED),
             "p": path.decode("utf-8", "surrogateescape"), "parts": split_path(path), "x": {},
         }  # type: Dict[str, Any]  # fmt: skip
         if len(payload) == pos + 2 and kind in "fcbps" and payload.endswith(_NO_XATTRS):

@@ -270,15 +270,16 @@ class _Walker:
             entry["r"] = st.st_rdev
         return entry
 
-    def _children(self, rel: bytes) -> List[bytes]:
-        """The names in a directory after excludes, sorted; stat'ed only as they are sent."""
+    def _children(self, rel: bytes) -> Optional[List[bytes]]:
+        """The names in a directory after excludes, sorted; stat'ed only as they are sent.
+        None when it cannot be listed."""
         path = self._abs(rel)
         try:
             names = sorted(os.listdir(path) if len(path) < _PATH_MAX else _long(_listdir, path))
         except OSError as e:
             if self.log:
-                self.log(f"cannot list {path!r}: {e}")
-            return []
+                self.log(f"cannot list {path!r}: {e}; nothing in it is sent or deleted")
+            return None
         if not self._may_exclude_below(rel):
             return names
         prefix = _dir_prefix(rel)
@@ -305,11 +306,14 @@ class _Walker:
             empty = bool(rel) and (
                 st.st_dev != root_st.st_dev or self.dir_excluded("/" + path_to_wire(rel))
             )
-            names = [] if empty else self._children(rel)
+            listed = [] if empty else self._children(rel)
+            names = listed or []
             entry = self._entry(rel, path, st, "d")
             entry["c"] = names
             if empty:
                 entry["e"] = True
+            elif listed is None:
+                entry["unlisted"] = True  # the receiver keeps what it has in there
             yield entry, path
             subdirs = []
             for name in names:

@@ -481,6 +481,13 @@ class FsApplier:
     def _listing_for(self, entry: dict[str, Any], fd: int) -> _Listing:
         """The open listing a continued slice belongs to, or a new one of the directory `fd`."""
         listing = self.listing
+        if entry["unlisted"]:  # an I/O error on a failing source disk, say
+            log.warning(
+                "%s: the agent could not list %r; nothing in it is deleted this pass",
+                self.fs_id,
+                entry["p"],
+            )
+            return _Listing(entry["p"], None)
         if entry["cont"] and listing is not None and listing.path == entry["p"]:
             return listing
         if entry["cont"]:  # its first slice went to a receiver that since restarted
