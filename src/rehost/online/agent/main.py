@@ -163,6 +163,7 @@ class Agent:
             if swap.get("file") and swap["file"] not in excludes:
                 excludes.append(swap["file"])
         log.info("excludes: %s", excludes)
+        unreadable = 0
         for m in migrated_mounts(self.layout, plan):
             path = m.get("path") or os.path.join(self.source_root, m["mount"].lstrip("/"))
             say("{} {}: {} ({}) from {}".format(what, pass_no, m["mount"], m["fs_id"], path))
@@ -181,6 +182,14 @@ class Agent:
                 "{} {} done in {:.1f} s: {}".format(
                     what, m["mount"], time.time() - started, _summary(result)
                 )
+            )
+            unreadable += int(result.get("unreadable", 0))
+        if unreadable:  # the stage is not done: "ready to boot" must not hide missing files
+            raise AgentError(
+                "SOURCE_UNREADABLE",
+                f"{unreadable} files could not be read on the source and were not sent "
+                "(each is named in log/agent.log)",
+                "repair or restore them, or add them to Excludes, then run this stage again",
             )
 
     def transfer(self) -> None:

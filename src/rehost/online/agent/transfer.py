@@ -17,7 +17,18 @@ import stat
 import threading
 import time
 import zlib
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, TypeVar, Union
+from typing import (
+    Any,
+    Callable,
+    Dict,
+    Generator,
+    Iterator,
+    List,
+    Optional,
+    Tuple,
+    TypeVar,
+    Union,
+)
 from urllib.parse import quote
 
 from rehost.online.protocol import (
@@ -367,47 +378,65 @@ class _Sender:
         try:
             fd = _open_source(path) if len(path) < _PATH_MAX else _long(_open_source, path)
         except OSError as e:
-            if self.log:
-                self.log(f"skipping {path!r}: {e}")
+            if e.errno != errno.ENOENT:
+                self._unreadable(path, e)
+            elif self.log:
+                self.log(f"skipping {path!r}: it vanished")
             return
         alg = str(self.client.hash_alg)  # chosen at the connection's hello
         try:
-            if need[1] == "delta":
-                block, theirs = int(need[2]), list(need[3])
-                yield encode_frame(DELTA, b'{"i":%d}' % index)
-                self.stats["delta_files"] += 1
-                mine = []  # type: List[str]
-                for off, digest in block_digests(fd, size, block, alg):
-                    k = off // block
-                    mine.append(digest)
-                    if k < len(theirs) and theirs[k] == digest:
-                        continue
-                    stop = min(off + block, size)
-                    # read again, in pieces (a block can be far larger than a frame), its
-                    # holes sent as zero runs, which the receiver punches: it stays sparse
-                    pos = off
-                    for at, data in iter_data(fd, stop, CHUNK_SIZE, off):
-                        if at > pos:
-                            yield zero_frame(pos, at - pos)
-                        yield zero_frame(at, len(data)) if is_zero(data) else self._chunk(at, data)
-                        pos = at + len(data)
-                    if pos < stop:
-                        yield zero_frame(pos, stop - pos)
-                digest = blocks_digest(alg, mine)
-            else:
-                yield encode_frame(DATA, b'{"i":%d}' % index)
-                whole = FileDigest(alg, size)
-                for off, data in iter_data(fd, size, CHUNK_SIZE):
-                    whole.feed(off, data)
-                    if not is_zero(data):
-                        yield self._chunk(off, data)
-                digest = whole.hexdigest()
-            self.stats["files_sent"] += 1
+            try:
+                digest = yield from self._content(fd, index, size, need, alg)
+                self.stats["files_sent"] += 1
+            except OSError as e:
+                # a read error (EIO on the failing disk one migrates away from): an END that
+                # nothing matches, so the receiver keeps what it had of the file
+                self._unreadable(path, e)
+                digest = ""
             # compact JSON, without json's cost on every small file
             end = f'{{"i":{index},"hash":"{digest}","alg":"{alg}"}}'
             yield encode_frame(END, end.encode("ascii"))
         finally:
             os.close(fd)
+
+    def _unreadable(self, path: bytes, error: OSError) -> None:
+        self.stats["unreadable"] += 1
+        if self.log:
+            self.log(f"cannot read {path!r}: {error}; it is not sent")
+
+    def _content(
+        self, fd: int, index: int, size: int, need: List[Any], alg: str
+    ) -> Generator[Frame, None, str]:
+        """A file's DATA or DELTA frames, its END's hash returned."""
+        if need[1] == "delta":
+            block, theirs = int(need[2]), list(need[3])
+            yield encode_frame(DELTA, b'{"i":%d}' % index)
+            self.stats["delta_files"] += 1
+            mine = []  # type: List[str]
+            for off, digest in block_digests(fd, size, block, alg):
+                k = off // block
+                mine.append(digest)
+                if k < len(theirs) and theirs[k] == digest:
+                    continue
+                stop = min(off + block, size)
+                # read again, in pieces (a block can be far larger than a frame), its
+                # holes sent as zero runs, which the receiver punches: it stays sparse
+                pos = off
+                for at, data in iter_data(fd, stop, CHUNK_SIZE, off):
+                    if at > pos:
+                        yield zero_frame(pos, at - pos)
+                    yield zero_frame(at, len(data)) if is_zero(data) else self._chunk(at, data)
+                    pos = at + len(data)
+                if pos < stop:
+                    yield zero_frame(pos, stop - pos)
+            return blocks_digest(alg, mine)
+        yield encode_frame(DATA, b'{"i":%d}' % index)
+        whole = FileDigest(alg, size)
+        for off, data in iter_data(fd, size, CHUNK_SIZE):
+            whole.feed(off, data)
+            if not is_zero(data):
+                yield self._chunk(off, data)
+        return whole.hexdigest()
 
 
 def sync_filesystem(
@@ -423,7 +452,8 @@ def sync_filesystem(
 
     `excludes` are glob patterns relative to `root` ("/proc/*": the contents of /proc; the
     directory itself is sent empty). Returns counters: entries, files_sent, bytes_sent (file
-    payload before compression), delta_files, deleted, batches, bytes_on_wire.
+    payload before compression), delta_files, deleted, batches, bytes_on_wire, unreadable
+    (files not sent for a read error: the receiver keeps what it had of them).
     """
     stats = {
         "entries": 0,
@@ -433,6 +463,7 @@ def sync_filesystem(
         "deleted": 0,
         "batches": 0,
         "bytes_on_wire": 0,
+        "unreadable": 0,
     }
     wire_start = client.bytes_on_wire
     sender = _Sender(client, _Compressor(compression, client), stats, log)
