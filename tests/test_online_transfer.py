@@ -20,6 +20,7 @@ import signal
 import stat
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -740,6 +741,37 @@ def _digest_by_definition(alg: str, content: bytes) -> str:
         return str(whole.hexdigest())
     blocks = range(0, len(content), CHUNK_SIZE)
     return blocks_digest(alg, [block_hash(alg, content[o : o + CHUNK_SIZE]) for o in blocks])
+
+
+def test_a_file_that_changed_kind_since_the_walk_is_skipped(tmp_path: Path) -> None:
+    """A path the walk saw as a file and that is now a FIFO (whose open blocked for ever),
+    a directory or a symlink: skipped, not counted as unreadable, its END matching nothing."""
+    from types import SimpleNamespace
+
+    from rehost.online.agent import transfer
+
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "link").symlink_to("dir")
+    client = SimpleNamespace(hash_alg="xxh128", payload_bytes=0)
+    stats = dict.fromkeys(["bytes_sent", "files_sent", "delta_files", "unreadable"], 0)
+    logged: list[str] = []
+    sender = transfer._Sender(client, transfer._Compressor("off"), stats, logged.append)
+    for name in ("fifo", "dir", "link"):
+        path = os.fsencode(tmp_path / name)
+        done: list[list[Any]] = []
+
+        def send(path: bytes = path, done: list[list[Any]] = done) -> None:
+            done.append(list(sender.frames(0, path, 100, [0, "full"])))
+
+        worker = threading.Thread(target=send, daemon=True)
+        worker.start()
+        worker.join(10)
+        assert done, f"{name}: frames() blocked"
+        ends = [f for f in done[0] if f[:1] == b"Z"]
+        assert all(b'"hash":""' in f for f in ends), (name, done)
+    assert stats["unreadable"] == 0 and stats["files_sent"] == 0, stats
+    assert len(logged) == 3 and all("changed since the walk" in m for m in logged), logged
 
 
 def test_a_directory_the_agent_cannot_list_keeps_its_copy(

@@ -347,8 +347,14 @@ def _dir_prefix(rel: bytes) -> str:
     return "/" + path_to_wire(rel) + "/" if rel else "/"
 
 
+# what a path the walk found as a regular file gives once it vanished or became something
+# else (a symlink, a directory, a FIFO): skipped, as the next pass sends what it is now
+_CHANGED = (errno.ENOENT, errno.ELOOP, errno.EISDIR, errno.ESPIPE)
+
+
 def _open_source(path: bytes) -> int:
-    flags = os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+    # O_NONBLOCK: a FIFO that replaced the file since the walk would block the open forever
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
     try:
         return os.open(path, flags | getattr(os, "O_NOATIME", 0))
     except PermissionError:
@@ -378,10 +384,7 @@ class _Sender:
         try:
             fd = _open_source(path) if len(path) < _PATH_MAX else _long(_open_source, path)
         except OSError as e:
-            if e.errno != errno.ENOENT:
-                self._unreadable(path, e)
-            elif self.log:
-                self.log(f"skipping {path!r}: it vanished")
+            self._not_read(path, e)
             return
         alg = str(self.client.hash_alg)  # chosen at the connection's hello
         try:
@@ -391,7 +394,7 @@ class _Sender:
             except OSError as e:
                 # a read error (EIO on the failing disk one migrates away from): an END that
                 # nothing matches, so the receiver keeps what it had of the file
-                self._unreadable(path, e)
+                self._not_read(path, e)
                 digest = ""
             # compact JSON, without json's cost on every small file
             end = f'{{"i":{index},"hash":"{digest}","alg":"{alg}"}}'
@@ -399,10 +402,14 @@ class _Sender:
         finally:
             os.close(fd)
 
-    def _unreadable(self, path: bytes, error: OSError) -> None:
-        self.stats["unreadable"] += 1
+    def _not_read(self, path: bytes, error: OSError) -> None:
+        if error.errno in _CHANGED:
+            message = f"skipping {path!r}: it changed since the walk ({error})"
+        else:
+            self.stats["unreadable"] += 1
+            message = f"cannot read {path!r}: {error}; it is not sent"
         if self.log:
-            self.log(f"cannot read {path!r}: {error}; it is not sent")
+            self.log(message)
 
     def _content(
         self, fd: int, index: int, size: int, need: List[Any], alg: str
