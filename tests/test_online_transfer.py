@@ -420,6 +420,24 @@ def test_a_file_that_cannot_be_read_is_counted_and_its_copy_kept(env: Env) -> No
     assert_same(env)
 
 
+def test_a_full_destination_says_so(env: Env) -> None:
+    """A destination filesystem that fills up (a 2 MiB tmpfs, 4 MiB to send) stops the
+    agent with DESTINATION_FULL and what to do, not a bare 500."""
+    env.receiver.kill()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(env.dst)], check=True)
+    try:
+        env.receiver.start()
+        env.src.mkdir()
+        urandom_file(env.src / "big", 4 * MiB)
+        result = env.agent()
+        assert result.get("error") == "DESTINATION_FULL", result
+        assert "grow the destination disk" in result["hint"]
+        assert "a destination filesystem is full" in env.receiver.log_text()
+    finally:
+        env.receiver.kill()
+        subprocess.run(["umount", str(env.dst)], check=True)
+
+
 def test_wrong_token_is_refused_and_logged(env: Env) -> None:
     env.src.mkdir()
     result = env.agent(token="not-the-token")

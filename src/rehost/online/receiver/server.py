@@ -9,6 +9,7 @@ self-signed with Debian's `openssl`; the agent pins its sha256 fingerprint.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import hmac
 import json
@@ -334,11 +335,23 @@ class _Handler(BaseHTTPRequestHandler):
             log.warning("%s %s from %s broke off: %s", self.command, url.path,
                         self.client_address[0], e)  # fmt: skip
             self.close_connection = True
-        except Exception as e:
-            log.exception("%s %s failed", self.command, url.path)
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                self._failed(url.path, e)
+                return
+            log.error("%s %s: a destination filesystem is full: %s", self.command, url.path, e)
             self.close_connection = True
-            self._reply(500, {"code": "RECEIVER_FAILED", "message": str(e),
-                              "hint": "see the receiver's log"})  # fmt: skip
+            self._reply(507, {"code": "DESTINATION_FULL", "message": str(e), "hint":
+                              "grow the destination disk, or add what grew on the source to "
+                              "Excludes; then run the agent again, it resumes"})  # fmt: skip
+        except Exception as e:
+            self._failed(url.path, e)
+
+    def _failed(self, path: str, e: Exception) -> None:
+        log.exception("%s %s failed", self.command, path)
+        self.close_connection = True
+        self._reply(500, {"code": "RECEIVER_FAILED", "message": str(e),
+                          "hint": "see the receiver's log"})  # fmt: skip
 
     def _fs_request(self, action: str, fs_id: str, query: dict[str, list[str]]) -> None:
         if action not in ("manifest", "data", "finish"):
