@@ -734,6 +734,9 @@ def test_through_a_connect_proxy(env: Env) -> None:
             time.sleep(0.05)
         result = env.agent(proxy="127.0.0.1:3128")
         assert "error" not in result, result
+        # the proxy logs a tunnel once both its directions have ended, just after the agent
+        while not log.exists() and time.monotonic() < deadline + 10:
+            time.sleep(0.05)
     finally:
         proxy.kill()
         proxy.wait()
