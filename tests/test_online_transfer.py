@@ -813,13 +813,13 @@ def test_a_directory_the_agent_cannot_list_keeps_its_copy(
             raise OSError(errno.EIO, "Input/output error")
         return real(path)
 
-    monkeypatch.setattr(transfer.os, "listdir", failing)
+    monkeypatch.setattr(os, "listdir", failing)
     logged: list[str] = []
     entries = [e for e, _ in transfer._Walker(str(src), [], logged.append).walk()]
     sick = next(e for e in entries if e["p"] == b"sick")
     assert sick["unlisted"] and sick["c"] == [], sick
     assert "nothing in it is sent or deleted" in logged[0]
-    monkeypatch.setattr(transfer.os, "listdir", real)
+    monkeypatch.setattr(os, "listdir", real)
 
     dst = tmp_path / "dst"
     (dst / "sick").mkdir(parents=True)

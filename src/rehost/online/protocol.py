@@ -606,7 +606,7 @@ class FileDigest:
         self.part: Optional[bytearray] = None  # block `next`, while fed in pieces
         self.pos = 0  # where the last piece ended
 
-    def feed(self, offset: int, data: Union[bytes, memoryview]) -> bool:
+    def feed(self, offset: int, data: Union[bytes, bytearray, memoryview]) -> bool:
         """Take the piece at `offset`; False, taking nothing, unless it lies within one
         block and after the pieces before it."""
         if self.small:  # most files: their bytes, gaps as zeros
