@@ -398,9 +398,9 @@ def decode_entry(payload: bytes) -> Dict[str, Any]:
     """Decode and validate an ENTRY payload once, for the receiver.
 
     Gives the keys of encode_entry, every number present (0 when absent), "e", "more",
-    "cont" and "unlisted" as booleans, "p" as the wire str (for logs and the journal) with "parts" its
-    validated components, "l" as bytes, "h" as validated components, "x" as {str: bytes}
-    and "c" as validated ChildNames.
+    "cont" and "unlisted" as booleans, "p" as the wire str (for logs and the journal) with
+    "parts" its validated components, "l" as bytes, "h" as validated components, "x" as
+    {str: bytes} and "c" as validated ChildNames.
     """
     try:
         i, t, flags, m, u, g, s, mt, at, n, r, plen = _ENTRY_HEAD.unpack_from(payload)
@@ -541,6 +541,8 @@ def feed_zeros(hasher: Any, n: int) -> None:
 
 
 def is_zero(data: Union[bytes, memoryview]) -> bool:
+    """Whether a piece of at most CHUNK_SIZE is all zeros (its last byte first: data rarely
+    ends in one)."""
     return data[-1:] in (b"", b"\0") and data == _ZEROS[: len(data)]
 
 
