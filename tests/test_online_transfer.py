@@ -914,6 +914,46 @@ def test_block_digests_read_in_pieces_agree_with_whole_blocks(tmp_path: Path, bl
     assert got == want
 
 
+@settings(max_examples=400, deadline=None)
+@given(
+    pieces=st.lists(
+        st.tuples(
+            st.sampled_from("bcae"), st.integers(0, 5 * 64 - 1), st.integers(1, 80), st.booleans()
+        ),
+        max_size=12,
+    )
+)
+def test_delta_block_tracking_never_vouches_for_a_wrong_hash(
+    pieces: list[tuple[str, int, int, bool]],
+) -> None:
+    """Whatever pieces a DELTA brings (in order or not, data or zeros, across blocks or
+    not), a block hash the receiver keeps is that of the block as written; where it cannot
+    tell, the hash is None and END re-reads the file."""
+    from rehost.online.receiver.apply import _Incoming
+
+    block, size = 64, 5 * 64 - 7  # the last block is short
+    content = bytearray(os.urandom(size))
+    incoming = _Incoming(-1, -1, b"f", None, {}, size)
+    incoming.block = block
+    incoming.hashes = [block_hash("xxh128", content[o : o + block]) for o in range(0, size, block)]
+    end = 0
+    for where, at, length, zero in pieces:
+        # from a block's start, from the last piece's end, from anywhere, or to a block's end
+        offset = {"b": at // block * block, "c": end, "a": at, "e": at}[where]
+        if where == "e":
+            length = block - offset % block
+        length = min(length, size - offset) if offset < size else 0
+        if not length:
+            continue
+        data = bytes(length) if zero else os.urandom(length)
+        content[offset : offset + length] = data
+        incoming.note_piece("xxh128", offset, length, None if zero else data)
+        end = offset + length
+    for k, kept in enumerate(incoming.hashes or []):
+        if kept is not None:
+            assert kept == block_hash("xxh128", content[k * block : k * block + block]), k
+
+
 def test_a_terabyte_hole_hashes_in_its_block_count() -> None:
     """1 TiB of holes: the digest is that of its 2^20 zero blocks, without hashing 1 TiB."""
     size = 1 << 40
