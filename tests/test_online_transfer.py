@@ -643,6 +643,25 @@ def test_kill_receiver_then_resume(env: Env) -> None:
     _resume_sends_only_what_is_left(env)
 
 
+def test_a_stale_request_is_taken_over(env: Env) -> None:
+    """The agent's connection goes silent mid-transfer without closing (a network cut the
+    receiver cannot see: here the agent is frozen, as its traffic would be lost). The
+    receiver would hold the filesystem for the ten minutes its socket may wait; the agent
+    run again takes the filesystem over from that request and resumes at once."""
+    _tree_for_kill(env.src)
+    proc = env.start_agent(limit=12000, compression="off")
+    _wait_bytes(env, proc, 10 * MiB)
+    proc.send_signal(signal.SIGSTOP)
+    try:
+        start = time.monotonic()
+        _resume_sends_only_what_is_left(env)
+        assert time.monotonic() - start < 60
+    finally:
+        proc.kill()
+        proc.wait()
+    assert "took over" in env.receiver.log_text()
+
+
 def test_receiver_restart_during_a_run_is_retried(env: Env) -> None:
     _tree_for_kill(env.src)
     proc = env.start_agent(limit=12000, compression="off", retry=60)

@@ -9,6 +9,7 @@ self-signed with Debian's `openssl`; the agent pins its sha256 fingerprint.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import hmac
@@ -42,6 +43,7 @@ from rehost.online.receiver.journal import write_atomic
 log = logging.getLogger("rehost.receiver")
 
 _MAX_JSON = 16 * 1024 * 1024
+_TAKEOVER_SECONDS = 2.0  # a filesystem's request waits this long for the last one to end
 
 
 def ensure_certificate(state_dir: Path, cert_dir: Path | None = None) -> tuple[Path, Path, str]:
@@ -122,6 +124,7 @@ class Receiver:
         self.roots = dict(roots or {})
         self.appliers: dict[str, FsApplier] = {}
         self.locks: dict[str, threading.Lock] = {}
+        self.holders: dict[str, socket.socket] = {}  # the connection whose request holds a lock
         self.lock = threading.Lock()
         self.prepared_path = state_dir / "prepared.json"
         self.mounted = False  # prepared filesystems (re)mounted by this process
@@ -250,8 +253,14 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         if self.close_connection:
             self.send_header("Connection", "close")
-        self.end_headers()
-        self.wfile.write(body)
+        try:
+            self.end_headers()
+            self.wfile.write(body)
+        except OSError as e:  # the agent is gone, or a newer request took over (_hold)
+            self.close_connection = True
+            log.info("%s %s %s -> %d, not delivered: %s", self.client_address[0],
+                     self.command, self.path, status, e)  # fmt: skip
+            return
         log.info("%s %s %s -> %d", self.client_address[0], self.command, self.path, status)
 
     def _body(self) -> Any:
@@ -357,7 +366,8 @@ class _Handler(BaseHTTPRequestHandler):
         if action not in ("manifest", "data", "finish"):
             raise LookupError
         applier, lock = self.server.receiver.applier(fs_id)
-        with lock:
+        self._hold(fs_id, lock)
+        try:
             if action == "manifest":
                 alg = self.headers.get(HASH_HEADER, "sha256")
                 self._reply(200, applier.manifest(read_frames(self._body()), alg))
@@ -370,6 +380,33 @@ class _Handler(BaseHTTPRequestHandler):
             else:
                 self._json_body()
                 self._reply(200, applier.finish())
+        finally:
+            holders = self.server.receiver.holders
+            if holders.get(fs_id) is self.connection:
+                del holders[fs_id]
+            lock.release()
+
+    def _hold(self, fs_id: str, lock: threading.Lock) -> None:
+        """Take a filesystem for this request, from a stale request if need be.
+
+        An agent sends one request at a time. One that still holds the filesystem when the
+        next comes is stale: its agent gave up on it, and a network cut kept that from the
+        receiver, whose read would wait ten minutes. Its socket is shut down, which ends it
+        at once, and the newer request goes on.
+        """
+        holders = self.server.receiver.holders
+        if not lock.acquire(timeout=_TAKEOVER_SECONDS):
+            stale = holders.get(fs_id)
+            if stale is not None:
+                peer = "a closed connection"
+                with contextlib.suppress(OSError):
+                    peer = stale.getpeername()[0]
+                    # the TCP socket's shutdown, not the SSL layer's: its reader is busy
+                    socket.socket.shutdown(stale, socket.SHUT_RDWR)
+                log.warning("%s: took over from a request still open on %s (a stale "
+                            "connection)", fs_id, peer)  # fmt: skip
+            lock.acquire()
+        holders[fs_id] = self.connection
 
 
 class _Server(ThreadingHTTPServer):
