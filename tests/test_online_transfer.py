@@ -72,6 +72,9 @@ if a.get("eio"):  # a failing disk, which this kernel cannot make (no device-map
             raise OSError(errno.EIO, "Input/output error")
         return real(fd, n, off)
     os.pread = pread
+if a.get("fast_cut"):  # notice a network cut in seconds, not in a minute
+    from rehost.online import protocol
+    protocol.KEEPALIVE, protocol.UNACKED_SECONDS = (1, 1, 2), 3
 c = ReceiverClient(a["addr"], a["token"], a["fp"], proxy=a.get("proxy"),
                    limit_kbps=a.get("limit", 0), retry_seconds=a.get("retry", 60))
 try:
@@ -659,6 +662,34 @@ def test_a_stale_request_is_taken_over(env: Env) -> None:
     finally:
         proc.kill()
         proc.wait()
+    assert "took over" in env.receiver.log_text()
+
+
+def test_a_network_cut_is_noticed_and_the_run_resumes(env: Env) -> None:
+    """The source's address changes mid-transfer (as with a NAT losing its state, nothing of
+    the old connection gets through any more). The agent's connection notices (its timeouts
+    for unacknowledged data and keepalives, shortened to seconds from a minute here) instead
+    of waiting the 600 s a socket may, the agent reconnects from the new address, the
+    receiver takes the filesystem over from the dead request, and the run completes."""
+    _tree_for_kill(env.src)
+    proc = env.start_agent(limit=12000, compression="off", retry=120, fast_cut=True)
+    _wait_bytes(env, proc, 10 * MiB)
+    old = f"{env.pair.source_ip}/24"
+    new = f"{env.pair.source_ip.rsplit('.', 1)[0]}.3/24"
+    addr = ["ip", "addr"]
+    dev = ["dev", env.pair.source_if]
+    promote = f"net.ipv4.conf.{env.pair.source_if}.promote_secondaries=1"  # else the new
+    env.pair.run(env.pair.source, ["sysctl", "-qw", promote]).check_returncode()  # goes too
+    env.pair.run(env.pair.source, [*addr, "add", new, *dev]).check_returncode()
+    env.pair.run(env.pair.source, [*addr, "del", old, *dev]).check_returncode()
+    try:
+        out, err = proc.communicate(timeout=90)
+    finally:
+        env.pair.run(env.pair.source, [*addr, "add", old, *dev])
+        env.pair.run(env.pair.source, [*addr, "del", new, *dev])
+    assert "error" not in json.loads(out.strip().splitlines()[-1]), err
+    assert "retrying" in err
+    assert_same(env)
     assert "took over" in env.receiver.log_text()
 
 

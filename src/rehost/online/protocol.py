@@ -10,6 +10,7 @@ import functools
 import hashlib
 import json
 import os
+import socket
 import struct
 from typing import IO, Any, Dict, Iterator, List, Optional, Tuple, Union
 
@@ -442,6 +443,31 @@ def decode_entry(payload: bytes) -> Dict[str, Any]:
     if pos != len(payload):
         raise ProtocolError("BAD_ENTRY", "trailing bytes after an entry")
     return entry
+
+
+# --- connections ----------------------------------------------------------------------
+
+# Seconds: keepalive probes after this much silence, this far apart, this many unanswered;
+# and how long sent data may stay unacknowledged. A network cut then breaks a connection
+# in about a minute, not after the 600 s a socket may wait for a slow answer (the peer's
+# kernel answers probes however busy its process is).
+KEEPALIVE = (30, 10, 3)
+UNACKED_SECONDS = 60
+
+
+def keep_alive(sock: Any) -> None:
+    """Make a connection notice a network cut (see KEEPALIVE), where the OS can."""
+    idle, interval, count = KEEPALIVE
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for name, value in (
+        ("TCP_KEEPIDLE", idle),
+        ("TCP_KEEPINTVL", interval),
+        ("TCP_KEEPCNT", count),
+        ("TCP_USER_TIMEOUT", UNACKED_SECONDS * 1000),
+    ):
+        option = getattr(socket, name, None)
+        if option is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, option, value)
 
 
 # --- file content -------------------------------------------------------------------

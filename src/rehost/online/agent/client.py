@@ -15,7 +15,13 @@ import threading
 import time
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
-from rehost.online.protocol import HASH_HEADER, PROTOCOL_VERSION, AgentError, hash_algorithms
+from rehost.online.protocol import (
+    HASH_HEADER,
+    PROTOCOL_VERSION,
+    AgentError,
+    hash_algorithms,
+    keep_alive,
+)
 
 _RETRYABLE = (OSError, http.client.HTTPException)
 _SEND_PIECE = 64 * 1024
@@ -139,6 +145,7 @@ class ReceiverClient:
             conn = _Connection(self, self.host, self.port, context=context, timeout=self.timeout)
         conn.connect()
         sock = conn.sock
+        keep_alive(sock)
         der = sock.getpeercert(binary_form=True) if isinstance(sock, ssl.SSLSocket) else None
         seen = hashlib.sha256(der or b"").hexdigest()
         if seen != self.fingerprint:

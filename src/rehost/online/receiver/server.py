@@ -34,6 +34,7 @@ from rehost.online.protocol import (
     PROTOCOL_VERSION,
     ProtocolError,
     hash_algorithms,
+    keep_alive,
     read_frames,
 )
 from rehost.online.receiver.apply import FsApplier
@@ -462,6 +463,7 @@ class _Server(ThreadingHTTPServer):
         # answers are written as headers then body: without this, Nagle holds the body back
         # until the agent's delayed ACK of the headers (40 ms per request)
         request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        keep_alive(request)
         try:
             tls = self.context.wrap_socket(request, server_side=True)
         except (ssl.SSLError, OSError) as e:
