@@ -447,23 +447,23 @@ def decode_entry(payload: bytes) -> Dict[str, Any]:
 
 # --- connections ----------------------------------------------------------------------
 
-# Seconds: keepalive probes after this much silence, this far apart, this many unanswered;
-# and how long sent data may stay unacknowledged. A network cut then breaks a connection
-# in about a minute, not after the 600 s a socket may wait for a slow answer (the peer's
-# kernel answers probes however busy its process is).
+# Seconds: keepalive probes after this much silence, this far apart, this many unanswered.
+# A connection that waits (for an answer, or for the next request's body) then breaks about
+# a minute after a network cut, not after the 600 s a socket may wait; the peer's kernel
+# answers probes however busy its process is. (No TCP_USER_TIMEOUT: it would also cut a
+# sender whose peer stops reading for that long, as the receiver does while it hashes a
+# large file for a manifest's answer.)
 KEEPALIVE = (30, 10, 3)
-UNACKED_SECONDS = 60
 
 
 def keep_alive(sock: Any) -> None:
-    """Make a connection notice a network cut (see KEEPALIVE), where the OS can."""
+    """Make a waiting connection notice a network cut (see KEEPALIVE), where the OS can."""
     idle, interval, count = KEEPALIVE
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
     for name, value in (
         ("TCP_KEEPIDLE", idle),
         ("TCP_KEEPINTVL", interval),
         ("TCP_KEEPCNT", count),
-        ("TCP_USER_TIMEOUT", UNACKED_SECONDS * 1000),
     ):
         option = getattr(socket, name, None)
         if option is not None:
