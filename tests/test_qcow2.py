@@ -923,7 +923,7 @@ def _hand_built(
 def _reads(path: Path) -> list[object] | str:
     """The image's extents, or the reason it is refused."""
     try:
-        with qcow2.open(LocalFile(path)) as img:
+        with LocalFile(path) as src, qcow2.open(src) as img:
             return list(img.extents())
     except ImageMetadataError as e:
         return e.reason

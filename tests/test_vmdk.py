@@ -888,5 +888,5 @@ def test_a_descriptor_number_too_long_for_int_is_refused(tmp_path: Path) -> None
     desc = tmp_path / "big.vmdk"
     desc.write_text('# Disk DescriptorFile\nversion=1\ncreateType="monolithicFlat"\n'
                     f'RW {"9" * 5000} FLAT "big-flat.vmdk" 0\n')  # fmt: skip
-    with pytest.raises(ImageMetadataError):
-        open_image(LocalFile(desc)).close()
+    with pytest.raises(ImageMetadataError), LocalFile(desc) as src:
+        open_image(src).close()

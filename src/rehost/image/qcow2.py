@@ -255,13 +255,12 @@ class Qcow2Image(DiskImage):
         self.virtual_size = size // SECTOR * SECTOR
         check_virtual_size(self.virtual_size)
         self._extended_l2 = extended_l2
-        self._l2_entries = cs // (16 if extended_l2 else 8)
+        self._entry_bytes = width = 16 if extended_l2 else 8
+        self._l2_entries = cs // width
         self._l2_coverage = cs * self._l2_entries
         self._l1_needed = -(-size // self._l2_coverage)
         self._l2_struct = struct.Struct(f">{cs // 8}Q")
         # Masks over a whole L2 table read as one integer, for _reads_as_zero.
-        width = 16 if extended_l2 else 8
-        self._entry_bytes = width
         self._zero_flags = ones = int.from_bytes(
             (1).to_bytes(width, "big") * self._l2_entries, "big"
         )
@@ -539,9 +538,8 @@ class Qcow2Image(DiskImage):
             # Only the non-zero entries are visited, found at C speed: the slice may hold
             # 65535 zeros around one table, and the L1 table 4M entries.
             used = list(compress(range(n), entries))
-            hints = TableHints(
-                self, [(e & OFFSET_MASK, self.cluster_size) for e in entries if e & OFFSET_MASK]
-            )
+            tables = (entries[j] & OFFSET_MASK for j in used)
+            hints = TableHints(self, [(t, self.cluster_size) for t in tables if t])
             done = first  # the L1 entries before this index are yielded
             for j in used:
                 index, entry = first + j, entries[j]
