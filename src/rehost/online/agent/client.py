@@ -11,6 +11,8 @@ import http.client
 import json
 import socket
 import ssl
+import struct
+import sys
 import threading
 import time
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
@@ -26,6 +28,12 @@ from rehost.online.protocol import (
 _RETRYABLE = (OSError, http.client.HTTPException)
 _SEND_PIECE = 64 * 1024
 _FLUSH = 256 * 1024
+STALL_SECONDS = 60.0
+"""A connection with data to deliver and no acknowledgement for this long is dead."""
+_TCP_INFO = getattr(socket, "TCP_INFO", 11) if sys.platform.startswith("linux") else None
+# struct tcp_info up to tcpi_last_ack_recv: 8 u8 (probes at 3), 13 u32 (unacked at 4,
+# last_ack_recv at 12, in ms): Linux's ABI since 2.6
+_TCP_INFO_HEAD = struct.Struct("=8B13I")
 # TLS records and TCP/IP headers add about 3% to what is written to the socket (measured on
 # a veth pair); the limit is meant for the link, so each byte is counted with this factor
 _WIRE_OVERHEAD = 1.03
@@ -95,6 +103,25 @@ def split_address(address: str, default_port: int = 443) -> Tuple[str, int]:
     return address, default_port
 
 
+def _stalled_for(sock: Any) -> float:
+    """Seconds the peer has not acknowledged anything while there is data for it, or 0.
+
+    Why: keepalives only probe an idle connection. When the network is cut while the
+    agent sends, its data waits in flight for the kernel's retransmissions (about 15
+    minutes) and its write for the socket's 600 s timeout. TCP_USER_TIMEOUT would cut a
+    live receiver that stops reading while it hashes a large file (its zero window);
+    this does not, as a live receiver answers the window probes.
+    """
+    if _TCP_INFO is None:
+        return 0.0
+    head = _TCP_INFO_HEAD.unpack(sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, 104)[:60])
+    retransmits, probes, unacked, last_ack_recv = head[2], head[3], head[12], head[20]
+    # data in flight that has timed out at least once, or window probes going unanswered
+    if (unacked and retransmits) or probes >= 2:
+        return float(last_ack_recv) / 1000.0
+    return 0.0
+
+
 class ReceiverClient:
     """Talks to one receiver; see docs/online-protocol.md for the endpoints."""
 
@@ -122,6 +149,10 @@ class ReceiverClient:
         self.hash_alg = "sha256"  # until a hello says what the receiver has
         self._conn = None  # type: Optional[_Connection]
         self.last_hello = {}  # type: Dict[str, Any]
+        # the watchdog that cuts a dead connection (see _stalled_for), and why it last did
+        self._lock = threading.Lock()
+        self._watchdog = None  # type: Optional[threading.Thread]
+        self.cut_reason = ""
 
     # --- connection -------------------------------------------------------------------
 
@@ -176,13 +207,41 @@ class ReceiverClient:
                 "(rehost agent-bundle)",
             )
         self.hash_alg = _common_hash(self.last_hello.get("hashes"))
-        self._conn = conn
+        with self._lock:
+            self._conn = conn
+            if self._watchdog is None:
+                self._watchdog = threading.Thread(
+                    target=self._watch, name="connection-watchdog", daemon=True
+                )
+                self._watchdog.start()
         return conn
 
     def close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+    def _watch(self) -> None:
+        """Shut down a connection found dead (the blocked write then fails and the batch is
+        retried on a new one); exit once no connection is open."""
+        while True:
+            time.sleep(min(STALL_SECONDS / 4, 10.0))
+            with self._lock:
+                conn = self._conn
+                if conn is None or conn.sock is None:
+                    self._watchdog = None
+                    return
+                try:
+                    stalled = _stalled_for(conn.sock)
+                    if stalled >= STALL_SECONDS:
+                        self.cut_reason = (
+                            f"nothing sent was acknowledged for {stalled:.0f} s: the network to "
+                            "the receiver is cut"
+                        )
+                        conn.sock.shutdown(socket.SHUT_RDWR)
+                except OSError:  # closed meanwhile
+                    pass
 
     def _headers(self, content_type: Optional[str]) -> Dict[str, str]:
         headers = {"Authorization": "Bearer " + self.token, HASH_HEADER: self.hash_alg}
@@ -215,6 +274,10 @@ class ReceiverClient:
             raise AgentError("RECEIVER_ERROR", "the receiver's answer is not a JSON object")
         return obj
 
+    def _take_cut_reason(self) -> str:
+        reason, self.cut_reason = self.cut_reason, ""
+        return reason
+
     def _retrying(self, attempt: Any) -> Dict[str, Any]:
         deadline = time.monotonic() + self.retry_seconds
         delay = 0.5
@@ -226,10 +289,11 @@ class ReceiverClient:
                 raise
             except _RETRYABLE as e:
                 self.close()
+                why = self._take_cut_reason() or str(e)
                 if time.monotonic() + delay > deadline:
                     raise AgentError(
                         "RECEIVER_UNREACHABLE",
-                        f"cannot reach the receiver at {self.host}:{self.port}: {e}",
+                        f"cannot reach the receiver at {self.host}:{self.port}: {why}",
                         "check that the receiver runs and that the port is open (or set Proxy)",
                     ) from e
                 time.sleep(delay)
@@ -320,6 +384,7 @@ class ReceiverClient:
             self.close()
             raise AgentError(
                 "RECEIVER_UNREACHABLE",
-                f"the connection to {self.host}:{self.port} broke during a transfer: {e}",
+                f"the connection to {self.host}:{self.port} broke during a transfer: "
+                + (self._take_cut_reason() or str(e)),
                 "the batch is retried; if this persists check the receiver and the network",
             ) from e
