@@ -70,6 +70,22 @@ def test_failed_convert_leaves_no_new_file(tmp_path: Path) -> None:
     assert not out.exists()
 
 
+def test_a_refused_image_closes_its_source(tmp_path: Path) -> None:
+    """In-process, as a library user of the CLI would run it: no descriptor is left open."""
+    from rehost.cli.app import main
+
+    bad = tmp_path / "truncated.qcow2"
+    bad.write_bytes(b"QFI\xfb" + bytes(40))
+    before = os.listdir("/proc/self/fd")
+    for _ in range(3):
+        sys.argv = ["rehost", "image", "inspect", str(bad)]
+        try:
+            main()
+        except SystemExit as e:
+            assert e.code == 1
+    assert os.listdir("/proc/self/fd") == before
+
+
 def test_usage_error_exits_2() -> None:
     proc = rehost("image", "convert")
     assert proc.returncode == 2

@@ -18,7 +18,7 @@ import typer
 from typer.core import TyperGroup
 
 from rehost import __version__
-from rehost.cli.output import report_error, setup_logging
+from rehost.cli.output import end_logging, report_error, setup_logging
 
 COMMANDS: dict[str, str] = {
     "upload": "rehost.cli.upload:upload",
@@ -108,7 +108,7 @@ def _root(
 
 
 def main() -> None:
-    setup_logging()
+    handler = setup_logging()
     try:
         app()  # typer handles usage errors (exit 2) and --help itself
     except KeyboardInterrupt:
@@ -117,6 +117,7 @@ def main() -> None:
     except Exception as e:  # every failure leaves through report_error, typed
         sys.exit(report_error(e))
     finally:
+        end_logging(handler)
         # The interpreter's exit would run collections over every object typer and
         # botocore built (~70,000): 50 ms of a 2 s import, after the work is done.
         # Frozen objects are left to the process's end to free.

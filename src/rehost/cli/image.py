@@ -25,7 +25,12 @@ Src = Annotated[str, typer.Argument(help="Image path (qcow2, vhd, vhdx, vmdk or 
 
 
 def _open(src: str, fmt: str | None) -> DiskImage:
-    return open_image(open_source(src), fmt)
+    source = open_source(src)
+    try:
+        return open_image(source, fmt)
+    except BaseException:
+        source.close()  # a refused image leaves its source to us
+        raise
 
 
 @app.command()

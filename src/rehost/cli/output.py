@@ -64,7 +64,8 @@ def log_path() -> Path:
     return state_dir() / "log" / "rehost.log"
 
 
-def setup_logging() -> None:
+def setup_logging() -> logging.Handler:
+    """Add the log file's handler; the caller removes it (see `end_logging`) when done."""
     path = log_path()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -74,6 +75,14 @@ def setup_logging() -> None:
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     log.addHandler(handler)
     log.setLevel(logging.INFO)
+    return handler
+
+
+def end_logging(handler: logging.Handler) -> None:
+    """Run in one process again (tests, an embedding program), main() must not add a second
+    handler that writes every line twice, nor keep the log file open once per run."""
+    log.removeHandler(handler)
+    handler.close()
 
 
 def report_error(exc: BaseException) -> int:
