@@ -677,6 +677,44 @@ def test_receiver_killed_then_restarted(
     assert sent <= 1.10 * left + 64 * 1024, (sent, left)
 
 
+def test_a_second_source_is_refused(world: World, bundle: Path, small_source: Source) -> None:
+    """A config copied to a second server with its Destination unchanged: the destination,
+    prepared for the first, fails the second's precheck and refuses its transfer, so the
+    two trees never mix; the first then finishes. (The second server is the same tree
+    with another machine id, which is what tells servers apart.)"""
+    dest = world.dest(SMALL_DEST)
+    dest.start()
+    config = write_config(dest, bundle)
+    machine_id = small_source.root / "etc" / "machine-id"
+    machine_id.parent.mkdir(exist_ok=True)
+    before = machine_id.read_bytes() if machine_id.exists() else None
+    try:
+        machine_id.write_text("a" * 32 + "\n")
+        status, lines = world.agent(dest, config, small_source, "--stage", "prepare").wait()
+        assert status == 0, "\n".join(lines)
+        used = used_bytes(dest.mnt("root"))
+
+        machine_id.write_text("b" * 32 + "\n")
+        status, lines = world.agent(dest, config, small_source, "--check").wait()
+        assert status == 1, "\n".join(lines)
+        assert any(
+            line.startswith("FAIL  destination") and "DESTINATION_TAKEN" in line for line in lines
+        ), lines
+        status, lines = world.agent(dest, config, small_source, "--stage", "transfer").wait()
+        assert status == 1, "\n".join(lines)
+        assert "DESTINATION_TAKEN" in lines[-1] and "machine-id:aaaa" in lines[-1], lines[-1]
+        assert "run the same command again" not in lines[-1]
+        assert used_bytes(dest.mnt("root")) == used  # nothing of it landed
+
+        machine_id.write_text("a" * 32 + "\n")
+        finish_and_check(world, small_source, dest, config)
+    finally:
+        if before is None:
+            machine_id.unlink(missing_ok=True)
+        else:
+            machine_id.write_bytes(before)
+
+
 @pytest.mark.slow
 def test_three_pairs_at_once(world: World, bundle: Path, small_source: Source) -> None:
     """Three destinations, each with its own receiver, migrated from one source at once."""

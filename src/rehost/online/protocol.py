@@ -14,7 +14,7 @@ import socket
 import struct
 from typing import IO, Any, Dict, Iterator, List, Optional, Tuple, Union
 
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5
 
 ENTRY = b"E"
 DATA = b"D"
@@ -76,6 +76,33 @@ class ProtocolError(ValueError):
         super().__init__(message)
         self.code = code
         self.message = message
+
+
+SOURCE_HEADER = "X-Rehost-Source"
+"""Every request says which server it comes from: `source_identity()`."""
+
+
+def source_identity(root: str = "/") -> str:
+    """`ID HOST`: the source's machine id (else "hostname:HOST") and its hostname.
+
+    A receiver prepared for one source refuses another's requests, so that two servers'
+    trees never mix on one destination (a config copied to a second server with its
+    Destination unchanged). A machine id outlives an agent folder copied again; servers
+    cloned from one template may share it, and would then not be told apart.
+    """
+
+    def first_line(*parts: str) -> str:
+        try:
+            with open(os.path.join(root, *parts), "rb") as f:
+                text = f.readline().decode("ascii", "replace").strip()
+        except OSError:
+            return ""
+        return "".join(c for c in text if c.isalnum() or c in ".-_")[:64]
+
+    host = first_line("etc", "hostname") or first_line("proc", "sys", "kernel", "hostname")
+    host = host or "unknown"
+    machine = first_line("etc", "machine-id") or first_line("var", "lib", "dbus", "machine-id")
+    return "{} {}".format("machine-id:" + machine if machine else "hostname:" + host, host)
 
 
 # --- frames -------------------------------------------------------------------------------

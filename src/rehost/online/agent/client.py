@@ -20,6 +20,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 from rehost.online.protocol import (
     HASH_HEADER,
     PROTOCOL_VERSION,
+    SOURCE_HEADER,
     AgentError,
     hash_algorithms,
     keep_alive,
@@ -134,8 +135,10 @@ class ReceiverClient:
         limit_kbps: int = 0,
         retry_seconds: float = 300.0,
         timeout: float = 600.0,
+        source: str = "",
     ) -> None:
         self.host, self.port = split_address(address)
+        self.source = source  # source_identity(): a receiver prepared for another refuses us
         self.token = token
         self.fingerprint = fingerprint.lower().replace(":", "")
         self.proxy = split_address(proxy, 3128) if proxy else None
@@ -245,6 +248,8 @@ class ReceiverClient:
 
     def _headers(self, content_type: Optional[str]) -> Dict[str, str]:
         headers = {"Authorization": "Bearer " + self.token, HASH_HEADER: self.hash_alg}
+        if self.source:
+            headers[SOURCE_HEADER] = self.source
         if content_type:
             headers["Content-Type"] = content_type
         return headers

@@ -87,6 +87,7 @@ class Agent:
     def client(self) -> Any:
         if self._client is None:
             from rehost.online.agent.client import ReceiverClient
+            from rehost.online.protocol import source_identity
 
             c = self.config
             self._client = ReceiverClient(
@@ -96,6 +97,7 @@ class Agent:
                 proxy=c.proxy,
                 limit_kbps=c.bandwidth_kbps,
                 retry_seconds=self.retry_seconds,
+                source=source_identity(self.source_root),
             )
         return self._client
 
@@ -336,7 +338,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         config = agent_config.load(args.config)
         return run(args, config)
     except AgentError as e:
-        return _failed(e, resumable=e.code not in ("CONFIG_INVALID", "PRECHECK_FAILED"))
+        return _failed(
+            e, resumable=e.code not in ("CONFIG_INVALID", "PRECHECK_FAILED", "DESTINATION_TAKEN")
+        )
     except KeyboardInterrupt:
         log.warning("interrupted")
         print("interrupted; " + RESUME, flush=True)

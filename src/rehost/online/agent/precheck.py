@@ -237,6 +237,17 @@ def _receiver_checks(
             ),
         )
     ]
+    bound = str(hello.get("source") or "")
+    mine = str(getattr(client, "source", "") or "")
+    if bound and bound.split(" ")[0] != mine.split(" ")[0]:
+        checks.append(
+            Check(
+                "destination",
+                FAIL,
+                f"DESTINATION_TAKEN: it is being migrated from another server ({bound}); point "
+                "Destination at this server's own receiver",
+            )
+        )
     disks = hello.get("disks") or {}
     for index, need in sorted(needed_bytes(layout, plan).items()):
         name = f"capacity disk {index}"

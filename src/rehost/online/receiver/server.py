@@ -32,6 +32,7 @@ from rehost.errors import RehostError
 from rehost.online.protocol import (
     HASH_HEADER,
     PROTOCOL_VERSION,
+    SOURCE_HEADER,
     ProtocolError,
     hash_algorithms,
     keep_alive,
@@ -193,14 +194,34 @@ class Receiver:
             "disks": self.disk_info(),
             "prepared": prepared is not None,
             "layout": prepared["layout"] if prepared else None,
+            "source": prepared.get("source") if prepared else None,
         }
 
-    def prepare(self, layout: dict[str, Any]) -> dict[str, Any]:
+    def check_source(self, source: str | None) -> None:
+        """Refuse a source other than the one this destination was prepared for: two
+        servers' trees must never mix on one disk. (Before the check, a second source
+        with the same layout would have synced its tree over the first's, each run
+        deleting what the other sent.)"""
+        prepared = self.prepared()
+        bound = str(prepared.get("source") or "") if prepared else ""
+        if bound and (source or "").split(" ")[0] != bound.split(" ")[0]:
+            raise ProtocolError(
+                "DESTINATION_TAKEN",
+                f"this destination is being migrated from {_describe(bound)}; the request "
+                f"comes from {_describe(source or '')}",
+            )
+
+    def prepare(self, layout: dict[str, Any], source: str | None) -> dict[str, Any]:
         from rehost.online.receiver import disks
 
         with self.lock:
+            self.check_source(source)
             result = disks.prepare(layout, self.disks, self.state_dir)
-            record = {"layout": layout, "filesystems": result.get("filesystems", {})}
+            record = {
+                "layout": layout,
+                "filesystems": result.get("filesystems", {}),
+                "source": source,
+            }
             write_atomic(self.prepared_path, json.dumps(record, indent=1).encode())
             self.mounted = True
         self.close_appliers()
@@ -237,6 +258,19 @@ class Receiver:
             for path in sorted(jdir.glob("*.json")):
                 journals[path.stem] = json.loads(path.read_text())
         return {"prepared": self.prepared() is not None, "filesystems": journals}
+
+
+def _describe(source: str) -> str:
+    """ "host web1 (machine-id:4c4c...)" from a source identity."""
+    ident, _, host = source.partition(" ")
+    return f"host {host} ({ident})" if ident else "an agent that does not say which host"
+
+
+_HINTS = {
+    "DESTINATION_TAKEN": "point each source's Destination at its own receiver; to start "
+    "this destination over for another source, restart its receiver with an empty "
+    "--state-dir (its disks are partitioned again)"
+}
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -281,6 +315,9 @@ class _Handler(BaseHTTPRequestHandler):
             raise ProtocolError("BAD_JSON", "the body is not a JSON object")
         return obj
 
+    def _source(self) -> str | None:
+        return self.headers.get(SOURCE_HEADER)
+
     def _authorised(self) -> bool:
         given = self.headers.get("Authorization", "")
         want = "Bearer " + self.server.receiver.token
@@ -316,8 +353,9 @@ class _Handler(BaseHTTPRequestHandler):
             elif route == ("GET", "status") and len(parts) == 2:
                 self._reply(200, receiver.status())
             elif route == ("POST", "prepare") and len(parts) == 2:
-                self._reply(200, receiver.prepare(self._json_body()))
+                self._reply(200, receiver.prepare(self._json_body(), self._source()))
             elif route == ("POST", "finalize") and len(parts) == 2:
+                receiver.check_source(self._source())
                 self._json_body()
                 self.close_connection = True
                 self._reply(200, receiver.finalize())
@@ -334,9 +372,11 @@ class _Handler(BaseHTTPRequestHandler):
             log.warning("rejected %s %s from %s: %s %s", self.command, url.path,
                         self.client_address[0], e.code, e.message)  # fmt: skip
             self.close_connection = True
-            self._reply(
-                409 if e.code == "STALE_BATCH" else 400, {"code": e.code, "message": e.message}
-            )
+            answer = {"code": e.code, "message": e.message}
+            if e.code in _HINTS:
+                answer["hint"] = _HINTS[e.code]
+            status = 409 if e.code in ("STALE_BATCH", "DESTINATION_TAKEN") else 400
+            self._reply(status, answer)
         except RehostError as e:
             log.warning("%s %s failed: %s", self.command, url.path, e)
             self.close_connection = True
@@ -366,6 +406,8 @@ class _Handler(BaseHTTPRequestHandler):
     def _fs_request(self, action: str, fs_id: str, query: dict[str, list[str]]) -> None:
         if action not in ("manifest", "data", "finish"):
             raise LookupError
+        # before taking the filesystem: another source must not take it over from ours
+        self.server.receiver.check_source(self._source())
         applier, lock = self.server.receiver.applier(fs_id)
         self._hold(fs_id, lock)
         try:
