@@ -863,7 +863,7 @@ def test_a_file_that_changed_kind_since_the_walk_is_skipped(tmp_path: Path) -> N
         done: list[list[Any]] = []
 
         def send(path: bytes = path, done: list[list[Any]] = done) -> None:
-            done.append(list(sender.frames(0, path, 100, [0, "full"])))
+            done.append(list(sender.frames(0, path, 100, [0, "full"], (0, 0))))
 
         worker = threading.Thread(target=send, daemon=True)
         worker.start()
@@ -873,6 +873,54 @@ def test_a_file_that_changed_kind_since_the_walk_is_skipped(tmp_path: Path) -> N
         assert all(b'"hash":""' in f for f in ends), (name, done)
     assert stats["unreadable"] == 0 and stats["files_sent"] == 0, stats
     assert len(logged) == 3 and all("changed since the walk" in m for m in logged), logged
+
+
+def test_a_directory_swapped_for_a_symlink_after_the_walk_sends_nothing(tmp_path: Path) -> None:
+    """A user on the source swaps a directory of theirs for a symlink into /root between the
+    walk and the send: the agent (root) would open root's file through it and send it under
+    the owner and mode the walk saw for the user's file. It must send nothing of it."""
+    from types import SimpleNamespace
+
+    from rehost.online.agent import transfer
+
+    home, secret = tmp_path / "home", tmp_path / "root"
+    (home / "d").mkdir(parents=True)
+    secret.mkdir()
+    (home / "d" / "x").write_bytes(b"mine" * 100)
+    (secret / "x").write_bytes(b"SECRET" * 100)
+    st = os.lstat(home / "d" / "x")  # what the walk saw
+    (home / "d").rename(home / "old")
+    (home / "d").symlink_to(secret)
+    client = SimpleNamespace(hash_alg="xxh128", payload_bytes=0)
+    stats = dict.fromkeys(["bytes_sent", "files_sent", "delta_files", "unreadable"], 0)
+    logged: list[str] = []
+    sender = transfer._Sender(client, transfer._Compressor("off"), stats, logged.append)
+    path = os.fsencode(home / "d" / "x")
+    frames = list(sender.frames(0, path, 600, [0, "full"], (st.st_dev, st.st_ino)))
+    assert not any(b"SECRET" in (f if isinstance(f, bytes) else b"".join(f)) for f in frames)
+    assert stats["bytes_sent"] == 0 and stats["files_sent"] == 0, stats
+    assert len(logged) == 1 and "changed since the walk" in logged[0], logged
+
+
+def test_attributes_come_from_the_file_the_walk_saw(tmp_path: Path) -> None:
+    """The same swap between the walk's lstat and its read of the attributes: another
+    file's (root's security.capability, here a user.* stand-in) must not be taken for the
+    user's. Read by path, they were."""
+    from rehost.online.agent import transfer
+
+    home, other = tmp_path / "home", tmp_path / "sbin"
+    (home / "d").mkdir(parents=True)
+    other.mkdir()
+    for where, value in ((home / "d", b"mine"), (other, b"cap_setuid+ep")):
+        (where / "x").write_bytes(b"#!/bin/sh\n")
+        os.setxattr(where / "x", "user.rehost-test", value)
+    path = os.fsencode(home / "d" / "x")
+    st = os.lstat(path)  # what the walk saw
+    assert transfer._xattrs(path, st) == {"user.rehost-test": b"mine"}
+    (home / "d").rename(home / "old")
+    (home / "d").symlink_to(other)
+    assert transfer._xattrs(path, st) == {}  # not cap_setuid+ep
+    assert transfer._xattrs(path, os.lstat(path)) == {"user.rehost-test": b"cap_setuid+ep"}
 
 
 def test_a_directory_the_agent_cannot_list_keeps_its_copy(

@@ -213,17 +213,45 @@ def _listdir(path: bytes) -> List[bytes]:
     return os.listdir(path)
 
 
-def _xattrs(path: bytes) -> Dict[str, bytes]:
+def _xattrs(path: bytes, st: Any) -> Dict[str, bytes]:
+    """The extended attributes of the file the walk lstat'ed as `st`.
+
+    A file's or directory's are read through a descriptor whose inode is checked: read by
+    path, a directory swapped for a symlink between the lstat and here would lend another
+    file's attributes to this entry (root's security.capability to a user's binary). Only
+    where there are any: one listxattr is all most files cost. A device node or FIFO is not
+    opened (opening one can act on it); its attributes are read by path.
+    """
     try:
         names = os.listxattr(path, follow_symlinks=False)
     except OSError as e:
         if e.errno in (errno.ENOTSUP, errno.ENOENT):
             return {}
         raise
+    if not names:
+        return {}
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+        return _xattr_values(path, names, False)
+    try:
+        fd = os.open(path, _PEEK_FLAGS)
+    except OSError as e:
+        if e.errno in _CHANGED:
+            return {}  # it changed since the lstat: the next pass sends what it is now
+        raise
+    try:
+        now = os.fstat(fd)
+        if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
+            return {}
+        return _xattr_values(fd, os.listxattr(fd), True)
+    finally:
+        os.close(fd)
+
+
+def _xattr_values(target: Any, names: List[str], follow: bool) -> Dict[str, bytes]:
     out = {}
     for name in sorted(names):
         try:
-            value = os.getxattr(path, name, follow_symlinks=False)
+            value = os.getxattr(target, name, follow_symlinks=follow)
         except OSError as e:
             if e.errno in (errno.ENODATA, errno.ENOTSUP, errno.ENOENT):
                 continue
@@ -271,10 +299,15 @@ class _Walker:
             "s": st.st_size if kind == "f" else 0,
             "mt": st.st_mtime_ns,
             "at": st.st_atime_ns,
-            "x": _xattrs(path) if len(path) < _PATH_MAX else _long(_xattrs, path),
+            "x": _xattrs(path, st)
+            if len(path) < _PATH_MAX
+            else _long(lambda p: _xattrs(p, st), path),
         }  # type: Dict[str, Any]
-        if kind == "f" and st.st_nlink > 1:
-            entry["n"] = st.st_nlink
+        if kind == "f":
+            # which file the walk saw, for the send to check that it opens the same one
+            entry["id"] = (st.st_dev, st.st_ino)
+            if st.st_nlink > 1:
+                entry["n"] = st.st_nlink
         elif kind == "l":
             entry["l"] = os.readlink(path) if len(path) < _PATH_MAX else _long(os.readlink, path)
         elif kind in ("c", "b"):
@@ -352,13 +385,15 @@ def _dir_prefix(rel: bytes) -> str:
 _CHANGED = (errno.ENOENT, errno.ELOOP, errno.EISDIR, errno.ESPIPE)
 
 
+# O_NONBLOCK: a FIFO that replaced the file since the walk would block the open forever
+_PEEK_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+
+
 def _open_source(path: bytes) -> int:
-    # O_NONBLOCK: a FIFO that replaced the file since the walk would block the open forever
-    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
     try:
-        return os.open(path, flags | getattr(os, "O_NOATIME", 0))
+        return os.open(path, _PEEK_FLAGS | getattr(os, "O_NOATIME", 0))
     except PermissionError:
-        return os.open(path, flags)
+        return os.open(path, _PEEK_FLAGS)
 
 
 class _Sender:
@@ -380,11 +415,22 @@ class _Sender:
             return chunk_head(off, codec, len(packed)), packed
         return chunk_frame(off, codec, packed)
 
-    def frames(self, index: int, path: bytes, size: int, need: List[Any]) -> Iterator[Frame]:
+    def frames(
+        self, index: int, path: bytes, size: int, need: List[Any], ident: Tuple[int, int]
+    ) -> Iterator[Frame]:
+        """`ident`: the walk's (st_dev, st_ino) of the file."""
         try:
             fd = _open_source(path) if len(path) < _PATH_MAX else _long(_open_source, path)
         except OSError as e:
             self._not_read(path, e)
+            return
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) != ident:
+            # Another file is at the path now: replaced, or reached through a directory
+            # swapped for a symlink since the walk. Its content must not go out under the
+            # owner and mode the walk saw (a user's file with root's secret in it).
+            os.close(fd)
+            self._not_read(path, OSError(errno.ENOENT, "another file is at this path now"))
             return
         alg = str(self.client.hash_alg)  # chosen at the connection's hello
         try:
@@ -600,6 +646,8 @@ def _data_frames(
             if not 0 <= index < len(batch):
                 raise AgentError("PROTOCOL_ERROR", f"the receiver asked for entry {index}")
             entry, path = batch[index]
-            yield from sender.frames(index, path, int(entry["s"]), need)
+            if entry["t"] != "f":
+                raise AgentError("PROTOCOL_ERROR", f"the receiver asked for {path!r}'s content")
+            yield from sender.frames(index, path, int(entry["s"]), need, entry["id"])
     finally:
         sender.compressor.end_stream()
