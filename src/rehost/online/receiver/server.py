@@ -267,9 +267,9 @@ def _describe(source: str) -> str:
 
 
 _HINTS = {
-    "DESTINATION_TAKEN": "point each source's Destination at its own receiver; to start "
-    "this destination over for another source, restart its receiver with an empty "
-    "--state-dir (its disks are partitioned again)"
+    "DESTINATION_TAKEN": "point each source's Destination at its own receiver; to give "
+    "this destination to another source instead, stop its receiver, unmount what it "
+    "mounted under STATE/mnt and start it again with an empty --state-dir"
 }
 
 
