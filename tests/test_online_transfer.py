@@ -598,6 +598,44 @@ def test_traversal_attempts_are_rejected(env: Env) -> None:
     assert log.count("rejected POST /v1/manifest/root") >= 6
 
 
+_RAW_REQUEST = r"""
+import json, socket, ssl, sys
+host, port = sys.argv[1].split(":")
+ctx = ssl._create_unverified_context()
+s = ctx.wrap_socket(socket.create_connection((host, int(port))))
+s.settimeout(10)  # the answer must come at once, not after the receiver read to the end
+s.sendall(sys.argv[2].replace("TOKEN", sys.argv[3]).encode() + b"x" * 65536)
+answer = b""
+while True:  # the receiver closes the connection after a refusal
+    piece = s.recv(65536)
+    if not piece:
+        break
+    answer += piece
+head, _, body = answer.partition(b"\r\n\r\n")
+print(json.dumps([int(head.split()[1]), json.loads(body or b"{}")]))
+"""
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        "POST /v1/manifest/root HTTP/1.1\r\nTransfer-Encoding: chunked\r\n",
+        "POST /v1/prepare HTTP/1.1\r\nContent-Length: -1\r\n",
+        "POST /v1/manifest/root HTTP/1.1\r\nContent-Length: 1e3\r\n",
+    ],
+    ids=["chunk size -1", "Content-Length -1", "Content-Length 1e3"],
+)
+def test_a_malformed_body_length_is_refused_at_once(env: Env, head: str) -> None:
+    """A length of -1 made the receiver read the connection to its end, into memory (an
+    authorised client could hold gigabytes there); other garbage was a 500."""
+    chunk = "-1\r\n" if "chunked" in head else ""
+    request = f"{head}Host: x\r\nAuthorization: Bearer TOKEN\r\n\r\n{chunk}"
+    out = env.pair.run(env.pair.source, [PY, "-c", _RAW_REQUEST, env.receiver.addr, request, TOKEN])
+    assert out.returncode == 0, out.stderr
+    status, obj = json.loads(out.stdout)
+    assert status == 400 and obj.get("code") in ("BAD_FRAME", "BAD_REQUEST"), (status, obj)
+
+
 def _tree_for_kill(src: Path) -> None:
     src.mkdir()
     for i in range(60):

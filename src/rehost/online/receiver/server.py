@@ -16,6 +16,7 @@ import hmac
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import ssl
@@ -65,6 +66,28 @@ def ensure_certificate(state_dir: Path, cert_dir: Path | None = None) -> tuple[P
     return cert, key, hashlib.sha256(der).hexdigest()
 
 
+_HEX_SIZE = re.compile(rb"[0-9a-fA-F]{1,15}")
+_DECIMAL = re.compile(r"[0-9]{1,18}")
+
+
+def _chunk_size(line: bytes) -> int:
+    """A chunk's size line, strictly: int() would take "-1" (and a read of -1 bytes reads
+    to the end of the stream, into memory) or " 0x10"."""
+    size = line.split(b";")[0].strip()
+    if not _HEX_SIZE.fullmatch(size):
+        raise ProtocolError("BAD_FRAME", f"a bad chunk size line {line[:32]!r}")
+    return int(size, 16)
+
+
+def _content_length(value: str | None) -> int:
+    """Content-Length, strictly (the same -1 read to the end of the stream)."""
+    if value is None:
+        return 0
+    if not _DECIMAL.fullmatch(value.strip()):
+        raise ProtocolError("BAD_REQUEST", f"a bad Content-Length {value[:32]!r}")
+    return int(value)
+
+
 class _Chunked:
     """A file-like reader of a chunked request body."""
 
@@ -80,7 +103,7 @@ class _Chunked:
             line = self.raw.readline(1024)
             if not line:
                 raise ProtocolError("BAD_FRAME", "the body ended without its last chunk")
-            self.left = int(line.split(b";")[0].strip() or b"0", 16)
+            self.left = _chunk_size(line)
             if self.left == 0:
                 while self.raw.readline(1024) not in (b"\r\n", b"\n", b""):
                     pass
@@ -301,10 +324,10 @@ class _Handler(BaseHTTPRequestHandler):
     def _body(self) -> Any:
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
             return _Chunked(self.rfile)
-        return _Limited(self.rfile, int(self.headers.get("Content-Length") or 0))
+        return _Limited(self.rfile, _content_length(self.headers.get("Content-Length")))
 
     def _json_body(self) -> dict[str, Any]:
-        length = int(self.headers.get("Content-Length") or 0)
+        length = _content_length(self.headers.get("Content-Length"))
         if length > _MAX_JSON:
             raise ProtocolError("TOO_LARGE", "the JSON body is too large")
         try:
