@@ -520,6 +520,33 @@ def test_main_stages(
     assert status == 1 and out[-1].startswith("failed: ALREADY_FINALIZED: this migration was")
 
 
+def test_one_agent_at_a_time_per_folder(
+    fakes: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A second agent started from the same folder while one runs stops at once, naming it."""
+    import fcntl
+
+    folder = tmp_path / "src" / "opt" / "agent"
+    cfg = str(make_config(folder))
+    args = ("--config", cfg, "--stage", "transfer", "--source-root", str(tmp_path / "src"))
+    (folder / "state").mkdir()
+    with open(folder / "state" / "agent.lock", "w") as held:  # the running agent's hold
+        fcntl.flock(held, fcntl.LOCK_EX)
+        held.write("4242")
+        held.flush()
+        status, out = run_main(capsys, *args)
+    assert status == 1
+    assert out[-1] == (
+        "failed: AGENT_RUNNING: another agent is running from this folder (PID 4242) — wait "
+        "for it to end, or stop it; then run this command again"
+    )
+    assert not fakes["syncs"]
+    status, out = run_main(capsys, *args)  # it ended: the lock went with it
+    assert status == 0 and fakes["syncs"], out
+    status, out = run_main(capsys, *args)  # and a finished run let go of its own
+    assert status == 0, out
+
+
 def test_main_failures(
     fakes: dict[str, Any],
     tmp_path: Path,

@@ -7,6 +7,8 @@ line and the exit status say what happened and what to do next.
 """
 
 import argparse
+import errno
+import fcntl
 import json
 import logging
 import logging.handlers
@@ -294,7 +296,39 @@ def run(args: argparse.Namespace, config: Config) -> int:
             return 1
         say("check passed; next: run --stage prepare (or --stage all on a quiet server)")
         return 0
-    stage = args.stage
+    lock = _one_at_a_time(config.base_dir)
+    try:
+        return _run_stage(agent, args.stage)
+    finally:
+        os.close(lock)
+
+
+def _one_at_a_time(base_dir: str) -> int:
+    """Hold state/agent.lock while a stage runs (the kernel lets go when the process ends,
+    kill -9 too). Two agents run from one folder (a cron job and a hand) took the
+    receiver's filesystems from each other every 2 s, as the receiver hands a filesystem
+    to the newer request, and wrote over each other's checkpoint."""
+    path = os.path.join(base_dir, "state", "agent.lock")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "?"
+        os.close(fd)
+        if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+            raise
+        raise AgentError(
+            "AGENT_RUNNING",
+            f"another agent is running from this folder (PID {holder})",
+            "wait for it to end, or stop it; then run this command again",
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode("ascii"), 0)
+    return fd
+
+
+def _run_stage(agent: "Agent", stage: str) -> int:
     if agent.completed("finalize"):
         if stage in ("finalize", "all"):
             say("already finalized: the destination is ready to boot")
@@ -339,7 +373,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         return run(args, config)
     except AgentError as e:
         return _failed(
-            e, resumable=e.code not in ("CONFIG_INVALID", "PRECHECK_FAILED", "DESTINATION_TAKEN")
+            e,
+            resumable=e.code
+            not in ("CONFIG_INVALID", "PRECHECK_FAILED", "DESTINATION_TAKEN", "AGENT_RUNNING"),
         )
     except KeyboardInterrupt:
         log.warning("interrupted")
