@@ -13,6 +13,7 @@ import errno
 import hashlib
 import itertools
 import json
+import logging
 import os
 import random
 import shutil
@@ -78,7 +79,7 @@ c = ReceiverClient(a["addr"], a["token"], a["fp"], proxy=a.get("proxy"),
                    limit_kbps=a.get("limit", 0), retry_seconds=a.get("retry", 60))
 try:
     s = sync_filesystem(c, "root", a["root"], a["excludes"], a.get("compression", "auto"),
-                        log=lambda m: print(m, file=sys.stderr, flush=True))
+                        log=lambda level, m: print(level, m, file=sys.stderr, flush=True))
 except AgentError as e:
     print(json.dumps({"error": e.code, "hint": e.hint}))
     sys.exit(3)
@@ -414,6 +415,7 @@ def test_a_file_that_cannot_be_read_is_counted_and_its_copy_kept(env: Env) -> No
     urandom_file(env.src / "bad", 3 * MiB)
     first = env.agent(eio="/bad")
     assert first["unreadable"] == 1 and first["files_sent"] == 1, first
+    assert f"{logging.WARNING} cannot read " in first["stderr"]  # on the operator's console
     assert (env.dst / "good").read_text() == "good"
     second = env.agent()
     assert second["unreadable"] == 0 and second["files_sent"] == 1, second
@@ -898,7 +900,13 @@ def test_a_file_that_changed_kind_since_the_walk_is_skipped(tmp_path: Path) -> N
     client = SimpleNamespace(hash_alg="xxh128", payload_bytes=0)
     stats = dict.fromkeys(["bytes_sent", "files_sent", "delta_files", "unreadable"], 0)
     logged: list[str] = []
-    sender = transfer._Sender(client, transfer._Compressor("off"), stats, logged.append)
+    levels: set[int] = set()
+
+    def log(level: int, message: str) -> None:
+        levels.add(level)
+        logged.append(message)
+
+    sender = transfer._Sender(client, transfer._Compressor("off"), stats, log)
     for name in ("fifo", "dir", "link"):
         path = os.fsencode(tmp_path / name)
         done: list[list[Any]] = []
@@ -914,6 +922,7 @@ def test_a_file_that_changed_kind_since_the_walk_is_skipped(tmp_path: Path) -> N
         assert all(b'"hash":""' in f for f in ends), (name, done)
     assert stats["unreadable"] == 0 and stats["files_sent"] == 0, stats
     assert len(logged) == 3 and all("changed since the walk" in m for m in logged), logged
+    assert levels == {logging.INFO}  # churn on a live server: the log file, not the console
 
 
 def test_a_directory_swapped_for_a_symlink_after_the_walk_sends_nothing(tmp_path: Path) -> None:
@@ -935,7 +944,9 @@ def test_a_directory_swapped_for_a_symlink_after_the_walk_sends_nothing(tmp_path
     client = SimpleNamespace(hash_alg="xxh128", payload_bytes=0)
     stats = dict.fromkeys(["bytes_sent", "files_sent", "delta_files", "unreadable"], 0)
     logged: list[str] = []
-    sender = transfer._Sender(client, transfer._Compressor("off"), stats, logged.append)
+    sender = transfer._Sender(
+        client, transfer._Compressor("off"), stats, lambda level, m: logged.append(m)
+    )
     path = os.fsencode(home / "d" / "x")
     frames = list(sender.frames(0, path, 600, [0, "full"], (st.st_dev, st.st_ino)))
     assert not any(b"SECRET" in (f if isinstance(f, bytes) else b"".join(f)) for f in frames)
@@ -984,7 +995,9 @@ def test_a_directory_the_agent_cannot_list_keeps_its_copy(
 
     monkeypatch.setattr(os, "listdir", failing)
     logged: list[str] = []
-    entries = [e for e, _ in transfer._Walker(str(src), [], logged.append).walk()]
+    entries = [
+        e for e, _ in transfer._Walker(str(src), [], lambda level, m: logged.append(m)).walk()
+    ]
     sick = next(e for e in entries if e["p"] == b"sick")
     assert sick["unlisted"] and sick["c"] == [], sick
     assert "nothing in it is sent or deleted" in logged[0]

@@ -178,7 +178,7 @@ class Agent:
                 path,
                 agent_config.excludes_for_mount(excludes, m["mount"]),
                 compression=self.config.compression,
-                log=lambda message: log.info("%s", message),
+                log=lambda level, message: log.log(level, "%s", message),
                 pass_no=pass_no,
             )
             log.info("%s %s: %s", what, m["fs_id"], json.dumps(result, sort_keys=True))

@@ -10,6 +10,7 @@ already landed and its partial files resume by delta.
 
 import errno
 import fnmatch
+import logging
 import os
 import queue
 import re
@@ -62,7 +63,8 @@ try:
 except ImportError:  # pragma: no cover - depends on the source host
     _zstd = None  # type: ignore[assignment]
 
-Log = Optional[Callable[[str], None]]
+Log = Optional[Callable[[int, str], None]]
+"""Told (a logging level, a message): warnings are what an operator should see at once."""
 _T = TypeVar("_T")
 _BATCH_ATTEMPTS = 5
 _LINK_WINDOW = 0.5  # seconds of streaming per compression decision
@@ -324,7 +326,10 @@ class _Walker:
             names = sorted(os.listdir(path) if len(path) < _PATH_MAX else _long(_listdir, path))
         except OSError as e:
             if self.log:
-                self.log(f"cannot list {path!r}: {e}; nothing in it is sent or deleted")
+                self.log(
+                    logging.WARNING,
+                    f"cannot list {path!r}: {e}; nothing in it is sent or deleted",
+                )
             return None
         if not self._may_exclude_below(rel):
             return names
@@ -451,13 +456,13 @@ class _Sender:
             os.close(fd)
 
     def _not_read(self, path: bytes, error: OSError) -> None:
-        if error.errno in _CHANGED:
-            message = f"skipping {path!r}: it changed since the walk ({error})"
+        if error.errno in _CHANGED:  # churn on a live server: the next pass sends it
+            level, message = logging.INFO, f"skipping {path!r}: it changed since the walk ({error})"
         else:
             self.stats["unreadable"] += 1
-            message = f"cannot read {path!r}: {error}; it is not sent"
+            level, message = logging.WARNING, f"cannot read {path!r}: {error}; it is not sent"
         if self.log:
-            self.log(message)
+            self.log(level, message)
 
     def _content(
         self, fd: int, index: int, size: int, need: List[Any], alg: str
@@ -532,10 +537,11 @@ def sync_filesystem(
     stats["bytes_on_wire"] = client.bytes_on_wire - wire_start
     if log:
         log(
+            logging.INFO,
             "{}: {entries} entries, {files_sent} files ({delta_files} by delta), {bytes_sent} "
             "payload bytes, {bytes_on_wire} on the wire, {deleted} deleted in {:.1f}s".format(
                 fs_id, time.monotonic() - started, **stats
-            )
+            ),
         )
     return stats
 
@@ -632,7 +638,7 @@ def _send_batch(
             ):
                 raise
             if log:
-                log(f"batch interrupted ({e}); retrying it")
+                log(logging.WARNING, f"batch interrupted ({e}); retrying it")
     stats["entries"] += len(batch)
     stats["batches"] += 1
     stats["deleted"] += int(answer.get("deleted", 0))
