@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -331,6 +332,7 @@ class FakeClient:
     def __init__(self, sizes: dict[str, int], skew: float = 0.0, fail: bool = False) -> None:
         self.sizes, self.skew, self.fail = sizes, skew, fail
         self.posts: list[tuple[str, Any]] = []
+        self.payload_bytes = 0
 
     def hello(self) -> dict[str, Any]:
         if self.fail:
@@ -545,6 +547,42 @@ def test_one_agent_at_a_time_per_folder(
     assert status == 0 and fakes["syncs"], out
     status, out = run_main(capsys, *args)  # and a finished run let go of its own
     assert status == 0, out
+
+
+def test_a_long_transfer_says_how_far_it_is(
+    fakes: dict[str, Any],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A line every PROGRESS_SECONDS (shortened here) while a filesystem is sent: against
+    the used bytes on the first pass, as bytes and a rate on later ones."""
+    from rehost.online.agent import transfer
+
+    client = fakes["client"]
+
+    def slow(c: Any, fs_id: str, *a: Any, **kw: Any) -> dict[str, int]:
+        for _ in range(6):
+            time.sleep(0.05)
+            client.payload_bytes += 64 * 1024 * 1024
+        return {"entries": 3, "files_sent": 1}
+
+    monkeypatch.setattr(transfer, "sync_filesystem", slow)
+    monkeypatch.setattr(agent_main, "PROGRESS_SECONDS", 0.1)
+    cfg = str(make_config(tmp_path / "agent"))
+    args = ("--config", cfg, "--stage", "transfer", "--source-root", str(tmp_path / "src"))
+    status, out = run_main(capsys, *args)
+    assert status == 0, out
+    first = [line for line in out if line.startswith("  /data: ")]
+    assert first and all(re.fullmatch(
+        r"  /data: [\d.]+ [KMG]i?B sent of ~3\.0 GiB \(\d+%\), [\d.]+ [KMG]i?B/s, about .+ left",
+        line) for line in first), out  # fmt: skip
+    status, out = run_main(capsys, *args)  # pass 2: what changed, no total
+    later = [line for line in out if line.startswith("  /data: ")]
+    assert later and all(re.fullmatch(r"  /data: [\d.]+ [KMG]i?B sent, [\d.]+ [KMG]i?B/s", line)
+                         for line in later), out  # fmt: skip
+    line = agent_main._Progress(client, "/", 10 * GiB).line(10 * GiB // 4, 100.0)
+    assert line == "  /: 2.5 GiB sent of ~10.0 GiB (25%), 25.6 MiB/s, about 5 min left"
 
 
 def test_main_failures(

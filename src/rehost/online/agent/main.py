@@ -14,6 +14,7 @@ import logging
 import logging.handlers
 import os
 import sys
+import threading
 import time
 import traceback
 from typing import Any, Dict, List, Optional
@@ -25,6 +26,7 @@ from rehost.online.agent.precheck import (
     describe_error,
     destination_layout,
     failures,
+    human,
     migrated_mounts,
     plan_disks,
     require_ok,
@@ -36,6 +38,8 @@ STAGES = ("prepare", "transfer", "finalize", "all")
 LOG_MAX_BYTES = 10 * 1024 * 1024
 LOG_BACKUPS = 5
 CHECK_RETRY_SECONDS = 5.0
+PROGRESS_SECONDS = 30.0
+"""How often a transfer says how far it is."""
 RESUME = "run the same command again to resume"
 log = logging.getLogger("rehost.online")
 
@@ -172,15 +176,17 @@ class Agent:
             path = m.get("path") or os.path.join(self.source_root, m["mount"].lstrip("/"))
             say("{} {}: {} ({}) from {}".format(what, pass_no, m["mount"], m["fs_id"], path))
             started = time.time()
-            result = sync_filesystem(
-                self.client,
-                m["fs_id"],
-                path,
-                agent_config.excludes_for_mount(excludes, m["mount"]),
-                compression=self.config.compression,
-                log=lambda level, message: log.log(level, "%s", message),
-                pass_no=pass_no,
-            )
+            # the first pass sends about what the filesystem holds; later ones, what changed
+            with _Progress(self.client, m["mount"], int(m.get("used") or 0) if pass_no == 1 else 0):
+                result = sync_filesystem(
+                    self.client,
+                    m["fs_id"],
+                    path,
+                    agent_config.excludes_for_mount(excludes, m["mount"]),
+                    compression=self.config.compression,
+                    log=lambda level, message: log.log(level, "%s", message),
+                    pass_no=pass_no,
+                )
             log.info("%s %s: %s", what, m["fs_id"], json.dumps(result, sort_keys=True))
             say(
                 "{} {} done in {:.1f} s: {}".format(
@@ -231,6 +237,48 @@ def agent_dirs(config: Config) -> List[str]:
             break
         path = os.path.dirname(path)
     return dirs
+
+
+class _Progress:
+    """A line every PROGRESS_SECONDS while a filesystem is sent: a pass over hundreds of GB
+    takes hours, and silence at the console looks like a hang."""
+
+    def __init__(self, client: Any, mount: str, total: int) -> None:
+        self.client = client
+        self.mount = mount
+        self.total = total  # bytes expected, 0 if unknown
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="progress", daemon=True)
+
+    def __enter__(self) -> "_Progress":
+        self.base, self.started = self.client.payload_bytes, time.monotonic()
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stopped.set()
+        self.thread.join()
+
+    def _run(self) -> None:
+        while not self.stopped.wait(PROGRESS_SECONDS):
+            say(self.line(self.client.payload_bytes - self.base, time.monotonic() - self.started))
+
+    def line(self, sent: int, elapsed: float) -> str:
+        rate = sent / elapsed if elapsed > 0 else 0.0
+        text = f"  {self.mount}: {human(sent)} sent"
+        if self.total and sent < self.total:
+            text += f" of ~{human(self.total)} ({sent * 100 // self.total}%)"
+        text += f", {human(rate)}/s"
+        if self.total and rate and sent < self.total:
+            text += f", about {_duration((self.total - sent) / rate)} left"
+        return text
+
+
+def _duration(seconds: float) -> str:
+    minutes = int(seconds) // 60
+    if minutes >= 60:
+        return f"{minutes // 60} h {minutes % 60:02d} min"
+    return f"{minutes} min" if minutes else f"{int(seconds)} s"
 
 
 def say(message: str) -> None:
