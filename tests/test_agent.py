@@ -672,7 +672,7 @@ def test_cli_receive_parses(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     app = typer.Typer()
     app.command()(receive)
     token = tmp_path / "token"
-    token.write_text("s3cret\n")
+    token.write_text("s3cret-0123456789\n")
     state = tmp_path / "state"
     base = ["--token-file", str(token), "--state-dir", str(state)]
     runner = CliRunner()
@@ -688,14 +688,14 @@ def test_cli_receive_parses(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     assert calls == [
         (
             "0.0.0.0:80",
-            "s3cret",
+            "s3cret-0123456789",
             state,
             disks,
             {"roots": None, "on_finalized": None, "fixups": True},
         ),
         (
             "[::1]:8443",
-            "s3cret",
+            "s3cret-0123456789",
             state,
             {},
             {"roots": {"root": Path("/srv/r")}, "on_finalized": None, "fixups": False},
@@ -704,9 +704,17 @@ def test_cli_receive_parses(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     for bad in (["--listen", "host"], ["--data-disk", "0=/dev/x"], ["--data-disk", "1"], []):
         result = runner.invoke(app, [*base, *bad, *([] if bad == [] else ["--system-disk", "/d"])])
         assert result.exit_code == 2, (bad, result.output)
-    token.write_text("")
-    assert runner.invoke(app, [*base, "--system-disk", "/d"]).exit_code == 2
+    for weak in ("", "s3cret"):  # empty, or short enough to guess
+        token.write_text(weak)
+        result = runner.invoke(app, [*base, "--system-disk", "/d"])
+        assert result.exit_code == 2 and "at least 16" in result.output, result.output
     assert len(calls) == 2  # no bad command line reached serve()
+    token.unlink()  # a missing file gets a random token, which is what serve() is given
+    result = runner.invoke(app, [*base, "--system-disk", "/d"])
+    assert result.exit_code == 0 and f"wrote a new token to {token}" in result.output
+    written = token.read_text().strip()
+    assert len(written) >= 32 and calls[-1][1] == written
+    assert token.stat().st_mode & 0o777 == 0o600
 
 
 # -- the bundle --------------------------------------------------------------------------
@@ -904,7 +912,7 @@ def receiver(tmp_path: Path) -> Iterator[tuple[str, str, Path]]:
         pytest.skip("rehost.online.receiver.server is not there yet (transfer core, part A)")
     state, dest, token = tmp_path / "rstate", tmp_path / "dest", tmp_path / "token"
     dest.mkdir()
-    token.write_text("bullseye-token")
+    token.write_text("bullseye-token-0123456789")
     port = _free_port()
     code = (
         "import typer; from rehost.cli.receive import receive; "
@@ -963,7 +971,11 @@ def test_bundle_migrates_from_bullseye_python39(
     agent.mkdir(parents=True)
     shutil.copy(bundle, agent / "rehost-agent.pyz")
     config = {
-        "Destination": {"Address": address, "Token": "bullseye-token", "Fingerprint": fingerprint}
+        "Destination": {
+            "Address": address,
+            "Token": "bullseye-token-0123456789",
+            "Fingerprint": fingerprint,
+        }
     }
     (agent / "config.json").write_text(json.dumps(config))
     proc = subprocess.run(

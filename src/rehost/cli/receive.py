@@ -7,7 +7,9 @@ reboots into the migrated system.
 
 from __future__ import annotations
 
+import os
 import re
+import secrets
 import subprocess
 from pathlib import Path
 from typing import Annotated
@@ -42,15 +44,38 @@ def parse_pairs(values: list[str], option: str, numeric: bool) -> dict[str, str]
     return pairs
 
 
+MIN_TOKEN = 16
+"""Characters a token must have: a migration-mode receiver often faces the internet."""
+
+
 def read_token(path: Path) -> str:
+    """The token in `path`. A missing file is created (0600) with a random token, and the
+    command says so: the operator then copies it into the agent's config."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        pass
+    except OSError as e:
+        raise typer.BadParameter(
+            f"cannot create {path}: {e.strerror}", param_hint="--token-file"
+        ) from e
+    else:
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(24) + "\n")
+        print(f"wrote a new token to {path}: put it in the agent's config as Destination.Token")
     try:
         token = path.read_text().strip()
     except OSError as e:
         raise typer.BadParameter(
             f"cannot read {path}: {e.strerror}", param_hint="--token-file"
         ) from e
-    if not token:
-        raise typer.BadParameter(f"{path} is empty", param_hint="--token-file")
+    if len(token) < MIN_TOKEN:
+        raise typer.BadParameter(
+            f"the token in {path} has {len(token)} characters: use at least {MIN_TOKEN} "
+            "random ones, since anyone who reaches the port can guess at it (remove the file "
+            "and this command writes one)",
+            param_hint="--token-file",
+        )
     return token
 
 
@@ -77,7 +102,12 @@ def reboot() -> None:
 
 def receive(
     token_file: Annotated[
-        Path, typer.Option("--token-file", help="File holding the migration's secret token.")
+        Path,
+        typer.Option(
+            "--token-file",
+            help="File holding the migration's secret token (16 characters or more); "
+            "created with a random one if missing.",
+        ),
     ],
     state_dir: Annotated[
         Path,
