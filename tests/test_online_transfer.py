@@ -870,6 +870,32 @@ def test_through_a_connect_proxy(env: Env) -> None:
     assert carried >= payload
 
 
+def test_the_receiver_says_why_it_cannot_start(tmp_path: Path) -> None:
+    """A port someone holds, or a state dir another receiver uses: a typed error saying so
+    (the first was a SYSTEM_ERROR calling itself a bug; the second went unnoticed, and two
+    receivers then shared one journal and prepared the same disks)."""
+    import fcntl
+    import socket
+
+    from rehost.online.receiver.server import ReceiverStartFailed, serve
+
+    roots = {"root": tmp_path}
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        with pytest.raises(ReceiverStartFailed, match=r"cannot listen on .*in use"):
+            serve(f"127.0.0.1:{port}", TOKEN, tmp_path / "a", {}, roots=roots)
+    (tmp_path / "b").mkdir()
+    with open(tmp_path / "b" / "receiver.lock", "w") as lock:  # a running receiver's hold
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        lock.write("4242")
+        lock.flush()
+        with pytest.raises(ReceiverStartFailed, match=r"another receiver \(PID 4242\)") as e:
+            serve("127.0.0.1:0", TOKEN, tmp_path / "b", {}, roots=roots)
+    assert e.value.code == "RECEIVER_START_FAILED" and "--state-dir" in e.value.hint
+
+
 def test_block_hash_is_stable() -> None:
     # both sides must agree on delta block hashes, whichever algorithm the agent has
     assert block_hash("sha256", b"abc") == hashlib.sha256(b"abc").hexdigest()[:32]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import hmac
 import json
@@ -540,6 +541,31 @@ class _Server(ThreadingHTTPServer):
         log.warning("connection from %s ended with an error", client_address[0], exc_info=True)
 
 
+class ReceiverStartFailed(RehostError):
+    code = "RECEIVER_START_FAILED"
+    message = "the receiver cannot start"
+    default_hint = "see the reason; nothing was changed on the destination disks"
+
+
+def _hold_state_dir(state_dir: Path) -> int:
+    """One receiver per state dir, for as long as it runs: two would share its journal and
+    prepare its disks twice. (The kernel lets go when the process ends, kill -9 too.)"""
+    fd = os.open(state_dir / "receiver.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "?"
+        os.close(fd)
+        raise ReceiverStartFailed(
+            f"another receiver (PID {holder}) is using the state dir {state_dir}",
+            hint="one receiver serves one destination: stop the other one first, or give "
+            "this one its own --state-dir and disks",
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode("ascii"), 0)
+    return fd
+
+
 def parse_listen(listen: str) -> tuple[str, int]:
     """ "ADDR:PORT", ":PORT", "[v6]:PORT" → (host, port); an empty host means all IPv4."""
     if listen.startswith("["):
@@ -571,14 +597,38 @@ def serve(
     (`--no-fixups`) skips the boot fixups in the finalize.
     """
     state_dir.mkdir(parents=True, exist_ok=True)
+    held = _hold_state_dir(state_dir)
+    try:
+        return _serve(listen, token, state_dir, disks, cert_dir, ready, roots, on_finalized, fixups)
+    finally:
+        os.close(held)
+
+
+def _serve(
+    listen: str,
+    token: str,
+    state_dir: Path,
+    disks: dict[str, str],
+    cert_dir: Path | None,
+    ready: Callable[[str], None] | None,
+    roots: dict[str, Path] | None,
+    on_finalized: Callable[[], None] | None,
+    fixups: bool,
+) -> bool:
     cert, key, fingerprint = ensure_certificate(state_dir, cert_dir)
     (state_dir / "fingerprint").write_text(fingerprint + "\n")
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.load_cert_chain(cert, key)
-    server = _Server(
-        parse_listen(listen), context, Receiver(token, state_dir, disks, roots, fixups)
-    )
+    receiver = Receiver(token, state_dir, disks, roots, fixups)
+    try:
+        server = _Server(parse_listen(listen), context, receiver)
+    except OSError as e:
+        raise ReceiverStartFailed(
+            f"cannot listen on {listen}: {e.strerror or e}",
+            hint="another process (a receiver already running, a web server) may hold the "
+            "port: stop it, or choose another with --listen; for ports under 1024 run as root",
+        ) from e
     bound = f"{server.server_address[0]!s}:{server.server_address[1]}"
     print(f"rehost receiver listening on {bound}, fingerprint {fingerprint}", flush=True)
     log.info("listening on %s, fingerprint %s", bound, fingerprint)
