@@ -300,6 +300,8 @@ def setup_logging(base_dir: str) -> List[logging.Handler]:
     file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     console = logging.StreamHandler(sys.stderr)
     console.setLevel(logging.WARNING)
+    # what the last line on stdout says anyway goes to the file only, not twice to the console
+    console.addFilter(lambda record: not getattr(record, "last_line", False))
     console.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
     handlers = [file_handler, console]  # type: List[logging.Handler]
     for h in handlers:
@@ -309,15 +311,18 @@ def setup_logging(base_dir: str) -> List[logging.Handler]:
     return handlers
 
 
+_LAST_LINE = {"last_line": True}
+
+
 def _failed(exc: BaseException, resumable: bool) -> int:
     if isinstance(getattr(exc, "code", None), str):
         text = describe_error(exc)
         hint = getattr(exc, "hint", "") or ""
     else:
-        log.error("unexpected failure:\n%s", traceback.format_exc())
+        log.error("unexpected failure:\n%s", traceback.format_exc(), extra=_LAST_LINE)
         text = f"AGENT_ERROR: {describe_error(exc)} (details in log/agent.log)"
         hint = "this is a bug in the agent; please report it with log/agent.log"
-    log.error("failed: %s (hint: %s)", text, hint)
+    log.error("failed: %s (hint: %s)", text, hint, extra=_LAST_LINE)
     parts = [p for p in (hint, RESUME if resumable else "") if p]
     print("failed: {}{}".format(text, " — " + "; ".join(parts) if parts else ""), flush=True)
     return 1
@@ -426,7 +431,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             not in ("CONFIG_INVALID", "PRECHECK_FAILED", "DESTINATION_TAKEN", "AGENT_RUNNING"),
         )
     except KeyboardInterrupt:
-        log.warning("interrupted")
+        log.warning("interrupted", extra=_LAST_LINE)
         print("interrupted; " + RESUME, flush=True)
         return 130
     except Exception as e:  # every failure ends with the documented last line
