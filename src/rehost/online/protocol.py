@@ -78,6 +78,26 @@ class ProtocolError(ValueError):
         self.message = message
 
 
+def hold_lock(path: str) -> Tuple[int, str]:
+    """flock `path` (created 0600) for this process and write its PID in it: (fd, "").
+    When another process holds it, (-1, the PID that process wrote). The kernel lets go
+    when the holder's process ends, kill -9 too, so a crash never leaves it held."""
+    import fcntl
+
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "?"
+        os.close(fd)
+        if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+            raise
+        return -1, holder
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode("ascii"), 0)
+    return fd, ""
+
+
 SOURCE_HEADER = "X-Rehost-Source"
 """Every request says which server it comes from: `source_identity()`."""
 

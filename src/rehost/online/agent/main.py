@@ -7,8 +7,6 @@ line and the exit status say what happened and what to do next.
 """
 
 import argparse
-import errno
-import fcntl
 import json
 import logging
 import logging.handlers
@@ -32,7 +30,7 @@ from rehost.online.agent.precheck import (
     require_ok,
     run_prechecks,
 )
-from rehost.online.protocol import AgentError
+from rehost.online.protocol import AgentError, hold_lock, source_identity
 
 STAGES = ("prepare", "transfer", "finalize", "all")
 LOG_MAX_BYTES = 10 * 1024 * 1024
@@ -93,7 +91,6 @@ class Agent:
     def client(self) -> Any:
         if self._client is None:
             from rehost.online.agent.client import ReceiverClient
-            from rehost.online.protocol import source_identity
 
             c = self.config
             self._client = ReceiverClient(
@@ -357,27 +354,18 @@ def run(args: argparse.Namespace, config: Config) -> int:
 
 
 def _one_at_a_time(base_dir: str) -> int:
-    """Hold state/agent.lock while a stage runs (the kernel lets go when the process ends,
-    kill -9 too). Two agents run from one folder (a cron job and a hand) took the
-    receiver's filesystems from each other every 2 s, as the receiver hands a filesystem
-    to the newer request, and wrote over each other's checkpoint."""
+    """Hold state/agent.lock while a stage runs. Two agents run from one folder (a cron job
+    and a hand) took the receiver's filesystems from each other every 2 s, as the receiver
+    hands a filesystem to the newer request, and wrote over each other's checkpoint."""
     path = os.path.join(base_dir, "state", "agent.lock")
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "?"
-        os.close(fd)
-        if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-            raise
+    fd, holder = hold_lock(path)
+    if fd < 0:
         raise AgentError(
             "AGENT_RUNNING",
             f"another agent is running from this folder (PID {holder})",
             "wait for it to end, or stop it; then run this command again",
-        ) from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, str(os.getpid()).encode("ascii"), 0)
+        )
     return fd
 
 

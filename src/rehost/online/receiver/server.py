@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import hashlib
 import hmac
 import json
@@ -37,6 +36,7 @@ from rehost.online.protocol import (
     SOURCE_HEADER,
     ProtocolError,
     hash_algorithms,
+    hold_lock,
     keep_alive,
     read_frames,
 )
@@ -549,20 +549,14 @@ class ReceiverStartFailed(RehostError):
 
 def _hold_state_dir(state_dir: Path) -> int:
     """One receiver per state dir, for as long as it runs: two would share its journal and
-    prepare its disks twice. (The kernel lets go when the process ends, kill -9 too.)"""
-    fd = os.open(state_dir / "receiver.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "?"
-        os.close(fd)
+    prepare its disks twice."""
+    fd, holder = hold_lock(str(state_dir / "receiver.lock"))
+    if fd < 0:
         raise ReceiverStartFailed(
             f"another receiver (PID {holder}) is using the state dir {state_dir}",
             hint="one receiver serves one destination: stop the other one first, or give "
             "this one its own --state-dir and disks",
-        ) from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, str(os.getpid()).encode("ascii"), 0)
+        )
     return fd
 
 
