@@ -386,6 +386,10 @@ def test_prechecks_pass_with_warnings(tmp_path: Path) -> None:
     assert "OK    used /data: 3.0 GiB of 10.0 GiB (ext4 on /dev/vdb1)" in out
     assert "WARN  left out: /scratch not on the system disk nor in DataDisks: not migrated" in out
     assert "OK    receiver: 10.0.0.2:443 reachable, fingerprint matches, protocol 1" in out
+    assert (
+        "OK    destination: not prepared yet: --stage prepare partitions and formats /dev/x0, "
+        "/dev/x1 (what they hold is lost)"
+    ) in out
     # disk 0: (2 GiB + 100 MiB) × 1.1 + 2 × 64 MiB + 1 GiB swap
     assert "OK    capacity disk 0: need 3.4 GiB, have 8.0 GiB on /dev/x0" in out
     assert "OK    capacity disk 1: need 3.4 GiB, have 4.0 GiB on /dev/x1" in out

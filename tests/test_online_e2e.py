@@ -693,6 +693,8 @@ def test_a_second_source_is_refused(world: World, bundle: Path, small_source: So
         status, lines = world.agent(dest, config, small_source, "--stage", "prepare").wait()
         assert status == 0, "\n".join(lines)
         used = used_bytes(dest.mnt("root"))
+        status, lines = world.agent(dest, config, small_source, "--check").wait()
+        assert "OK    destination: prepared for this server: the stages resume" in lines, lines
 
         machine_id.write_text("b" * 32 + "\n")
         status, lines = world.agent(dest, config, small_source, "--check").wait()

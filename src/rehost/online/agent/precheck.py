@@ -237,6 +237,7 @@ def _receiver_checks(
             ),
         )
     ]
+    disks = hello.get("disks") or {}
     bound = str(hello.get("source") or "")
     mine = str(getattr(client, "source", "") or "")
     if bound and bound.split(" ")[0] != mine.split(" ")[0]:
@@ -248,7 +249,18 @@ def _receiver_checks(
                 "Destination at this server's own receiver",
             )
         )
-    disks = hello.get("disks") or {}
+    elif hello.get("prepared"):
+        checks.append(Check("destination", OK, "prepared for this server: the stages resume"))
+    else:  # say what prepare will do to them, while the operator can still stop
+        paths = ", ".join(str(d.get("path")) for _, d in sorted(disks.items()))
+        checks.append(
+            Check(
+                "destination",
+                OK,
+                f"not prepared yet: --stage prepare partitions and formats {paths or 'its disks'}"
+                " (what they hold is lost)",
+            )
+        )
     for index, need in sorted(needed_bytes(layout, plan).items()):
         name = f"capacity disk {index}"
         have_disk = disks.get(str(index))
