@@ -76,7 +76,8 @@ if a.get("eio"):  # a failing disk, which this kernel cannot make (no device-map
     os.pread = pread
 client.STALL_SECONDS = a.get("stall", client.STALL_SECONDS)  # tests shorten it
 c = ReceiverClient(a["addr"], a["token"], a["fp"], proxy=a.get("proxy"),
-                   limit_kbps=a.get("limit", 0), retry_seconds=a.get("retry", 60))
+                   limit_kbps=a.get("limit", 0), retry_seconds=a.get("retry", 60),
+                   timeout=a.get("timeout", 60))
 try:
     s = sync_filesystem(c, "root", a["root"], a["excludes"], a.get("compression", "auto"),
                         log=lambda level, m: print(level, m, file=sys.stderr, flush=True))
@@ -748,11 +749,13 @@ def test_a_network_cut_is_noticed_by_both_sides(env: Env) -> None:
 
 
 def test_a_receiver_that_stops_reading_is_not_cut(env: Env) -> None:
-    """A live receiver may stop reading for minutes (hashing a large file for a delta): its
-    kernel still answers, with a zero window, and the agent must wait rather than take it
-    for a cut. Here the receiver is frozen for longer than the agent's (shortened) limit."""
+    """A live receiver may stop reading for minutes or hours (hashing a large file for a
+    delta): its kernel still answers, with a zero window, and the agent must wait rather
+    than take it for a cut. Here the receiver is frozen for longer than the agent's
+    (shortened) stall limit and its connect timeout, which once bounded every read and
+    write too (600 s: a pass over a file of more than ~300 GB failed)."""
     _tree_for_kill(env.src)
-    proc = env.start_agent(limit=12000, compression="off", stall=2)
+    proc = env.start_agent(limit=12000, compression="off", stall=2, timeout=3)
     _wait_bytes(env, proc, 10 * MiB)
     assert env.receiver.proc is not None
     env.receiver.proc.send_signal(signal.SIGSTOP)

@@ -20,6 +20,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 from rehost.online.protocol import (
     HASH_HEADER,
     PROTOCOL_VERSION,
+    SILENCE_SECONDS,
     SOURCE_HEADER,
     AgentError,
     hash_algorithms,
@@ -109,7 +110,7 @@ def _stalled_for(sock: Any) -> float:
 
     Why: keepalives only probe an idle connection. When the network is cut while the
     agent sends, its data waits in flight for the kernel's retransmissions (about 15
-    minutes) and its write for the socket's 600 s timeout. TCP_USER_TIMEOUT would cut a
+    minutes) and its write for the socket's timeout (SILENCE_SECONDS). TCP_USER_TIMEOUT would cut a
     live receiver that stops reading while it hashes a large file (its zero window);
     this does not, as a live receiver answers the window probes.
     """
@@ -134,7 +135,7 @@ class ReceiverClient:
         proxy: Optional[str] = None,
         limit_kbps: int = 0,
         retry_seconds: float = 300.0,
-        timeout: float = 600.0,
+        timeout: float = 60.0,
         source: str = "",
     ) -> None:
         self.host, self.port = split_address(address)
@@ -210,6 +211,9 @@ class ReceiverClient:
                 "(rehost agent-bundle)",
             )
         self.hash_alg = _common_hash(self.last_hello.get("hashes"))
+        # `timeout` bounded the connect and the hello; from here a silent receiver is a
+        # busy one unless keepalives or the watch say otherwise (see SILENCE_SECONDS)
+        sock.settimeout(SILENCE_SECONDS)
         with self._lock:
             self._conn = conn
             if self._watchdog is None:

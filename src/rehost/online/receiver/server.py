@@ -33,6 +33,7 @@ from rehost.errors import RehostError
 from rehost.online.protocol import (
     HASH_HEADER,
     PROTOCOL_VERSION,
+    SILENCE_SECONDS,
     SOURCE_HEADER,
     ProtocolError,
     hash_algorithms,
@@ -488,8 +489,9 @@ class _Server(ThreadingHTTPServer):
     """Connections served at once. An agent keeps one; beyond this, new ones are closed."""
     preauth_timeout = 30.0
     """Seconds a socket operation may wait until the connection's first authorised request."""
-    request_timeout = 600.0
-    """Seconds a socket operation may wait once the connection has authenticated."""
+    request_timeout = SILENCE_SECONDS
+    """Seconds a socket operation may wait once the connection has authenticated: an agent
+    may be silent while it hashes a large file; keepalives notice a dead one sooner."""
 
     def __init__(self, address: tuple[str, int], context: ssl.SSLContext, receiver: Receiver):
         self.context = context
