@@ -464,6 +464,23 @@ def run_main(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, list[
     return status, capsys.readouterr().out.splitlines()
 
 
+def test_source_identity_falls_back_from_machine_id_to_hostname(tmp_path: Path) -> None:
+    from rehost.online.protocol import source_identity
+
+    assert source_identity(str(tmp_path)) == "hostname:unknown unknown"
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc" / "hostname").write_text("web1.example\n")
+    assert source_identity(str(tmp_path)) == "hostname:web1.example web1.example"
+    dbus = tmp_path / "var" / "lib" / "dbus"
+    dbus.mkdir(parents=True)
+    (dbus / "machine-id").write_text("b" * 32 + "\n")
+    assert source_identity(str(tmp_path)) == f"machine-id:{'b' * 32} web1.example"
+    (tmp_path / "etc" / "machine-id").write_text("a" * 32 + "\n")  # systemd's comes first
+    assert source_identity(str(tmp_path)) == f"machine-id:{'a' * 32} web1.example"
+    (tmp_path / "etc" / "hostname").write_text("we b\x01\xff;1\n")  # kept header-safe
+    assert source_identity(str(tmp_path)).endswith(" web1")
+
+
 def test_main_check(
     fakes: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
