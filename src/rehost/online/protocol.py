@@ -70,12 +70,14 @@ class AgentError(Exception):
 
 
 class ProtocolError(ValueError):
-    """A malformed or unsafe request; the receiver answers 400 and logs it."""
+    """A malformed, unsafe or refused request; the receiver answers 400 (409 for a conflict)
+    with the code, the message and, where there is one, a hint, and logs it."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, hint: str = "") -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.hint = hint
 
 
 def hold_lock(path: str) -> Tuple[int, str]:
@@ -636,10 +638,14 @@ def block_digests(fd: int, size: int, block: int, alg: str) -> Iterator[Tuple[in
     k = 0  # the next block to yield
     hasher = None  # type: Any  # block k's, once a piece of it has come
     pos = 0  # where block k's last piece ended
+
+    def finished() -> str:  # block k's hash, the zeros after its last piece included
+        feed_zeros(hasher, min(k * block + block, size) - pos)
+        return str(hasher.hexdigest())[:HASH_HEX]
+
     for off, data in iter_data(fd, size, min(block, CHUNK_SIZE)):
         if off // block != k and hasher is not None:
-            feed_zeros(hasher, min(k * block + block, size) - pos)
-            yield k * block, str(hasher.hexdigest())[:HASH_HEX]
+            yield k * block, finished()
             k, hasher = k + 1, None
         while k < off // block:
             yield k * block, zero_block_hash(alg, min(block, size - k * block))
@@ -650,8 +656,7 @@ def block_digests(fd: int, size: int, block: int, alg: str) -> Iterator[Tuple[in
         hasher.update(data)
         pos = off + len(data)
     if hasher is not None:
-        feed_zeros(hasher, min(k * block + block, size) - pos)
-        yield k * block, str(hasher.hexdigest())[:HASH_HEX]
+        yield k * block, finished()
         k += 1
     for off in range(k * block, size, block):
         yield off, zero_block_hash(alg, min(block, size - off))

@@ -23,7 +23,7 @@ import ssl
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -234,6 +234,9 @@ class Receiver:
                 "DESTINATION_TAKEN",
                 f"this destination is being migrated from {_describe(bound)}; the request "
                 f"comes from {_describe(source or '')}",
+                hint="point each source's Destination at its own receiver; to give this "
+                "destination to another source instead, stop its receiver, unmount what it "
+                "mounted under STATE/mnt and start it again with an empty --state-dir",
             )
 
     def prepare(self, layout: dict[str, Any], source: str | None) -> dict[str, Any]:
@@ -289,13 +292,6 @@ def _describe(source: str) -> str:
     """ "host web1 (machine-id:4c4c...)" from a source identity."""
     ident, _, host = source.partition(" ")
     return f"host {host} ({ident})" if ident else "an agent that does not say which host"
-
-
-_HINTS = {
-    "DESTINATION_TAKEN": "point each source's Destination at its own receiver; to give "
-    "this destination to another source instead, stop its receiver, unmount what it "
-    "mounted under STATE/mnt and start it again with an empty --state-dir"
-}
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -398,8 +394,8 @@ class _Handler(BaseHTTPRequestHandler):
                         self.client_address[0], e.code, e.message)  # fmt: skip
             self.close_connection = True
             answer = {"code": e.code, "message": e.message}
-            if e.code in _HINTS:
-                answer["hint"] = _HINTS[e.code]
+            if e.hint:
+                answer["hint"] = e.hint
             status = 409 if e.code in ("STALE_BATCH", "DESTINATION_TAKEN") else 400
             self._reply(status, answer)
         except RehostError as e:
@@ -549,9 +545,10 @@ class ReceiverStartFailed(RehostError):
     default_hint = "see the reason; nothing was changed on the destination disks"
 
 
-def _hold_state_dir(state_dir: Path) -> int:
-    """One receiver per state dir, for as long as it runs: two would share its journal and
-    prepare its disks twice."""
+@contextlib.contextmanager
+def _state_dir_held(state_dir: Path) -> Iterator[None]:
+    """One receiver per state dir, for as long as it serves: two would share its journal
+    and prepare its disks twice."""
     fd, holder = hold_lock(str(state_dir / "receiver.lock"))
     if fd < 0:
         raise ReceiverStartFailed(
@@ -559,7 +556,10 @@ def _hold_state_dir(state_dir: Path) -> int:
             hint="one receiver serves one destination: stop the other one first, or give "
             "this one its own --state-dir and disks",
         )
-    return fd
+    try:
+        yield
+    finally:
+        os.close(fd)
 
 
 def parse_listen(listen: str) -> tuple[str, int]:
@@ -593,55 +593,39 @@ def serve(
     (`--no-fixups`) skips the boot fixups in the finalize.
     """
     state_dir.mkdir(parents=True, exist_ok=True)
-    held = _hold_state_dir(state_dir)
-    try:
-        return _serve(listen, token, state_dir, disks, cert_dir, ready, roots, on_finalized, fixups)
-    finally:
-        os.close(held)
+    with _state_dir_held(state_dir):
+        cert, key, fingerprint = ensure_certificate(state_dir, cert_dir)
+        (state_dir / "fingerprint").write_text(fingerprint + "\n")
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.load_cert_chain(cert, key)
+        receiver = Receiver(token, state_dir, disks, roots, fixups)
+        try:
+            server = _Server(parse_listen(listen), context, receiver)
+        except OSError as e:
+            raise ReceiverStartFailed(
+                f"cannot listen on {listen}: {e.strerror or e}",
+                hint="another process (a receiver already running, a web server) may hold "
+                "the port: stop it, or choose another with --listen; for ports under 1024 "
+                "run as root",
+            ) from e
+        bound = f"{server.server_address[0]!s}:{server.server_address[1]}"
+        print(f"rehost receiver listening on {bound}, fingerprint {fingerprint}", flush=True)
+        log.info("listening on %s, fingerprint %s", bound, fingerprint)
 
+        def stop(signum: int, frame: Any) -> None:
+            threading.Thread(target=server.shutdown, daemon=True).start()
 
-def _serve(
-    listen: str,
-    token: str,
-    state_dir: Path,
-    disks: dict[str, str],
-    cert_dir: Path | None,
-    ready: Callable[[str], None] | None,
-    roots: dict[str, Path] | None,
-    on_finalized: Callable[[], None] | None,
-    fixups: bool,
-) -> bool:
-    cert, key, fingerprint = ensure_certificate(state_dir, cert_dir)
-    (state_dir / "fingerprint").write_text(fingerprint + "\n")
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(cert, key)
-    receiver = Receiver(token, state_dir, disks, roots, fixups)
-    try:
-        server = _Server(parse_listen(listen), context, receiver)
-    except OSError as e:
-        raise ReceiverStartFailed(
-            f"cannot listen on {listen}: {e.strerror or e}",
-            hint="another process (a receiver already running, a web server) may hold the "
-            "port: stop it, or choose another with --listen; for ports under 1024 run as root",
-        ) from e
-    bound = f"{server.server_address[0]!s}:{server.server_address[1]}"
-    print(f"rehost receiver listening on {bound}, fingerprint {fingerprint}", flush=True)
-    log.info("listening on %s, fingerprint %s", bound, fingerprint)
-
-    def stop(signum: int, frame: Any) -> None:
-        threading.Thread(target=server.shutdown, daemon=True).start()
-
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, stop)
-        signal.signal(signal.SIGINT, stop)
-    if ready is not None:
-        ready(bound)
-    try:
-        server.serve_forever()
-    finally:
-        server.server_close()
-        server.receiver.close_appliers()
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, stop)
+            signal.signal(signal.SIGINT, stop)
+        if ready is not None:
+            ready(bound)
+        try:
+            server.serve_forever()
+        finally:
+            server.server_close()
+            server.receiver.close_appliers()
     if not server.receiver.finalized.is_set():
         return False
     print("finalized: the destination disks are synced and unmounted, ready to boot; "
