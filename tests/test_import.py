@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -482,6 +483,23 @@ def test_resume_at_the_verify_step(
     assert report.resumed_from == report.virtual_size and report.digest == saved["digest"]
     assert "the write finished in an earlier run; verifying the destination" in notes
     assert not (sd / "INCOMPLETE").exists()
+
+
+@pytest.mark.usefixtures("save_every_checkpoint")
+def test_a_source_rewritten_with_its_mtime_put_back_starts_over(big: Big, tmp_path: Path) -> None:
+    """Only the ctime tells: resuming would verify a disk made of two images."""
+    src = tmp_path / "copy.raw"
+    shutil.copyfile(big.raw, src)
+    dest, sd = tmp_path / "out.raw", tmp_path / "state"
+    _interrupt(src, dest, sd, after=100 * MiB)
+    st = src.stat()
+    with open(src, "r+b") as f:
+        f.seek(50 * MiB)  # written before the interruption
+        f.write(b"\xa5" * 4096)
+    os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns))
+    report = run_import(str(src), dest, state_dir=sd)
+    assert report.resumed_from == 0 and report.restarted and "ctime_ns" in report.restarted
+    assert sha256_file(dest) == sha256_file(src)
 
 
 @pytest.mark.usefixtures("save_every_checkpoint")

@@ -123,15 +123,17 @@ def test_resume_reconciles_with_the_server(
     state_dir = tmp_path / "state"
     with pytest.raises(Interrupted):
         upload(src, s3_bucket, state_dir, progress=interrupt_after(3 * PART))
-    sfile = state_path(state_dir, s3_bucket, "img.raw", src)
+    sfile = state_path(state_dir, s3_env.endpoint, s3_bucket, "img.raw", src)
     state = json.loads(sfile.read_text())
     assert {
+        "endpoint",
         "bucket",
         "key",
         "upload_id",
         "part_size",
         "size",
         "mtime_ns",
+        "ctime_ns",
         "inode",
         "device",
     } <= set(state)
@@ -187,6 +189,99 @@ def test_changed_file_starts_over_and_says_why(
     assert not s3_client(s3_env).list_multipart_uploads(Bucket=s3_bucket).get("Uploads")
 
 
+def test_a_rewrite_that_puts_the_mtime_back_starts_over(
+    s3_env: StoreInfo, s3_bucket: str, tmp_path: Path
+) -> None:
+    """A part already sent is rewritten in place and the mtime restored (as `touch -d` or
+    a careful tool would): the ctime tells, so the object is not made of the old bytes."""
+    src = write_random(tmp_path / "disk.raw", 20 * MiB, seed=14)
+    state_dir = tmp_path / "state"
+    with pytest.raises(Interrupted):
+        upload(src, s3_bucket, state_dir, progress=interrupt_after(2 * PART))
+    st = src.stat()
+    with open(src, "r+b") as f:
+        f.write(b"\0" * 4096)
+    os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns))
+    result = upload(src, s3_bucket, state_dir)
+    assert result.restarted_reason and "ctime" in result.restarted_reason, result.restarted_reason
+    assert not result.resumed and result.bytes_uploaded_this_run == 20 * MiB
+    assert object_sha256(s3_env, s3_bucket, "img.raw") == sha256_file(src)
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"\xff\xfe garbage",
+        b"[]",
+        b"null",
+        b'{"part_size": 0}',
+        b'{"part_size": 1048576}',
+        b'{"part_size": -5}',
+        b'{"parts": [{"number": 99, "etag": "x", "checksum": "y"}]}',
+    ],
+    ids=[
+        "binary",
+        "list",
+        "null",
+        "part-size-0",
+        "part-size-1MiB",
+        "part-size-negative",
+        "part-99",
+    ],
+)
+def test_a_damaged_state_starts_over(
+    s3_env: StoreInfo, s3_bucket: str, tmp_path: Path, content: bytes
+) -> None:
+    """Whatever the state file holds, the next run says it cannot use it and starts over,
+    rather than failing with a traceback or the same store error on every run."""
+    src = write_random(tmp_path / "disk.raw", 12 * MiB, seed=15)
+    state_dir = tmp_path / "state"
+    with pytest.raises(Interrupted):
+        upload(src, s3_bucket, state_dir, progress=interrupt_after(PART))
+    sfile = state_path(state_dir, s3_env.endpoint, s3_bucket, "img.raw", src)
+    if content.startswith(b"{"):
+        content = json.dumps({**json.loads(sfile.read_text()), **json.loads(content)}).encode()
+    sfile.write_bytes(content)
+    result = upload(src, s3_bucket, state_dir)
+    assert result.restarted_reason and "is unreadable" in result.restarted_reason
+    assert object_sha256(s3_env, s3_bucket, "img.raw") == sha256_file(src)
+    assert not list(state_dir.iterdir())
+
+
+def test_a_larger_part_size_still_resumes(
+    s3_env: StoreInfo, s3_bucket: str, tmp_path: Path
+) -> None:
+    """Run again with a part size larger than the file: the interrupted upload of the
+    unchanged file goes on with its own part size instead of starting over."""
+    src = write_random(tmp_path / "disk.raw", 20 * MiB, seed=16)
+    state_dir = tmp_path / "state"
+    with pytest.raises(Interrupted):
+        upload(src, s3_bucket, state_dir, progress=interrupt_after(2 * PART))
+    result = upload_file(src, s3_bucket, "img.raw", part_size=64 * MiB, state_dir=state_dir)
+    assert result.resumed and result.restarted_reason is None and result.part_size == PART
+    assert result.bytes_uploaded_this_run <= 20 * MiB - 2 * PART
+    assert object_sha256(s3_env, s3_bucket, "img.raw") == sha256_file(src)
+
+
+def test_a_fifo_or_refused_key_fails_at_once_with_its_own_hint(
+    s3_env: StoreInfo, s3_bucket: str, tmp_path: Path
+) -> None:
+    """No hint to "run the same command again" where that cannot help; no lock left behind."""
+    state_dir = tmp_path / "state"
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    began = time.monotonic()
+    with pytest.raises(UploadError, match="not a regular file") as e:
+        upload(fifo, s3_bucket, state_dir)  # opening it blocked until a writer came
+    assert time.monotonic() - began < 10
+    assert "image" in e.value.hint and "again" not in e.value.hint
+    src = write_random(tmp_path / "disk.raw", 6 * MiB, seed=17)
+    with pytest.raises(UploadError) as refused:
+        upload_file(src, s3_bucket, "a/../b.raw", part_size=PART, state_dir=state_dir)
+    assert "refused the request" in refused.value.hint, refused.value.to_dict()
+    assert not list(state_dir.iterdir())
+
+
 def test_upload_aborted_on_server_starts_over(
     s3_env: StoreInfo, s3_bucket: str, tmp_path: Path
 ) -> None:
@@ -194,7 +289,9 @@ def test_upload_aborted_on_server_starts_over(
     state_dir = tmp_path / "state"
     with pytest.raises(Interrupted):
         upload(src, s3_bucket, state_dir, progress=interrupt_after(2 * PART))
-    uid = json.loads(state_path(state_dir, s3_bucket, "img.raw", src).read_text())["upload_id"]
+    uid = json.loads(state_path(state_dir, s3_env.endpoint, s3_bucket, "img.raw", src).read_text())[
+        "upload_id"
+    ]
     s3_client(s3_env).abort_multipart_upload(Bucket=s3_bucket, Key="img.raw", UploadId=uid)
     result = upload(src, s3_bucket, state_dir)
     assert result.restarted_reason and "no longer exists on the server" in result.restarted_reason
@@ -211,12 +308,13 @@ def test_completed_but_state_left_behind(s3_env: StoreInfo, s3_bucket: str, tmp_
     chunks = [data[i : i + PART] for i in range(0, len(data), PART)]
     md5s = [hashlib.md5(c).hexdigest() for c in chunks]
     st = src.stat()
-    state_path(state_dir, s3_bucket, "img.raw", src).write_text(
+    state_path(state_dir, s3_env.endpoint, s3_bucket, "img.raw", src).write_text(
         json.dumps(
             {
-                "version": 2, "bucket": s3_bucket, "key": "img.raw", "path": str(src),
-                "upload_id": "gone", "part_size": PART, "size": st.st_size,
-                "mtime_ns": st.st_mtime_ns, "inode": st.st_ino, "device": st.st_dev,
+                "version": 3, "endpoint": s3_env.endpoint, "bucket": s3_bucket,
+                "key": "img.raw", "path": str(src), "upload_id": "gone", "part_size": PART,
+                "size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns,
+                "inode": st.st_ino, "device": st.st_dev,
                 "checksum": "crc32c",
                 "parts": [{"number": i + 1, "etag": m, "checksum": crc32c_b64(c)}
                           for i, (m, c) in enumerate(zip(md5s, chunks, strict=True))],
@@ -338,7 +436,7 @@ def test_errors_are_typed(
         upload(src, "no-such-bucket-here", state_dir)
     assert nobucket.value.code == "UPLOAD_FAILED"
     # A second run of the same upload while one is running is refused.
-    lock = state_path(state_dir, s3_bucket, "img.raw", src).with_suffix(".lock")
+    lock = state_path(state_dir, s3_env.endpoint, s3_bucket, "img.raw", src).with_suffix(".lock")
     state_dir.mkdir(exist_ok=True)
     with open(lock, "w") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
@@ -366,8 +464,10 @@ def test_part_size_and_urls(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> 
         parse_s3_url("https://b/k")
     monkeypatch.setenv("REHOST_STATE_DIR", str(tmp_path))
     assert default_state_dir() == tmp_path / "uploads"
-    a = state_path(tmp_path, "b", "k", "/x")
-    assert a != state_path(tmp_path, "b", "k", "/y") and a.suffix == ".json"
+    a = state_path(tmp_path, "http://a", "b", "k", "/x")
+    assert a != state_path(tmp_path, "http://a", "b", "k", "/y") and a.suffix == ".json"
+    # The same bucket and key on another store is another upload, with its own state.
+    assert a != state_path(tmp_path, "http://b", "b", "k", "/x")
 
 
 def test_cli_help_and_json(s3_env: StoreInfo, s3_bucket: str, tmp_path: Path) -> None:
@@ -407,7 +507,7 @@ def test_resume_after_kill_9(s3_env: StoreInfo, s3_bucket: str, tmp_path: Path) 
         sys.executable, "-c", SCRIPT, str(src), f"s3://{s3_bucket}/img.raw",
         "--part-size-mib", "5", "--threads", "2", "--state-dir", str(state_dir),
     ]  # fmt: skip
-    sfile = state_path(state_dir, s3_bucket, "img.raw", src)
+    sfile = state_path(state_dir, s3_env.endpoint, s3_bucket, "img.raw", src)
     # 40 Mbit/s is one 5 MiB part per ~1.05 s: a wide window to kill it mid-way.
     proc = subprocess.Popen([*argv, "--limit-mbps", "40"], stderr=subprocess.PIPE)
     try:

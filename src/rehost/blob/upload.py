@@ -11,8 +11,9 @@ multipart upload, sending only the parts the server does not have.
 
 How a run goes:
 
-1. The file's identity (size, mtime_ns, inode, device) is taken. A saved state for
-   the same file and destination is resumed only if that identity is unchanged;
+1. The file's identity (size, mtime_ns, ctime_ns, inode, device) is taken. A saved
+   state for the same file, destination and endpoint is resumed only if that identity
+   is unchanged (ctime, because a write can restore the mtime but not the ctime);
    otherwise the old multipart upload is aborted and the upload starts over, and
    the reason is reported (`UploadResult.restarted_reason`, and `notify`).
 2. A fresh upload asks for CRC32C checksums (`ChecksumAlgorithm`). A store that
@@ -77,7 +78,7 @@ MAX_PART_SIZE = 5 * 1024 * MiB  # S3's maximum part size
 MAX_PARTS = 10_000  # S3's maximum part count
 DEFAULT_PART_SIZE = 16 * MiB
 DEFAULT_THREADS = 4
-STATE_VERSION = 2
+STATE_VERSION = 3  # 3: ctime_ns and the endpoint
 CRC32C = "crc32c"
 MD5 = "md5"
 
@@ -141,9 +142,12 @@ def default_state_dir() -> Path:
     return Path(base) / "uploads"
 
 
-def state_path(state_dir: Path, bucket: str, key: str, path: str | os.PathLike[str]) -> Path:
-    """The state file of one (file, destination) pair."""
-    ident = f"{bucket}/{key}\n{os.path.abspath(path)}".encode()
+def state_path(
+    state_dir: Path, endpoint: str, bucket: str, key: str, path: str | os.PathLike[str]
+) -> Path:
+    """The state file of one (file, destination) pair; the same bucket and key on another
+    endpoint is another destination."""
+    ident = f"{endpoint}\n{bucket}/{key}\n{os.path.abspath(path)}".encode()
     return state_dir / f"{hashlib.sha256(ident).hexdigest()}.json"
 
 
@@ -188,13 +192,26 @@ def _translate(e: Exception, what: str) -> RehostError:
             return AccessDenied(f"{what}: {code or status}: {msg}".rstrip(": "))
         if code == "NoSuchBucket":
             return UploadError(f"{what}: the bucket does not exist", hint=_NO_BUCKET_HINT)
-        return UploadError(f"{what}: {code or status}: {msg}".rstrip(": "))
+        error = UploadError(f"{what}: {code or status}: {msg}".rstrip(": "))
+        if 400 <= status < 500 and status not in (408, 429) and code not in _PASSING_CODES:
+            error.hint = _REFUSED_HINT  # running it again would only be refused again
+        return error
     if isinstance(e, BotoCoreError):
         return UploadError(f"{what}: {e}")
     return UploadError(f"{what}: {type(e).__name__}: {e}")
 
 
 _NO_BUCKET_HINT = "create the bucket first (or check its name and the endpoint/region)"
+_PASSING_CODES = {"NoSuchUpload", "RequestTimeout", "SlowDown"}
+"""4xx answers that another run may not get."""
+_REFUSED_HINT = (
+    "the store refused the request as given: check the key (S3 refuses some, such as "
+    "ones with `..` parts), the bucket's settings and the options, then run it again"
+)
+_FILE_HINT = (
+    "give the path of an image file; to upload a disk, pack it into an image first "
+    "(rehost image pack DEVICE disk.qcow2)"
+)
 
 
 @contextlib.contextmanager
@@ -214,12 +231,14 @@ def _s3(what: str) -> Iterator[None]:
 class FileIdentity:
     size: int
     mtime_ns: int
+    ctime_ns: int
+    """A write in place can put the mtime back (`touch -d`, `os.utime`); not the ctime."""
     inode: int
     device: int
 
     @classmethod
     def of(cls, st: os.stat_result) -> FileIdentity:
-        return cls(st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev)
+        return cls(st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
 
     def differences(self, other: FileIdentity) -> str:
         """What changed from `self` (before) to `other` (now), for a message."""
@@ -228,6 +247,8 @@ class FileIdentity:
             out.append(f"size {self.size} → {other.size}")
         if self.mtime_ns != other.mtime_ns:
             out.append(f"mtime {_iso(self.mtime_ns)} → {_iso(other.mtime_ns)}")
+        elif self.ctime_ns != other.ctime_ns:
+            out.append(f"ctime {_iso(self.ctime_ns)} → {_iso(other.ctime_ns)}: written or chmod-ed")
         if self.inode != other.inode or self.device != other.device:
             out.append(f"inode {self.inode} → {other.inode} (replaced)")
         return ", ".join(out)
@@ -256,6 +277,7 @@ def _pread_exact(fd: int, length: int, offset: int, name: str) -> bytes:
 
 @dataclass
 class _State:
+    endpoint: str
     bucket: str
     key: str
     path: str
@@ -269,6 +291,7 @@ class _State:
     def to_json(self) -> dict[str, Any]:
         return {
             "version": STATE_VERSION,
+            "endpoint": self.endpoint,
             "bucket": self.bucket,
             "key": self.key,
             "path": self.path,
@@ -276,6 +299,7 @@ class _State:
             "part_size": self.part_size,
             "size": self.identity.size,
             "mtime_ns": self.identity.mtime_ns,
+            "ctime_ns": self.identity.ctime_ns,
             "inode": self.identity.inode,
             "device": self.identity.device,
             "checksum": self.checksum,
@@ -286,21 +310,37 @@ class _State:
         }
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> _State:
+    def from_json(cls, d: object) -> _State:
+        """Raises ValueError for anything but a state this version wrote, with sane numbers:
+        a resume trusts its part size and part numbers."""
+        if not isinstance(d, dict):
+            raise ValueError(f"a JSON {type(d).__name__}, not an object")
         if d.get("version") != STATE_VERSION:
-            raise ValueError(f"state version {d.get('version')!r}")
-        return cls(
+            raise ValueError(f"written by another version of rehost (state {d.get('version')!r})")
+        state = cls(
+            endpoint=str(d["endpoint"]),
             bucket=str(d["bucket"]),
             key=str(d["key"]),
             path=str(d["path"]),
             upload_id=str(d["upload_id"]),
             part_size=int(d["part_size"]),
             identity=FileIdentity(
-                int(d["size"]), int(d["mtime_ns"]), int(d["inode"]), int(d["device"])
+                int(d["size"]),
+                int(d["mtime_ns"]),
+                int(d["ctime_ns"]),
+                int(d["inode"]),
+                int(d["device"]),
             ),
             checksum=_known_checksum(str(d["checksum"])),
             parts={int(p["number"]): (str(p["etag"]), str(p["checksum"])) for p in d["parts"]},
         )
+        size, part_size = state.identity.size, state.part_size
+        if not MIN_PART_SIZE <= part_size <= MAX_PART_SIZE or size < part_size:
+            raise ValueError(f"part size {part_size} for a file of {size} bytes")
+        nparts = math.ceil(size / part_size)
+        if nparts > MAX_PARTS or not set(state.parts) <= set(range(1, nparts + 1)):
+            raise ValueError(f"part numbers outside 1..{nparts}")
+        return state
 
 
 def _known_checksum(name: str) -> str:
@@ -331,9 +371,11 @@ def _locked(path: Path) -> Iterator[None]:
                 "another `rehost upload` of this file to this destination is running",
                 hint="wait for it to finish, or stop it and run this command again to resume",
             ) from e
-        yield
-        if not path.exists():
-            lock.unlink(missing_ok=True)
+        try:
+            yield
+        finally:
+            if not path.exists():
+                lock.unlink(missing_ok=True)
     finally:
         os.close(fd)
 
@@ -428,7 +470,8 @@ class _Uploader:
         self.key = key
         self.requested_part_size = part_size
         self.threads = threads
-        self.state_file = state_path(state_dir, bucket, key, path)
+        self.endpoint = str(client.meta.endpoint_url)
+        self.state_file = state_path(state_dir, self.endpoint, bucket, key, path)
         self.pacer = _Pacer(limit_mbps) if limit_mbps else None
         self.progress = progress
         self.notes: list[str] = []
@@ -446,26 +489,27 @@ class _Uploader:
 
     def run(self) -> UploadResult:
         try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+            # O_NONBLOCK: opening a FIFO would otherwise wait for a writer, forever.
+            fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except FileNotFoundError as e:
             raise SourceNotFound(f"{self.name}: no such file") from e
         except OSError as e:
-            raise UploadError(f"{self.name}: {e.strerror}") from e
+            raise UploadError(f"{self.name}: {e.strerror}", hint=_FILE_HINT) from e
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
-                raise UploadError(f"{self.name}: not a regular file")
+                raise UploadError(f"{self.name}: not a regular file", hint=_FILE_HINT)
+            os.set_blocking(fd, True)
             ident = FileIdentity.of(st)
             with _s3(f"s3://{self.bucket}"):
                 self._check_bucket()
             self.state_file.parent.mkdir(parents=True, exist_ok=True)
             with _locked(self.state_file):
+                state = self._saved_state(ident)
                 part_size = choose_part_size(ident.size, self.requested_part_size)
-                if ident.size < part_size:
-                    # Single PutObject; drop any state from an earlier multipart attempt.
-                    self._discard_saved(ident, "the file now fits in one request")
+                if state is None and ident.size < part_size:
                     return self._put_single(fd, ident)
-                return self._multipart(fd, ident, part_size)
+                return self._multipart(fd, ident, part_size, state)
         finally:
             os.close(fd)
 
@@ -527,15 +571,21 @@ class _Uploader:
 
     def _load_state(self) -> _State | None:
         try:
-            raw = self.state_file.read_text()
+            state = _State.from_json(json.loads(self.state_file.read_bytes()))
         except FileNotFoundError:
             return None
-        try:
-            state = _State.from_json(json.loads(raw))
-        except (ValueError, KeyError, TypeError) as e:
+        except (OSError, ValueError, KeyError, TypeError) as e:  # UnicodeDecodeError is one
             self._restart(f"the saved upload state {self.state_file} is unreadable ({e})")
+            try:
+                self.state_file.unlink()
+            except OSError as gone:
+                raise UploadError(
+                    f"cannot remove the unreadable upload state {self.state_file}: {gone.strerror}",
+                    hint="remove it by hand, then run the command again",
+                ) from gone
             return None
-        if (state.bucket, state.key, state.path) != (self.bucket, self.key, self.name):
+        here = (self.endpoint, self.bucket, self.key, self.name)
+        if (state.endpoint, state.bucket, state.key, state.path) != here:
             self._restart(f"the saved upload state {self.state_file} is for another upload")
             return None
         return state
@@ -554,13 +604,6 @@ class _Uploader:
             except Exception as e:
                 if _error_code(e) != "NoSuchUpload":
                     raise
-
-    def _discard_saved(self, ident: FileIdentity, why: str) -> None:
-        state = self._load_state()
-        if state is not None:
-            self._abort(state)
-            self._restart(f"{self.name} has an interrupted multipart upload, but {why}")
-        self.state_file.unlink(missing_ok=True)
 
     def _server_parts(self, upload_id: str) -> dict[int, set[tuple[str, int]]] | None:
         """Part number -> {(ETag, size)} as the server has them; None if the upload is gone.
@@ -594,18 +637,22 @@ class _Uploader:
                 if marker <= 0:
                     return parts
 
-    def _resume(self, fd: int, ident: FileIdentity, part_size: int) -> _State | None:
-        """The saved state, reconciled with the server; None to start over."""
+    def _saved_state(self, ident: FileIdentity) -> _State | None:
+        """The state of an interrupted upload of this very file, if any; a state for the
+        file as it was before a change is dropped, and its upload aborted."""
         state = self._load_state()
-        if state is None:
-            return None
-        if state.identity != ident:
-            self._abort(state)
-            self._restart(
-                f"{self.name} changed since the interrupted upload "
-                f"({state.identity.differences(ident)})"
-            )
-            return None
+        if state is None or state.identity == ident:
+            return state
+        self._abort(state)
+        self._restart(
+            f"{self.name} changed since the interrupted upload "
+            f"({state.identity.differences(ident)})"
+        )
+        self.state_file.unlink(missing_ok=True)
+        return None
+
+    def _resume(self, fd: int, ident: FileIdentity, part_size: int, state: _State) -> _State | None:
+        """The saved state, reconciled with the server; None to start over."""
         server = self._server_parts(state.upload_id)
         if server is None:
             if self._already_complete(state):
@@ -685,13 +732,23 @@ class _Uploader:
                 )
         checksum = CRC32C if resp.get("ChecksumAlgorithm") == "CRC32C" else MD5
         state = _State(
-            self.bucket, self.key, self.name, resp["UploadId"], part_size, ident, checksum, {}
+            self.endpoint,
+            self.bucket,
+            self.key,
+            self.name,
+            resp["UploadId"],
+            part_size,
+            ident,
+            checksum,
+            {},
         )
         _write_atomic(self.state_file, state.to_json())
         return state
 
-    def _multipart(self, fd: int, ident: FileIdentity, part_size: int) -> UploadResult:
-        state = self._resume(fd, ident, part_size)
+    def _multipart(
+        self, fd: int, ident: FileIdentity, part_size: int, saved: _State | None
+    ) -> UploadResult:
+        state = saved and self._resume(fd, ident, part_size, saved)
         resumed = state is not None
         if state is None:
             state = self._start(ident, part_size)

@@ -100,7 +100,8 @@ def default_state_dir(source: str, dest: str | os.PathLike[str]) -> Path:
 
 def source_identity(location: str, src: RangeSource) -> dict[str, Any]:
     """Size, plus what tells a changed object from the same one: ETag and Last-Modified for
-    remote sources (where the source exposes them), mtime, inode and device for local files."""
+    remote sources (where the source exposes them), mtime, ctime, inode and device for local
+    files (the ctime because a write in place can put the mtime back, not the ctime)."""
     ident: dict[str, Any] = {"size": src.size}
     if is_url(location):
         for attr in ("etag", "last_modified", "version_id"):
@@ -112,7 +113,9 @@ def source_identity(location: str, src: RangeSource) -> dict[str, Any]:
     if stat.S_ISBLK(st.st_mode):
         ident["rdev"] = st.st_rdev
     else:
-        ident.update(mtime_ns=st.st_mtime_ns, inode=st.st_ino, dev=st.st_dev)
+        ident.update(
+            mtime_ns=st.st_mtime_ns, ctime_ns=st.st_ctime_ns, inode=st.st_ino, dev=st.st_dev
+        )
     return ident
 
 
