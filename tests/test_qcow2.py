@@ -1025,3 +1025,25 @@ def test_a_sparse_l1_table_walks_quickly(tmp_path: Path) -> None:
         report = img.check()
     assert time.monotonic() - start < 1
     assert report.zero_bytes == img.virtual_size == 64 << 30
+
+
+def test_a_compressed_stream_named_by_every_entry_is_refused(tmp_path: Path) -> None:
+    """A 10 MiB file whose L2 entries all name one compressed stream described 512 GiB to
+    decompress (the walk counted only data clusters against the file size). Each stream
+    now needs bytes of its own, past the sector of slack qemu's packing leaves."""
+    path, cs = tmp_path / "shared.qcow2", 2 << 20
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-o", f"cluster_size={cs}", path, "1T"],
+        check=True,
+    )
+    subprocess.run(
+        ["qemu-io", "-f", "qcow2", "-c", f"write -c -P 0x5a 0 {cs}", path],
+        check=True,
+        capture_output=True,
+    )
+    layout = Layout(path.read_bytes())
+    _, entry, _, _ = layout.compressed_entry()
+    _patch(path, path, [(layout.first_l2(), _be64(entry) * (cs // 8))])
+    start = time.monotonic()
+    assert "more data is referenced" in _refusal(path).reason
+    assert time.monotonic() - start < 5

@@ -396,6 +396,17 @@ def set_gte(k: int, value: int) -> Mutation:
     return mutate
 
 
+def share_grains(b: bytearray) -> bytes:
+    """Point every entry of every grain table at the first grain: a small file that
+    describes its whole disk as data (with a 2 GiB disk, 384 KiB wrote 2 GiB)."""
+    grain = first_grain(b) // SECTOR
+    gd = gd_location(b) * SECTOR
+    for i in range(-(-field_at(b, "capacity") // (512 * field_at(b, "grain")))):
+        gt = struct.unpack_from("<I", b, gd + 4 * i)[0]
+        struct.pack_into("<512I", b, gt * SECTOR, *[grain] * 512)
+    return bytes(b)
+
+
 def first_grain(b: bytes | bytearray) -> int:
     """File offset of the first allocated grain (its marker, in a stream)."""
     entries: tuple[int, ...] = struct.unpack_from("<512I", b, gte_offset(b, 0))
@@ -579,6 +590,7 @@ CASES = [
         "inside the metadata",
     ),
     case("gte-zeroed-without-flag", "small-sparse", set_gte(3, 1), "inside the metadata"),
+    case("grains-shared", "sparse", share_grains, "must be sharing grains"),
     case("truncated-in-half", "small-sparse", truncate(lambda n: n // 2), "beyond the end"),
     case(
         "truncated-in-tables",

@@ -764,7 +764,7 @@ class _Budget:
     """Bounds the walk by the file size: every L2 table and data byte needs its own place.
 
     Without it, L1 entries sharing one L2 table, or L2 entries sharing host
-    clusters, would let a small file describe terabytes of work.
+    clusters or compressed streams, would let a small file describe terabytes of work.
     """
 
     __slots__ = ("cluster_size", "data_bytes", "file_size", "l2_tables")
@@ -823,6 +823,9 @@ class _Runs:
 
     def compressed(self, extent: Extent) -> None:
         self.flush()
+        # Streams are packed at byte offsets, so one may claim up to a sector's slack
+        # that the next one starts in; the rest of it is its own.
+        self.budget.data(max(1, extent.host_length - (COMPRESSED_SECTOR - 1)))
         self.out.append(extent)
 
     def flush(self) -> None:

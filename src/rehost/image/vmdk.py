@@ -529,6 +529,9 @@ class VmdkImage(DiskImage):
 
     def _walk(self) -> Iterator[Extent]:
         prev_gt_end = 0
+        # Every grain needs a place of its own: grain table entries that share grains would
+        # let a small file describe terabytes of data.
+        room, spent = self.file_size - self.data_start, 0
         for first, entries in self._gd_slices():
             if not any(entries):
                 yield self._zero_range(first, first + len(entries))
@@ -550,9 +553,17 @@ class VmdkImage(DiskImage):
                     f"grain tables {first + i}-{first + j - 1}",
                 )
                 for k, gt in enumerate(gts):
-                    yield from self._walk_gt(
+                    for extent in self._walk_gt(
                         first + i + k, block[k * GT_BYTES : (k + 1) * GT_BYTES], gt
-                    )
+                    ):
+                        if extent.kind is ExtentKind.DATA:
+                            spent += extent.length
+                            require(
+                                spent <= room,
+                                f"more grains are referenced than fit in the {self.file_size}-"
+                                "byte file; grain table entries must be sharing grains",
+                            )
+                        yield extent
 
     def _gd_slices(self) -> Iterator[tuple[int, Sequence[int]]]:
         for first in range(0, self.gd_entries, GD_SLICE_ENTRIES):
