@@ -140,3 +140,41 @@ def test_demo(tmp_path: Path) -> None:
     assert "byte for byte" in proc.stdout
     assert "stopped the object store" in proc.stdout
     assert not (tmp_path / "state" / "objectstore" / "store.json").exists()
+
+
+def test_text_from_an_image_reaches_a_terminal_inert(tmp_path: Path) -> None:
+    """A VHDX's creator is the image author's text: on a terminal it was taken for rich
+    markup ("[/x]" failed as SYSTEM_ERROR), and its escape sequences reached the terminal
+    (and any pipe or log) as they were."""
+    image = tmp_path / "c.vhdx"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "vhdx", image, "16M"], check=True)
+    with open(image, "r+b") as f:
+        f.seek(8)
+        f.write("[/oops] \x1b]0;pwned\x07\x1b[2J".encode("utf-16-le") + b"\0\0")
+    leader, follower = os.openpty()
+    try:
+        proc = subprocess.run(
+            [*REHOST, "image", "inspect", str(image)], stdout=follower, stderr=follower, timeout=60
+        )
+        os.close(follower)
+        follower = -1
+        out = b""
+        while True:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:  # EIO once the terminal has nothing more
+                break
+            if not chunk:
+                break
+            out += chunk
+    finally:
+        os.close(leader)
+        if follower >= 0:
+            os.close(follower)
+    text = out.decode(errors="replace")
+    assert proc.returncode == 0, text
+    assert "[/oops]" in text and "\\x1b]0;pwned\\x07" in text, text
+    assert "\x1b]0;" not in text and "\x07" not in text, text
+    piped = rehost("image", "inspect", image)  # a pipe, a log: the same text, escaped
+    assert piped.returncode == 0 and "\\x1b]0;pwned\\x07" in piped.stdout, piped.stdout
+    assert "\x1b" not in piped.stdout and "\x07" not in piped.stdout, piped.stdout

@@ -41,7 +41,9 @@ class _Output:
             self._rich = Console(stderr=self._stream == "stderr", highlight=False, soft_wrap=True)
         return self._rich
 
-    def print(self, *objects: Any, markup: bool | None = None, soft_wrap: bool = True) -> None:
+    def print(self, *objects: Any, markup: bool = False, soft_wrap: bool = True) -> None:
+        """Markup is off unless asked for: what is printed often holds text from an image,
+        a server or a path, and "[/x]" in it would be taken for a tag (or fail as one)."""
         if self._file().isatty():
             self.rich().print(*objects, markup=markup, soft_wrap=soft_wrap)
         else:

@@ -247,6 +247,13 @@ class DiskImage(ABC):
         self.close()
 
 
+def printable(text: str) -> str:
+    """Text an image carries (a creator, snapshot or feature names) with its control
+    characters escaped: shown by `inspect` or in a message, an escape sequence from the
+    image would otherwise reach the operator's terminal."""
+    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)
+
+
 def require(condition: bool, reason: str, hint: str | None = None) -> None:
     """Refuse the image with a specific reason unless condition holds."""
     if not condition:

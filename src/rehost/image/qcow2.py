@@ -53,6 +53,7 @@ from rehost.image.base import (
     TableHints,
     check_virtual_size,
     merge_extents,
+    printable,
     require,
 )
 from rehost.image.codecs import decompress
@@ -372,7 +373,7 @@ class Qcow2Image(DiskImage):
                 for pos in range(0, length - _FEATURE_ENTRY + 1, _FEATURE_ENTRY):
                     kind, bit = table[pos], table[pos + 1]
                     text = table[pos + 2 : pos + _FEATURE_ENTRY].split(b"\0", 1)[0]
-                    self._feature_names[(kind, bit)] = text.decode("utf-8", "replace")
+                    self._feature_names[(kind, bit)] = printable(text.decode("utf-8", "replace"))
             else:
                 self.read_exact(data_at, length, f"{known or 'unknown'} header extension")
             off = data_at + _round_up(length, 8)
@@ -504,7 +505,7 @@ class Qcow2Image(DiskImage):
                 f"the snapshot table exceeds {MAX_SNAPSHOT_TABLE} bytes at entry {i}",
             )
             if len(names) < SNAPSHOT_NAMES_SHOWN:
-                names.append(variable[extra + id_len :].decode("utf-8", "replace"))
+                names.append(printable(variable[extra + id_len :].decode("utf-8", "replace")))
             l1_tables.append((i, l1_offset, l1_size))
         table = _Region(offset, _round_up(pos, self.cluster_size), "snapshot table")
         hit = self.metadata_hit(table.start, table.end)

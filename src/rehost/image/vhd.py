@@ -44,6 +44,7 @@ from rehost.image.base import (
     ExtentKind,
     check_virtual_size,
     merge_extents,
+    printable,
     require,
 )
 from rehost.image.signatures import VHD_COOKIE
@@ -165,9 +166,9 @@ class VhdImage(DiskImage):
         check_virtual_size(self.virtual_size)
         self.details.update(
             {
-                "creator_app": footer.creator_app.decode("latin-1"),
+                "creator_app": printable(footer.creator_app.decode("latin-1")),
                 "creator_version": f"{footer.creator_version >> 16}.{footer.creator_version & 0xFFFF}",
-                "creator_os": footer.creator_os.decode("latin-1"),
+                "creator_os": printable(footer.creator_os.decode("latin-1")),
                 "geometry_chs": [footer.cylinders, footer.heads, footer.sectors],
                 "current_size": footer.current_size,
                 "size_from": source,

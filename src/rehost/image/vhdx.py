@@ -58,6 +58,7 @@ from rehost.image.base import (
     ExtentKind,
     check_virtual_size,
     merge_extents,
+    printable,
     require,
 )
 from rehost.image.signatures import VHDX_FILE_ID
@@ -185,7 +186,8 @@ class VhdxImage(DiskImage):
         )
         ident = self.read_exact(0, 520, "VHDX file identifier")
         require(ident[:8] == VHDX_FILE_ID, "no VHDX file identifier (vhdxfile) at offset 0")
-        self.details["creator"] = ident[8:].decode("utf-16-le", "replace").split("\0")[0].strip()
+        creator = ident[8:].decode("utf-16-le", "replace").split("\0")[0].strip()
+        self.details["creator"] = printable(creator)
         header = self._current_header()
         self._open_log(header)
         bat, metadata = self._open_region_tables()
