@@ -59,3 +59,28 @@ def test_cli_start_status_stop(tmp_path: Path) -> None:
     finally:
         assert "stopped" in cli("stop").stdout
     assert cli("status").returncode == 1
+
+
+def test_a_stale_record_is_not_a_running_store(tmp_path: Path) -> None:
+    """store.json outlives a reboot; its PID may then be another process's. status must
+    not report that as the store, start must start one, and stop must not kill it."""
+    import dataclasses
+    import json
+    import subprocess
+
+    other = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    try:
+        store = tmp_path / "store"
+        store.mkdir()
+        stale = objectstore.StoreInfo(
+            endpoint="http://127.0.0.1:9", access_key="a", secret_key="b",
+            region="us-east-1", pid=other.pid, base_port=29990, directory=str(store),
+        )  # fmt: skip
+        (store / "store.json").write_text(json.dumps(dataclasses.asdict(stale)))
+        assert objectstore.status(store) is None
+        assert objectstore.stop(store) is False
+        assert other.poll() is None  # still running: not signalled
+        assert not (store / "store.json").exists()
+    finally:
+        other.kill()
+        other.wait()

@@ -96,17 +96,27 @@ def _info_path(directory: Path) -> Path:
     return directory / "store.json"
 
 
-def status(directory: Path) -> StoreInfo | None:
-    """The running store in `directory`, or None."""
+def _recorded(directory: Path) -> StoreInfo | None:
     try:
-        info = StoreInfo(**json.loads(_info_path(directory).read_text()))
+        return StoreInfo(**json.loads(_info_path(directory).read_text()))
     except (OSError, ValueError, TypeError):
         return None
+
+
+def _alive(info: StoreInfo) -> bool:
+    """Is the recorded PID still this store's weed? After a reboot the PID in store.json
+    may be any other process's, which status must not report and stop must not kill."""
     try:
-        os.kill(info.pid, 0)
-    except ProcessLookupError:
-        return None
-    return info
+        argv = Path(f"/proc/{info.pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return os.fsencode(f"-dir={Path(info.directory) / 'data'}") in argv
+
+
+def status(directory: Path) -> StoreInfo | None:
+    """The running store in `directory`, or None."""
+    info = _recorded(directory)
+    return info if info is not None and _alive(info) else None
 
 
 def start(directory: Path, *, timeout: float = 30.0, base_port: int | None = None) -> StoreInfo:
@@ -210,11 +220,12 @@ def _wait_ready(info: StoreInfo, proc: subprocess.Popen[bytes], timeout: float) 
 
 def stop(directory: Path, *, timeout: float = 10.0) -> bool:
     """Stop the store in `directory` by its PID; True if one was running."""
-    try:
-        info = StoreInfo(**json.loads(_info_path(directory).read_text()))
-    except (OSError, ValueError, TypeError):
+    info = _recorded(directory)
+    if info is None:
         return False
     _info_path(directory).unlink(missing_ok=True)
+    if not _alive(info):
+        return False
     try:
         return _end(info.pid, timeout)
     finally:
