@@ -779,3 +779,71 @@ def required_int(obj: Dict[str, Any], key: str) -> int:
     if not isinstance(value, int) or isinstance(value, bool):
         raise ProtocolError("BAD_FRAME", f"field {key!r} is not an integer")
     return value
+
+
+# -- disk sizing -------------------------------------------------------------------------
+# The receiver lays the source's partitions out on its disks with these rules
+# (receiver/disks.py plan_disk), and the agent's capacity precheck sums them per disk: one
+# definition, so that the precheck says OK exactly when the receiver's prepare fits.
+
+MiB = 1 << 20
+FS_MARGIN = 64 * MiB  # per filesystem: metadata, journal, reserved blocks
+USED_GROWTH = 1.1  # used bytes grow ~10% on a fresh filesystem (block rounding, inodes)
+FS_MIN = {"xfs": 300 * MiB, "ext2": 8 * MiB, "ext3": 8 * MiB, "ext4": 8 * MiB}  # mkfs floors
+SWAP_MIN = 64 * MiB
+GROWABLE = ("ext2", "ext3", "ext4", "xfs")
+DOS_EXTENDED = ("5", "f", "85")
+MBR_MAX_SECTORS = 2**32 - 1  # an MBR entry's 32-bit start and size
+
+
+def align_up(n: int) -> int:
+    return -(-n // MiB) * MiB
+
+
+def align_down(n: int) -> int:
+    return n // MiB * MiB
+
+
+def is_extended(label: str, part: Dict[str, Any]) -> bool:
+    """An MBR extended partition: a container, sized by the logical partitions in it."""
+    return label == "dos" and str(part["type"]).lower() in DOS_EXTENDED
+
+
+def is_growable(part: Dict[str, Any]) -> bool:
+    """An ext/xfs filesystem whose files are copied: it may shrink to its data, or grow."""
+    return part.get("fs") in GROWABLE and bool(part.get("fs_id"))
+
+
+def partition_minimum(part: Dict[str, Any]) -> int:
+    """The least the receiver makes of a partition: a growable filesystem its used bytes
+    plus margin (not below mkfs's floor), swap 64 MiB; the rest (ESP, BIOS boot, unmounted
+    filesystems) hold what is not copied, so they keep their size."""
+    size = int(part["size"])
+    if is_growable(part):
+        used = int(int(part.get("used", size)) * USED_GROWTH)
+        return min(size, max(align_up(used + FS_MARGIN), FS_MIN[part["fs"]]))
+    if part.get("fs") == "swap":
+        return min(size, SWAP_MIN)
+    return size
+
+
+def table_overhead(label: str, partitions: List[Dict[str, Any]]) -> int:
+    """Bytes of a disk outside its partitions (extended ones left out): the first MiB, a
+    MiB before each logical partition for its EBR, and the last MiB for GPT's backup."""
+    logical = sum(1 for p in partitions if label == "dos" and int(p["number"]) > 4)
+    return MiB + logical * MiB + (MiB if label == "gpt" else 0)
+
+
+def usable_bytes(have: int, label: str, sector: int) -> int:
+    """What partitions may span of a `have`-byte disk: whole MiBs, and with an MBR table
+    no further than its 2^32 sectors reach (the rest of the disk stays unused)."""
+    if label == "dos":
+        have = min(have, MBR_MAX_SECTORS * sector)
+    return align_down(have)
+
+
+def disk_need(disk: Dict[str, Any], label: str) -> int:
+    """The usable bytes (see usable_bytes) the receiver needs to lay out a source disk of
+    the layout: every partition at its minimum, MiB-aligned, plus the table's overhead."""
+    real = [p for p in disk.get("partitions", []) if not is_extended(label, p)]
+    return sum(align_up(partition_minimum(p)) for p in real) + table_overhead(label, real)

@@ -10,14 +10,13 @@ import time
 from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 from rehost.online.agent.config import Config
-from rehost.online.protocol import AgentError
+from rehost.online.protocol import AgentError, align_down, disk_need, usable_bytes
 
 OK = "OK"
 WARN = "WARN"
 FAIL = "FAIL"
 MiB = 1024 * 1024
-FS_OVERHEAD = 64 * MiB  # per filesystem: metadata, journal, reserved blocks
-USED_MARGIN = 1.1  # used bytes grow ~10% on a fresh filesystem (block rounding, inodes)
+DEST_SECTOR = 512  # from a receiver older than the hello's "sector"
 SKEW_WARN_SECONDS = 5.0
 STATE_MIN_FREE = 50 * MiB
 RHEL_IDS = ("rhel", "centos", "rocky", "almalinux", "fedora", "ol", "amzn", "scientific")
@@ -156,16 +155,14 @@ def destination_layout(layout: Dict[str, Any], plan: Dict[str, int]) -> Dict[str
     return body
 
 
-def needed_bytes(layout: Dict[str, Any], plan: Dict[str, int]) -> Dict[int, int]:
-    """Per destination disk: used × 1.1 + 64 MiB per filesystem, plus its swap partitions."""
-    need = {index: 0 for index in plan.values()}
-    for m in migrated_mounts(layout, plan):
-        need[plan[m["disk"]]] += int(int(m.get("used") or 0) * USED_MARGIN) + FS_OVERHEAD
+def needed_bytes(layout: Dict[str, Any], plan: Dict[str, int]) -> Dict[int, Tuple[str, int]]:
+    """Per destination disk: its table type and the bytes the receiver needs for it
+    (protocol.disk_need, the rule the receiver plans with)."""
+    need = {}  # type: Dict[int, Tuple[str, int]]
     for disk, index in plan.items():
         source = layout.get("disks", {}).get(_layout_key(layout, disk), {})
-        for part in source.get("partitions", []):
-            if part.get("fs") == "swap":
-                need[index] += int(part.get("size") or 0)
+        label = str(source.get("label") or layout.get("label"))
+        need[index] = (label, disk_need(source, label))
     return need
 
 
@@ -261,7 +258,7 @@ def _receiver_checks(
                 " (what they hold is lost)",
             )
         )
-    for index, need in sorted(needed_bytes(layout, plan).items()):
+    for index, (label, need) in sorted(needed_bytes(layout, plan).items()):
         name = f"capacity disk {index}"
         have_disk = disks.get(str(index))
         if have_disk is None:
@@ -275,13 +272,20 @@ def _receiver_checks(
             )
             continue
         have = int(have_disk.get("size") or 0)
-        if need > have:
+        usable = usable_bytes(have, label, int(have_disk.get("sector") or DEST_SECTOR))
+        if need > usable:
+            capped = usable < align_down(have)
             checks.append(
                 Check(
                     name,
                     FAIL,
-                    "DESTINATION_TOO_SMALL: need {} ({} bytes), have {} ({} bytes) on {}".format(
-                        human(need), need, human(have), have, have_disk.get("path")
+                    "DESTINATION_TOO_SMALL: need {} ({} bytes), have {} ({} bytes) on {}{}".format(
+                        human(need),
+                        need,
+                        human(have),
+                        have,
+                        have_disk.get("path"),
+                        f", of which an MBR table reaches {human(usable)}" if capped else "",
                     ),
                 )
             )

@@ -5,7 +5,8 @@ the same partition table type, partition types, flags, GPT names and partition U
 same filesystems with the same UUIDs, labels and feature sets, so that the source's fstab,
 grub config and kernel still find and mount everything. Partitions keep their size when the
 disk allows, shrink (never below the used data plus a margin) when it is smaller, and the
-last ext/xfs partition grows to fill a larger disk.
+last ext/xfs partition grows to fill a larger disk (an MBR table only as far as its 2^32
+sectors reach). The sizing rules live in protocol.py, shared with the agent's precheck.
 
 Rescue systems may lack udev, and this kernel may lack partition-table parsers: after sfdisk
 we tell the kernel with partx and create missing /dev nodes from /sys/class/block.
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import stat
@@ -26,15 +28,23 @@ from pathlib import Path
 from typing import Any
 
 from rehost.errors import RehostError
+from rehost.online.protocol import (
+    MiB,
+    align_down,
+    align_up,
+    disk_need,
+    is_extended,
+    is_growable,
+    partition_minimum,
+    table_overhead,
+    usable_bytes,
+)
 
-MiB = 1 << 20
-MARGIN = 64 * MiB
-FS_MIN = {"xfs": 300 * MiB, "ext2": 8 * MiB, "ext3": 8 * MiB, "ext4": 8 * MiB}
-SWAP_MIN = 64 * MiB
-GROWABLE = ("ext2", "ext3", "ext4", "xfs")
 FORMATS = ("ext2", "ext3", "ext4", "xfs", "vfat", "swap")
-DOS_EXTENDED = ("5", "f", "85")
 EMPTY_FS_ENTRIES = {"lost+found"}
+FAT16_MAX_CLUSTERS = 65524
+
+log = logging.getLogger("rehost.receiver")
 
 Json = dict[str, Any]
 
@@ -85,14 +95,6 @@ def _run(*args: str, stdin: str | None = None) -> str:
             f"`{' '.join(args)}` exited {proc.returncode}: {proc.stdout}{proc.stderr}".strip()
         )
     return proc.stdout
-
-
-def _align_up(n: int) -> int:
-    return -(-n // MiB) * MiB
-
-
-def _align_down(n: int) -> int:
-    return n // MiB * MiB
 
 
 # -- devices ---------------------------------------------------------------------------
@@ -204,60 +206,53 @@ def _check_supported(layout: Json, disks: dict[str, str]) -> None:
         raise LayoutUnsupported("; ".join(reasons))
 
 
-def _is_extended(label: str, p: Json) -> bool:
-    return label == "dos" and str(p["type"]).lower() in DOS_EXTENDED
-
-
-def _minimum(p: Json) -> int:
-    size = int(p["size"])
-    fs = p.get("fs")
-    if fs in GROWABLE and p.get("fs_id"):
-        need = max(_align_up(int(int(p.get("used", size)) * 1.1) + MARGIN), FS_MIN[fs])
-        return min(size, need)
-    if fs == "swap":
-        return min(size, SWAP_MIN)
-    return size
-
-
-def plan_disk(index: str, disk: Json, label: str, have: int) -> list[tuple[Json, int, int]]:
+def plan_disk(
+    index: str, disk: Json, label: str, have: int, sector: int
+) -> list[tuple[Json, int, int]]:
     """(partition, start, size) in bytes for each partition, in on-disk order; fits `have`."""
     parts = sorted(disk.get("partitions", []), key=lambda p: int(p["start"]))
-    real = [p for p in parts if not _is_extended(label, p)]
-    logical = sum(1 for p in real if label == "dos" and int(p["number"]) > 4)
-    overhead = MiB + logical * MiB + (MiB if label == "gpt" else 0)
-    available = _align_down(have) - overhead
+    real = [p for p in parts if not is_extended(label, p)]
+    usable = usable_bytes(have, label, sector)
+    if usable < align_down(have):
+        log.info(
+            "disk %s: an MBR table reaches %d of its %d bytes; the rest stays unused",
+            index,
+            usable,
+            have,
+        )
+    available = usable - table_overhead(label, real)
     sizes = {id(p): int(p["size"]) for p in real}
-    if sum(_align_up(s) for s in sizes.values()) > available:
-        mins = {id(p): _minimum(p) for p in real}
-        need = sum(_align_up(m) for m in mins.values())
-        if need > available:
-            raise DestinationTooSmall(index, need + overhead, have)
-        slack = available - need
+    if sum(align_up(s) for s in sizes.values()) > available:
+        need = disk_need(disk, label)
+        if need > usable:
+            raise DestinationTooSmall(index, need, have)
+        mins = {id(p): partition_minimum(p) for p in real}
+        slack = usable - need
         give = {k: sizes[k] - mins[k] for k in sizes}
         total = sum(give.values())
         sizes = {
-            k: _align_down(mins[k] + slack * give[k] // total) if give[k] else sizes[k]
+            k: align_down(mins[k] + slack * give[k] // total) if give[k] else sizes[k]
             for k in sizes
         }
     else:
-        growable = [p for p in real if p.get("fs") in GROWABLE and p.get("fs_id")]
+        growable = [p for p in real if is_growable(p)]
         if growable:
             last = id(growable[-1])
-            sizes[last] = _align_down(
-                sizes[last] + available - sum(_align_up(s) for s in sizes.values())
+            sizes[last] = align_down(
+                sizes[last] + available - sum(align_up(s) for s in sizes.values())
             )
     plan: list[tuple[Json, int, int]] = []
     cursor = MiB
     ext_index = None
     for p in parts:
-        if _is_extended(label, p):
+        if is_extended(label, p):
             ext_index = len(plan)
             plan.append((p, cursor, 0))
             continue
         if ext_index is not None and int(p["number"]) > 4:
             cursor += MiB  # room for the logical partition's EBR
         plan.append((p, cursor, sizes[id(p)]))
-        cursor = _align_up(cursor + sizes[id(p)])
+        cursor = align_up(cursor + sizes[id(p)])
     if ext_index is not None:
         ext, start, _ = plan[ext_index]
         end = max((s + n for q, s, n in plan if int(q["number"]) > 4), default=start + MiB)
@@ -290,7 +285,20 @@ def _sfdisk_script(
 # -- formatting ------------------------------------------------------------------------
 
 
-def _mkfs(dev: str, p: Json) -> None:
+def _fat16_cluster_sectors(size: int, sector: int) -> int:
+    """Sectors per cluster for FAT16 on `sector`-byte sectors: the fewest that keep the
+    cluster count in FAT16's range. mkfs.fat's own choice assumes 512-byte sectors and
+    makes too few clusters (and fails) on a small partition with 4 KiB sectors."""
+    count = 1
+    while size // (count * sector) > FAT16_MAX_CLUSTERS:
+        count *= 2
+    return count
+
+
+def _mkfs(dev: str, p: Json, size: int, sector: int) -> None:
+    """Format partition `dev` (`size` bytes, `sector`-byte logical sectors) like the source's,
+    but for the destination's sectors: mkfs refuses an ext block size below them (a small
+    /boot's 1 KiB blocks on a 4 KiB-sector disk), so it is raised to the sector size."""
     fs, uuid, label = p["fs"], p.get("uuid") or "", p.get("label") or ""
     opts = p.get("options") or {}
     if fs in ("ext2", "ext3", "ext4"):
@@ -298,7 +306,7 @@ def _mkfs(dev: str, p: Json) -> None:
         args += ["-U", uuid] if uuid else []
         args += ["-L", label[:16]] if label else []
         if opts.get("block_size"):
-            args += ["-b", str(opts["block_size"])]
+            args += ["-b", str(max(int(opts["block_size"]), sector))]
         if opts.get("inode_size"):
             args += ["-I", str(opts["inode_size"])]
         if opts.get("features"):
@@ -320,6 +328,8 @@ def _mkfs(dev: str, p: Json) -> None:
         args += ["-i", uuid.replace("-", "")] if uuid else []
         args += ["-n", label[:11]] if label else []
         args += ["-F", str(opts["fat"])] if opts.get("fat") else []
+        if str(opts.get("fat")) == "16" and sector > 512:
+            args += ["-s", str(_fat16_cluster_sectors(size, sector))]
     else:
         args = ["mkswap", "-f"]
         args += ["-U", uuid] if uuid else []
@@ -403,22 +413,27 @@ def prepare(layout: Json, disks: dict[str, str], state_dir: Path) -> Json:
         finalize(state_dir)
         record_path.unlink()
     _unmount_leftovers(state_dir)
-    plans = {}
+    # Every disk is planned, and its table tried (sfdisk --no-act), before the first is
+    # written: what can fail, fails with all disks as they were.
+    scripts = {}
+    sizes: dict[tuple[str, int], tuple[int, int]] = {}  # (disk, number) -> (bytes, sector)
     for index, disk in sorted(canonical["disks"].items()):
         dev = disks[index]
         have, sector = _disk_size(dev)
         label = disk.get("label") or canonical["label"]
-        plans[index] = (label, sector, plan_disk(index, disk, label, have))
+        plan = plan_disk(index, disk, label, have, sector)
         users = _in_use(dev)
         if users:
             raise DiskPrepareFailed(f"{dev} is in use: {', '.join(users)}")
-    for index, (label, sector, plan) in plans.items():
-        dev = disks[index]
-        script = _sfdisk_script(dev, canonical["disks"][index], label, plan, sector)
+        scripts[dev] = _sfdisk_script(dev, disk, label, plan, sector)
+        sizes.update({(dev, int(p["number"])): (size, sector) for p, _, size in plan})
+    for dev, script in scripts.items():
+        _run("sfdisk", "--no-act", "-q", "--wipe", "always", dev, stdin=script)
+    for dev, script in scripts.items():
         _run("sfdisk", "-q", "--wipe", "always", "--wipe-partitions", "always", dev, stdin=script)
         subprocess.run(["partx", "-u", dev], capture_output=True)
     for disk, number, p in _fs_parts(canonical, disks):
-        _mkfs(_part_node(disk, number), p)
+        _mkfs(_part_node(disk, number), p, *sizes[disk, number])
     result = _result(canonical, disks, state_dir, verify=False)
     state_dir.mkdir(parents=True, exist_ok=True)
     tmp = record_path.with_suffix(".tmp")

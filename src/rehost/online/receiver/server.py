@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import hmac
 import json
@@ -20,6 +21,7 @@ import re
 import signal
 import socket
 import ssl
+import stat
 import subprocess
 import threading
 import time
@@ -44,6 +46,8 @@ from rehost.online.protocol import (
 from rehost.online.receiver.apply import FsApplier
 from rehost.online.receiver.fixup_hook import run_fixups
 from rehost.online.receiver.journal import write_atomic
+
+BLKSSZGET = 0x1268  # ioctl: a block device's logical sector size
 
 log = logging.getLogger("rehost.receiver")
 
@@ -197,17 +201,22 @@ class Receiver:
             self.appliers.clear()
 
     def disk_info(self) -> dict[str, dict[str, Any]]:
+        """Each disk's size, and its logical sector size: how far an MBR table reaches."""
         out = {}
         for index, path in self.disks.items():
+            size, sector = 0, 512
             try:
                 fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
                 try:
                     size = os.lseek(fd, 0, os.SEEK_END)
+                    if stat.S_ISBLK(os.fstat(fd).st_mode):
+                        raw = fcntl.ioctl(fd, BLKSSZGET, b"\0" * 4)
+                        sector = int.from_bytes(raw, "little")
                 finally:
                     os.close(fd)
             except OSError:
-                size = 0
-            out[index] = {"path": path, "size": size}
+                pass
+            out[index] = {"path": path, "size": size, "sector": sector}
         return out
 
     def hello(self) -> dict[str, Any]:
