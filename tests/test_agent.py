@@ -8,6 +8,7 @@ interpreters (the host's, Python 3.6 when pyenv has it, and bullseye's own 3.9 i
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -306,22 +307,31 @@ def fake_layout(data_used: int = 3 * GiB) -> dict[str, Any]:
             "size": 10 * GiB,
         }
 
-    def part(fs: str | None, size: int) -> dict[str, Any]:
-        return {"number": 1, "fs": fs, "size": size}
+    def part(number: int, size: int, m: dict[str, Any] | None = None) -> dict[str, Any]:
+        """A partition as discover() reports it: that of mount m, else a swap partition."""
+        fs, fs_id, used = (m["fs"], m["fs_id"], m["used"]) if m else ("swap", None, 0)
+        return dict(
+            number=number, start=2048 * number, size=size, type="83", fs=fs, fs_id=fs_id, used=used
+        )
 
+    mounts = [
+        mount("/", "root", "/dev/vda1", "/dev/vda", "0", 2 * GiB),
+        mount("/boot", "boot", "/dev/vda2", "/dev/vda", "0", 100 * MiB),
+        mount("/data", "data", "/dev/vdb1", "/dev/vdb", "1", data_used),
+        mount("/scratch", "scratch", "/dev/vdc1", "/dev/vdc", "2", MiB),
+    ]
+    root, boot, data, scratch = mounts
     return {
         "label": "gpt",
         "disks": {
-            "0": {"label": "gpt", "partitions": [part("ext4", 8 * GiB), part("swap", GiB)]},
-            "1": {"label": "gpt", "partitions": [part("ext4", 10 * GiB)]},
-            "2": {"label": "dos", "partitions": [part("ext4", 10 * GiB)]},
+            "0": {
+                "label": "gpt",
+                "partitions": [part(1, 6 * GiB, root), part(2, GiB, boot), part(3, GiB)],
+            },
+            "1": {"label": "gpt", "partitions": [part(1, 10 * GiB, data)]},
+            "2": {"label": "dos", "partitions": [part(1, 10 * GiB, scratch)]},
         },
-        "mounts": [
-            mount("/", "root", "/dev/vda1", "/dev/vda", "0", 2 * GiB),
-            mount("/boot", "boot", "/dev/vda2", "/dev/vda", "0", 100 * MiB),
-            mount("/data", "data", "/dev/vdb1", "/dev/vdb", "1", data_used),
-            mount("/scratch", "scratch", "/dev/vdc1", "/dev/vdc", "2", MiB),
-        ],
+        "mounts": mounts,
         "swap": [{"device": "/dev/vda3", "size": GiB}],
         "ignored": [{"mount": "/mnt/nfs", "fs": "nfs4", "reason": "network filesystem"}],
         "unsupported": [],
@@ -390,8 +400,8 @@ def test_prechecks_pass_with_warnings(tmp_path: Path) -> None:
         "OK    destination: not prepared yet: --stage prepare partitions and formats /dev/x0, "
         "/dev/x1 (what they hold is lost)"
     ) in out
-    # disk 0: (2 GiB + 100 MiB) × 1.1 + 2 × 64 MiB + 1 GiB swap
-    assert "OK    capacity disk 0: need 3.4 GiB, have 8.0 GiB on /dev/x0" in out
+    # disk 0: (2 GiB + 100 MiB) × 1.1 + 2 × 64 MiB, swap shrunk to 64 MiB, GPT's 2 MiB
+    assert "OK    capacity disk 0: need 2.5 GiB, have 8.0 GiB on /dev/x0" in out
     assert "OK    capacity disk 1: need 3.4 GiB, have 4.0 GiB on /dev/x1" in out
     assert any(line.startswith("OK    clock: skew +0.0 s") for line in out)
     assert out[-1].startswith("OK    state space: ")
@@ -408,7 +418,7 @@ def test_prechecks_fail(tmp_path: Path) -> None:
         "FAIL  layout: unsupported: /home is on /dev/dm-0, device-mapper (LVM), which is not supported"
         in out
     )
-    need = int(4 * GiB * 1.1) + 64 * MiB
+    need = -(-(int(4 * GiB * 1.1) + 64 * MiB) // MiB) * MiB + 2 * MiB  # MiB-aligned, + GPT's
     assert (
         f"FAIL  capacity disk 1: DESTINATION_TOO_SMALL: need 4.5 GiB ({need} bytes), "
         f"have 4.0 GiB ({4 * GiB} bytes) on /dev/x1" in out
@@ -648,6 +658,28 @@ def test_main_failures(
     assert exc.value.code == 2  # one of --check or --stage is required
 
 
+def test_console_and_log_take_undecodable_file_names(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A file name's undecodable bytes (surrogates, as os.fsdecode gives them) are escaped on
+    the console and in the log, where they raised (print) or printed a traceback (logging)."""
+    handlers = agent_main.setup_logging(str(tmp_path))
+    try:
+        agent_main.show("sent /srv/w\udce9bb")
+        # straight to the file handler: pytest's own log capture (and xdist) cannot take it
+        record = logging.LogRecord(
+            "rehost.online", logging.INFO, __file__, 1, "sent %s", ("/srv/w\udce9bb",), None
+        )
+        handlers[0].handle(record)
+    finally:
+        for h in handlers:
+            agent_main.log.removeHandler(h)
+            h.close()
+    out, err = capsys.readouterr()
+    assert (out, err) == ("sent /srv/w\\udce9bb\n", "")
+    assert "sent /srv/w\\udce9bb" in (tmp_path / "log" / "agent.log").read_text()
+
+
 def test_log_rotation(
     fakes: dict[str, Any],
     tmp_path: Path,
@@ -802,6 +834,49 @@ def test_bundle_runs_on_python36(bundle: Path, tmp_path: Path) -> None:
     assert "Traceback" not in proc.stdout + proc.stderr
     assert "FAIL  receiver: RECEIVER_UNREACHABLE" in proc.stdout, proc.stdout
     assert proc.stdout.splitlines()[-1].startswith("check failed:")
+
+
+@pytest.mark.skipif(not PY36.exists(), reason="pyenv's Python 3.6.15 is not installed")
+def test_bundle_on_python36_under_lang_c(bundle: Path, tmp_path: Path) -> None:
+    """CentOS 7's python3 from cron or `ssh host cmd`: under LANG=C its stdout, file names
+    and locale codec are ASCII. A bad config still ends with the failed: line, and --check
+    with a non-ASCII mount point on the host (a tmpfs in a private mount namespace) and a
+    non-ASCII source root runs to its last line: no traceback, the root named (escaped)."""
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C"}
+    bad = make_config(tmp_path / "bad", Bogus=1)
+    proc = subprocess.run(
+        [PY36, bundle, "--config", bad, "--check"], capture_output=True, env=env, timeout=60
+    )
+    out, err = proc.stdout.decode("ascii"), proc.stderr.decode("ascii")
+    assert proc.returncode == 1 and "Traceback" not in out + err, out + err
+    assert out.splitlines()[-1].startswith("failed: CONFIG_INVALID: unknown key 'Bogus'"), out
+
+    cfg = make_config(
+        tmp_path / "agent",
+        Destination={**minimal()["Destination"], "Address": "127.0.0.1:9"},
+        DataDisks=[],
+    )
+    root = tmp_path / "src-é"
+    (root / "srv" / "wébb").mkdir(parents=True)
+    script = (
+        'mount -t tmpfs none "$1/srv/wébb" && '
+        'exec "$2" "$3" --config "$4" --check --source-root "$1"'
+    )
+    proc = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh"]
+        + [str(a) for a in (root, PY36, bundle, cfg)],
+        capture_output=True,
+        env=env,
+        timeout=120,
+    )
+    out, err = proc.stdout.decode("ascii"), proc.stderr.decode("ascii")
+    assert proc.returncode == 1 and "Traceback" not in out + err, out + err
+    escaped = str(root).replace("é", "\\xe9")
+    assert (
+        f"FAIL  layout: unsupported: no filesystem on a disk partition is mounted at {escaped}"
+        in out
+    )
+    assert out.splitlines()[-1].startswith("check failed:"), out
 
 
 def test_deleting_the_folder_removes_every_trace(bundle: Path, tmp_path: Path) -> None:
@@ -1040,3 +1115,26 @@ def test_bundle_migrates_from_bullseye_python39(
     written = sorted(str(p.relative_to(upper)) for p in upper.rglob("*"))
     assert [w for w in written if not w.startswith(("opt", "srv"))] == [], written
     assert {"opt/agent/log/agent.log", "opt/agent/state/agent.json"} <= set(written)
+
+
+def test_swap_files_with_a_non_ascii_name_under_lang_c(bundle: Path, tmp_path: Path) -> None:
+    """The excludes read /proc/swaps too: under LANG=C on 3.6 a swap file named in UTF-8
+    failed to decode; it comes back as the host path os functions take."""
+    swaps = tmp_path / "swaps"
+    swaps.write_bytes(
+        b"Filename\tType\tSize\tUsed\tPriority\n"
+        b"/sw\xc3\xa9p\\040file\tfile\t1024\t0\t-2\n/dev/vda2\tpartition\t1024\t0\t-3\n"
+    )
+    code = (
+        "import os, sys; sys.path.insert(0, sys.argv[1]);"
+        "from rehost.online.agent.config import swap_files;"
+        "print([os.fsencode(p) for p in swap_files(sys.argv[2])])"
+    )
+    proc = subprocess.run(
+        [PY36, "-c", code, str(bundle), str(swaps)],
+        capture_output=True,
+        env={"PATH": "/usr/bin:/bin", "LANG": "C"},
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr.decode("ascii", "replace")
+    assert proc.stdout.decode().strip() == repr([b"/sw\xc3\xa9p file"])

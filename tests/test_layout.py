@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import shutil
+import stat
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,7 +14,21 @@ from typing import Any
 
 import pytest
 
-from loopdisk import BIOS_BOOT, ESP, LINUX, SWAP, LoopDisk, LoopLab, MiB, Part, blkid, sh
+from loopdisk import (
+    BIOS_BOOT,
+    ESP,
+    LINUX,
+    SWAP,
+    LoopDisk,
+    LoopLab,
+    MiB,
+    Part,
+    blkid,
+    kernel_has,
+    part_sysfs,
+    sh,
+)
+from rehost.online.agent import layout as layout_module
 from rehost.online.agent.layout import discover, fs_id_for, parse_table
 from rehost.online.receiver import disks as rdisks
 from rehost.online.receiver.disks import (
@@ -269,6 +285,33 @@ def test_unsupported_filesystem(lab: LoopLab, tmp_path: Path) -> None:
     assert blkid(dest.dev, "PTTYPE") == ""
 
 
+def test_a_container_root_below_the_root_is_left_to_its_layers(
+    lab: LoopLab, tmp_path: Path
+) -> None:
+    """A Docker host has an overlay mounted per running container: its layers are files of
+    the filesystem below, which migrates, so the union is ignored, not a FAIL."""
+    parts = [Part(64, LINUX, "ext4", "/", "root")]
+    system = lab.disk("src0", 100, "gpt", parts)
+    root = tmp_path / "R"
+    lab.mount_tree(root, [(system, parts)])
+    layers = root / "var/lib/docker/overlay2/abc"
+    for name in ("lower", "upper", "work", "merged"):
+        (layers / name).mkdir(parents=True)
+    merged = layers / "merged"
+    options = f"lowerdir={layers}/lower,upperdir={layers}/upper,workdir={layers}/work"
+    sh("mount", "-t", "overlay", "overlay", "-o", options, merged)
+    try:
+        layout = discover(str(root))
+    finally:
+        sh("umount", merged)
+    assert layout["unsupported"] == []
+    assert {
+        "mount": "/var/lib/docker/overlay2/abc/merged",
+        "fs": "overlay",
+        "reason": "container layers",
+    } in layout["ignored"]
+
+
 def test_unsupported_layouts_refused_before_touching_disks(tmp_path: Path) -> None:
     part = {
         "number": 1,
@@ -289,3 +332,149 @@ def test_unsupported_layouts_refused_before_touching_disks(tmp_path: Path) -> No
     no_root = discover(str(tmp_path))  # a plain directory on the host's root filesystem
     assert any("no filesystem" in r or "not" in r for r in no_root["unsupported"])
     assert rdisks.LayoutUnsupported.code == "LAYOUT_UNSUPPORTED"
+
+
+def test_partial_mounts_are_not_bind_mounts(lab: LoopLab, tmp_path: Path) -> None:
+    """A btrfs subvolume, or one subdirectory of a filesystem, mounted where the whole
+    filesystem is not mounted under the root is no bind mount to skip with a WARN: its
+    partition would be recreated empty and its data silently left behind."""
+    btrfs = shutil.which("mkfs.btrfs") is not None and kernel_has("btrfs")
+    parts = [
+        Part(64, LINUX, "ext4", "/", "root"),
+        Part(128, LINUX, "btrfs" if btrfs else None),
+        Part(None, LINUX, "ext4"),
+    ]
+    system = lab.disk("src0", 300, "gpt", parts)
+    p2, p3 = (Path(system.parts[n]).name for n in (2, 3))
+    root = tmp_path / "R"
+    lab.mount(system.parts[1], root)
+    (root / "srv" / "site").mkdir(parents=True)
+    bind(lab, root / "srv" / "site", root / "www")  # a real bind mount: of the root filesystem
+    lab.mount(system.parts[3], tmp_path / "whole3")
+    (tmp_path / "whole3" / "home").mkdir()
+    bind(lab, tmp_path / "whole3" / "home", root / "home")
+    sh("umount", tmp_path / "whole3")
+    if btrfs:
+        lab.mount(system.parts[2], tmp_path / "whole2")
+        sh("btrfs", "subvolume", "create", tmp_path / "whole2" / "@data")
+        sh("umount", tmp_path / "whole2")
+        (root / "data").mkdir()
+        sh("mount", "-o", "subvol=@data", system.parts[2], root / "data")
+        lab.mounts.append(root / "data")
+
+    layout = discover(str(root))
+    home = (
+        f"only a subdirectory (/home) of /dev/{p3} is mounted at /home; mount the whole "
+        f"filesystem (for example at /mnt/{p3}) or leave it out"
+    )
+    data = f"/data is btrfs on /dev/{p2}; supported filesystems are ext2, ext3, ext4, xfs and vfat"
+    assert layout["unsupported"] == ([data, home] if btrfs else [home])
+    assert [i for i in layout["ignored"] if i["mount"]] == [
+        {"mount": "/www", "fs": "ext4", "reason": "bind mount of /"}
+    ]
+    assert [m["mount"] for m in layout["mounts"]] == ["/"]
+
+    # As the hint says: with the whole filesystem mounted too, /home is a bind mount of it.
+    lab.mount(system.parts[3], root / "mnt" / p3)
+    layout = discover(str(root))
+    assert layout["unsupported"] == ([data] if btrfs else [])
+    assert {"mount": "/home", "fs": "ext4", "reason": f"bind mount of /mnt/{p3}"} in layout[
+        "ignored"
+    ]
+    assert [m["mount"] for m in layout["mounts"]] == ["/", f"/mnt/{p3}"]
+    if not btrfs:
+        pytest.skip("mkfs.btrfs or the kernel's btrfs is missing: the subvolume half did not run")
+
+
+def bind(lab: LoopLab, what: Path, where: Path) -> None:
+    where.mkdir(parents=True, exist_ok=True)
+    sh("mount", "--bind", what, where)
+    lab.mounts.append(where)
+
+
+def test_a_mount_hidden_by_a_later_one_is_never_read(lab: LoopLab, tmp_path: Path) -> None:
+    """p2 at /var/log, then p3 at /var: /var/log now leads into p3. Discovery crashed on
+    the missing directory, or with one there would have read p3's files as p2's."""
+    parts = [
+        Part(64, LINUX, "ext4", "/", "root"),
+        Part(64, LINUX, "ext4"),
+        Part(None, LINUX, "ext4"),
+    ]
+    system = lab.disk("src0", 250, "gpt", parts)
+    p2 = Path(system.parts[2]).name
+    # the root lies on a tmpfs stacked over another: the lower one is hidden, not the root
+    for _ in range(2):
+        (tmp_path / "stack").mkdir(exist_ok=True)
+        sh("mount", "-t", "tmpfs", "none", tmp_path / "stack")
+        lab.mounts.append(tmp_path / "stack")
+    root = tmp_path / "stack" / "R"
+    lab.mount(system.parts[1], root)
+    lab.mount(system.parts[2], root / "var" / "log")
+    lab.mount(system.parts[3], root / "var")
+    hidden = (
+        f"/var/log (/dev/{p2}) is hidden by the mount at /var, so its files cannot be read; "
+        "unmount both, then mount /var first and /var/log after it (or leave /var/log out)"
+    )
+    for _ in ("no var/log in p3", "p3's own var/log"):
+        layout = discover(str(root))
+        assert layout["unsupported"] == [hidden]
+        assert [m["mount"] for m in layout["mounts"]] == ["/", "/var"]
+        (root / "var" / "log").mkdir(exist_ok=True)
+
+    # The same filesystem also mounted where it can be read: the hidden mount is only ignored.
+    lab.mount(system.parts[2], root / "srv" / "log")
+    layout = discover(str(root))
+    assert layout["unsupported"] == []
+    assert {"mount": "/var/log", "fs": "ext4", "reason": "hidden by the mount at /var"} in layout[
+        "ignored"
+    ]
+    assert [m["mount"] for m in layout["mounts"]] == ["/", "/srv/log", "/var"]
+
+
+def test_4k_sectors_without_sfdisk_json(
+    lab: LoopLab, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a 4Kn disk the stdlib table reader (sfdisk without --json: util-linux < 2.26, as on
+    CentOS 7) finds the same partitions, logical ones included, as sfdisk does. That old
+    sfdisk cannot run here, so _sfdisk_table is made to answer as it would: None."""
+    image = tmp_path / "src4k.img"
+    with open(image, "wb") as f:
+        f.truncate(200 * MiB)
+    dev = sh("losetup", "-b", "4096", "-fP", "--show", image).strip()
+    lab.loops.append(dev)
+    disk = LoopDisk(image, dev)
+    script = "label: dos\nsize=64MiB, type=83, bootable\ntype=5\nsize=48MiB, type=83\ntype=82\n"
+    subprocess.run(["sfdisk", "-q", dev], input=script, text=True, check=True, capture_output=True)
+    # partx cannot add the extended partition on a 4Kn disk (it asks for 2 × 512 bytes, not
+    # a whole sector): the others are added one by one, as sync_partitions would
+    for number in (1, 5, 6):
+        sh("partx", "-a", "-n", f"{number}:{number}", dev)
+        name = part_sysfs(dev, number)
+        assert name is not None
+        node = Path("/dev") / name
+        major, minor = (Path("/sys/class/block") / name / "dev").read_text().split(":")
+        node.unlink(missing_ok=True)  # a stale node: another loop device's partition
+        os.mknod(node, 0o600 | stat.S_IFBLK, os.makedev(int(major), int(minor)))
+        lab.nodes.append(node)
+        disk.parts[number] = str(node)
+    for number, fs in ((1, "ext4"), (5, "ext4"), (6, "swap")):
+        lab.mkfs(disk.parts[number], fs, "")
+    root = tmp_path / "R"
+    lab.mount(disk.parts[1], root)
+    lab.mount(disk.parts[5], root / "data")
+    with_sfdisk = discover(str(root))
+    assert with_sfdisk["unsupported"] == []
+    parts = with_sfdisk["disks"]["0"]["partitions"]
+    assert [(p["number"], p["fs"]) for p in parts] == [
+        (1, "ext4"),
+        (2, None),
+        (5, "ext4"),
+        (6, "swap"),
+    ]
+    theirs = table(dev)
+    assert theirs["sectorsize"] == 4096
+    ours = parse_table(dev, 4096)
+    assert ours is not None and ours["partitions"] == theirs["partitions"]
+
+    monkeypatch.setattr(layout_module, "_sfdisk_table", lambda disk: None)
+    assert discover(str(root)) == with_sfdisk

@@ -8,6 +8,7 @@ AgentError with code CONFIG_INVALID and names the offending key, because a misty
 import json
 import os
 import re
+import sys
 from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 from rehost.online.protocol import AgentError
@@ -214,8 +215,8 @@ def _under(path: str, source_root: str) -> Optional[str]:
 def swap_files(proc_swaps: str = "/proc/swaps") -> List[str]:
     """Active swap files (not partitions) from /proc/swaps, as host paths."""
     found = []  # type: List[str]
-    try:
-        with open(proc_swaps) as f:
+    try:  # decoded as os.fsdecode does: the locale's codec (ASCII under LANG=C) would fail
+        with open(proc_swaps, encoding=sys.getfilesystemencoding(), errors="surrogateescape") as f:
             lines = f.read().splitlines()[1:]
     except OSError:
         return found

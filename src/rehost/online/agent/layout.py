@@ -10,6 +10,10 @@ bare disk, ...) is listed under "unsupported", so the precheck fails with a clea
 Runs on the source: Python 3.6+, standard library only. Mounts come from
 /proc/self/mountinfo, devices from /sys/class/block (no udev needed), the partition table from
 `sfdisk --json` or, where sfdisk is too old for that (CentOS 7), from the disk itself.
+
+Paths in the layout are in the protocol's wire form (protocol.path_to_wire: the bytes as UTF-8,
+undecodable bytes escaped), whatever the locale: Python 3.6 under LANG=C would otherwise fail
+on the first non-ASCII mount point. Each "path" is the host path as os functions take it.
 """
 
 import contextlib
@@ -22,6 +26,8 @@ import subprocess
 import zlib
 from typing import Any, Dict, List, Optional, Set, Tuple
 
+from rehost.online.protocol import path_to_wire, wire_to_path
+
 SUPPORTED_FS = ("ext2", "ext3", "ext4", "xfs", "vfat")
 BIOS_BOOT_GUID = "21686148-6449-6E6F-744E-656564454649"
 ESP_GUID = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"
@@ -30,6 +36,9 @@ DOS_EXTENDED = ("5", "f", "85")
 IGNORED_BLOCK_FS = ("squashfs", "iso9660", "udf", "erofs", "cramfs")
 # Local filesystems that are not on one block device: rehost cannot recreate them.
 UNSUPPORTED_NONBLOCK_FS = ("zfs", "btrfs", "bcachefs", "overlay", "aufs")
+# A running container's root (Docker, containerd, podman): its layers are directories of
+# the filesystem below, which migrates; the union itself is remade when the container starts.
+LAYERED_FS = ("overlay", "aufs")
 NETWORK_FS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "ceph", "glusterfs", "9p", "virtiofs")
 # GPT attribute bits sfdisk names (bit 0, 1, 2) and shows as such in --json.
 GPT_ATTR_NAMES = {0: "RequiredPartition", 1: "NoBlockIOProtocol", 2: "LegacyBIOSBootable"}
@@ -58,15 +67,26 @@ def _read(path: str) -> str:
         return f.read().strip()
 
 
+def _proc_lines(path: str) -> List[str]:
+    """A /proc table holding paths, in wire form: the locale's codec (ASCII under LANG=C on
+    Python 3.6) would fail on any non-ASCII mount point on the host."""
+    with open(path, encoding="utf-8", errors="surrogateescape") as f:
+        return f.readlines()
+
+
+def _host_path(wire: str) -> str:
+    """A wire-form path as os functions and subprocess take it, whatever the locale."""
+    return os.fsdecode(wire_to_path(wire))
+
+
 def _run(args: List[str]) -> Tuple[int, str]:
+    """(status, stdout in wire form): labels and dumpe2fs's "Last mounted on" may be non-ASCII."""
     try:
-        proc = subprocess.Popen(
-            args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True
-        )
+        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     except OSError as e:
         return 127, str(e)
     out, _ = proc.communicate()
-    return proc.returncode, out
+    return proc.returncode, path_to_wire(out)
 
 
 def _under(path: str, root: str) -> bool:
@@ -83,35 +103,64 @@ def _relative(path: str, root: str) -> str:
 class _Mount:
     def __init__(self, fields: List[str]) -> None:
         sep = fields.index("-")
+        self.id, self.parent = fields[0], fields[1]
         self.devno = fields[2]
         self.root = _unescape(fields[3])
         self.point = _unescape(fields[4])
         self.fstype = fields[sep + 1]
         self.source = _unescape(fields[sep + 2])
+        self.hidden_by = None  # type: Optional[str]
+
+
+def _hide(mounts: List[_Mount]) -> None:
+    """Set hidden_by: the point of the mount that makes a mount unreachable by its path.
+
+    A mount is hidden by one stacked on its point (its child at the same point), or when the
+    path to it is cut off: by a sibling mounted later over a directory above its point (p3 at
+    /var over p2 at /var/log, both children of the same mount), or with its parent's path.
+    Its point then leads into another filesystem, which must not be read as if it were this.
+    """
+    by_id = {m.id: m for m in mounts}
+    children = {}  # type: Dict[str, List[_Mount]]
+    for m in mounts:
+        children.setdefault(m.parent, []).append(m)
+    cut = {}  # type: Dict[str, Optional[str]]
+
+    def cut_by(m: _Mount) -> Optional[str]:
+        if m.id not in cut:
+            cut[m.id] = None  # before the parent: a namespace's root may be its own parent
+            above = [
+                c.point
+                for c in children.get(m.parent, [])
+                if c.point != m.point and _under(m.point, c.point)
+            ]
+            parent = by_id.get(m.parent)
+            cut[m.id] = above[0] if above else cut_by(parent) if parent else None
+        return cut[m.id]
+
+    for m in mounts:
+        over = [c.point for c in children.get(m.id, []) if c.point == m.point]
+        m.hidden_by = over[0] if over else cut_by(m)
 
 
 def _mounts(root: str) -> List[_Mount]:
-    """Visible mounts at or below root; a mount over the same point hides the earlier one.
+    """Mounts at or below root, with hidden_by set (see _hide).
 
     An automount (autofs, e.g. systemd's /boot/efi) is triggered first, so that the real
     filesystem behind it shows.
     """
-    by_point = {}  # type: Dict[str, _Mount]
+    mine = []  # type: List[_Mount]
     for attempt in range(2):
-        by_point = {}
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                m = _Mount(line.split())
-                if _under(m.point, root):
-                    by_point.pop(m.point, None)
-                    by_point[m.point] = m
-        autofs = [m.point for m in by_point.values() if m.fstype == "autofs"]
+        every = [_Mount(line.split()) for line in _proc_lines("/proc/self/mountinfo")]
+        _hide(every)
+        mine = [m for m in every if _under(m.point, root)]
+        autofs = [m.point for m in mine if m.fstype == "autofs" and m.hidden_by is None]
         if not autofs or attempt:
             break
         for point in autofs:
             with contextlib.suppress(OSError):
-                os.listdir(point)
-    return [m for m in by_point.values() if m.fstype != "autofs"]
+                os.listdir(wire_to_path(point))
+    return [m for m in mine if m.fstype != "autofs"]
 
 
 def _sysfs_for(m: _Mount) -> Optional[str]:
@@ -121,7 +170,7 @@ def _sysfs_for(m: _Mount) -> Optional[str]:
         return os.path.realpath(path)
     # btrfs and fuseblk report an anonymous device number: go by the source node.
     try:
-        st = os.stat(m.source)
+        st = os.stat(wire_to_path(m.source))
     except OSError:
         return None
     if not stat.S_ISBLK(st.st_mode):
@@ -333,14 +382,26 @@ class _Found:
 
 
 def _collect_mounts(root: str, found: _Found) -> None:
-    seen_devices = {}  # type: Dict[str, str]
     ids: Set[str] = set()
-    candidates = sorted(_mounts(root), key=lambda m: m.point)
-    for m in candidates:
+    candidates = [(m, _sysfs_for(m)) for m in sorted(_mounts(root), key=lambda m: m.point)]
+    # Where each block device is visibly mounted whole (root "/"): its other mounts are binds,
+    # left to the fstab. A device mounted only partly (a btrfs subvolume, a bind of a
+    # subdirectory) is not: ignoring it would recreate its partition empty.
+    whole = {}  # type: Dict[str, str]
+    for m, sysdir in candidates:
+        if sysdir is not None and m.root == "/" and m.hidden_by is None:
+            whole.setdefault(os.path.basename(sysdir), _relative(m.point, root))
+    for m, sysdir in candidates:
         rel = _relative(m.point, root)
-        sysdir = _sysfs_for(m)
+        if m.hidden_by is not None:
+            if sysdir is not None:  # off a disk, nothing would be migrated from it anyway
+                hider = _relative(m.hidden_by, root) if _under(m.hidden_by, root) else m.hidden_by
+                _hidden(rel, m.fstype, os.path.basename(sysdir), hider, whole, found)
+            continue
         if sysdir is None:
-            if m.fstype in UNSUPPORTED_NONBLOCK_FS or rel == "/":
+            if m.fstype in LAYERED_FS and rel != "/":
+                found.ignored.append({"mount": rel, "fs": m.fstype, "reason": "container layers"})
+            elif m.fstype in UNSUPPORTED_NONBLOCK_FS or rel == "/":
                 found.unsupported.append(
                     f"{rel} is {m.fstype} from {m.source}, not a filesystem on a disk partition; rehost migrates "
                     "ext2/3/4, xfs and vfat on plain partitions"
@@ -352,16 +413,11 @@ def _collect_mounts(root: str, found: _Found) -> None:
         if m.fstype in IGNORED_BLOCK_FS:
             found.ignored.append({"mount": rel, "fs": m.fstype, "reason": "read-only image"})
             continue
-        if m.root != "/" or name in seen_devices:
+        if whole.get(name, rel) != rel:
             found.ignored.append(
-                {
-                    "mount": rel,
-                    "fs": m.fstype,
-                    "reason": "bind mount of " + seen_devices.get(name, m.source),
-                }
+                {"mount": rel, "fs": m.fstype, "reason": "bind mount of " + whole[name]}
             )
             continue
-        seen_devices[name] = rel
         if os.path.isdir(os.path.join(sysdir, "dm")) or os.path.isdir(os.path.join(sysdir, "md")):
             kind = (
                 "device-mapper (LVM, dm-crypt or multipath)"
@@ -385,14 +441,21 @@ def _collect_mounts(root: str, found: _Found) -> None:
                 f"{rel} is {fstype} on /dev/{name}; supported filesystems are ext2, ext3, ext4, xfs and vfat"
             )
             continue
+        if m.root != "/":
+            found.unsupported.append(
+                f"only a subdirectory ({m.root}) of /dev/{name} is mounted at {rel}; mount the "
+                f"whole filesystem (for example at /mnt/{name}) or leave it out"
+            )
+            continue
         fs_id = fs_id_for(rel)
         while fs_id in ids:
             fs_id += "-2"
         ids.add(fs_id)
-        vfs = os.statvfs(m.point)
+        path = _host_path(m.point)
+        vfs = os.statvfs(path)
         entry = {
             "mount": rel,
-            "path": m.point,
+            "path": path,
             "fs_id": fs_id,
             "device": "/dev/" + name,
             "disk": "/dev/" + disk,
@@ -404,7 +467,7 @@ def _collect_mounts(root: str, found: _Found) -> None:
             "size": vfs.f_blocks * vfs.f_frsize,
         }  # type: Json
         if fstype == "xfs":
-            entry["options"] = _xfs_options(m.point)
+            entry["options"] = _xfs_options(path)
         elif fstype.startswith("ext"):
             entry["options"] = _ext_options(device)
         elif probe.get("VERSION"):
@@ -421,13 +484,27 @@ def _collect_mounts(root: str, found: _Found) -> None:
         found.unsupported.append("no filesystem on a disk partition is mounted at " + root)
 
 
+def _hidden(
+    rel: str, fstype: str, name: str, hider: str, whole: Dict[str, str], found: _Found
+) -> None:
+    """Report a mount of /dev/name that a later one hides: its files cannot be read, so it is
+    never walked; a FAIL unless the device is also mounted where it can be read."""
+    if name in whole or fstype in IGNORED_BLOCK_FS:
+        reason = f"hidden by the mount at {hider}"
+        found.ignored.append({"mount": rel, "fs": fstype, "reason": reason})
+        return
+    found.unsupported.append(
+        f"{rel} (/dev/{name}) is hidden by the mount at {hider}, so its files cannot be read; "
+        f"unmount both, then mount {hider} first and {rel} after it (or leave {rel} out)"
+    )
+
+
 def _active_swaps() -> List[Tuple[str, int]]:
     swaps = []
     try:
-        with open("/proc/swaps") as f:
-            for line in f.readlines()[1:]:
-                fields = line.split()
-                swaps.append((_unescape(fields[0]), int(fields[2]) * 1024))
+        for line in _proc_lines("/proc/swaps")[1:]:
+            fields = line.split()
+            swaps.append((_unescape(fields[0]), int(fields[2]) * 1024))
     except OSError:
         pass
     return swaps
@@ -435,7 +512,9 @@ def _active_swaps() -> List[Tuple[str, int]]:
 
 def _disk_layout(disk: str, mounts: List[Json], swap: List[Json], found: _Found) -> Optional[Json]:
     dev = _node(disk)
-    table = _sfdisk_table(dev) or parse_table(dev)
+    # the fallback reads in the disk's own sectors: 4096 bytes on 4Kn disks
+    sector = int(_read(f"/sys/class/block/{disk}/queue/logical_block_size"))
+    table = _sfdisk_table(dev) or parse_table(dev, sector)
     if table is None or table.get("label") not in ("gpt", "dos"):
         found.unsupported.append(f"/dev/{disk} has no GPT or MBR partition table")
         return None
@@ -514,7 +593,7 @@ def _disk_layout(disk: str, mounts: List[Json], swap: List[Json], found: _Found)
 
 def discover(source_root: str = "/") -> Json:
     """The layout of the disks behind the filesystems mounted at and below source_root."""
-    root = os.path.realpath(source_root)
+    root = path_to_wire(os.fsencode(os.path.realpath(source_root)))
     found = _Found()
     _collect_mounts(root, found)
     swap = []  # type: List[Json]

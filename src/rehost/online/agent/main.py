@@ -281,7 +281,23 @@ def _duration(seconds: float) -> str:
 def say(message: str) -> None:
     """A line for the person at the console, also in the log."""
     log.info("%s", message)
-    print(message, flush=True)
+    show(message)
+
+
+def show(line: str) -> None:
+    """Print a line the console can take: Python 3.6 under LANG=C (cron, `ssh host cmd` on
+    CentOS 7) has an ASCII stdout that raises on the last line's dash or a non-ASCII mount
+    point, and a file name's undecodable bytes (surrogates) fail even on UTF-8."""
+    encoding = getattr(sys.stdout, "encoding", None) or "utf-8"
+    print(line.encode(encoding, "backslashreplace").decode(encoding), flush=True)
+
+
+class _FileFormatter(logging.Formatter):
+    """Escapes what UTF-8 cannot hold (undecodable bytes of file names, as surrogates): the
+    log file would refuse them, and logging print a traceback on stderr."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return super().format(record).encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def setup_logging(base_dir: str) -> List[logging.Handler]:
@@ -294,7 +310,7 @@ def setup_logging(base_dir: str) -> List[logging.Handler]:
         backupCount=LOG_BACKUPS,
         encoding="utf-8",
     )
-    file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    file_handler.setFormatter(_FileFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     console = logging.StreamHandler(sys.stderr)
     console.setLevel(logging.WARNING)
     # what the last line on stdout says anyway goes to the file only, not twice to the console
@@ -321,7 +337,7 @@ def _failed(exc: BaseException, resumable: bool) -> int:
         hint = "this is a bug in the agent; please report it with log/agent.log"
     log.error("failed: %s (hint: %s)", text, hint, extra=_LAST_LINE)
     parts = [p for p in (hint, RESUME if resumable else "") if p]
-    print("failed: {}{}".format(text, " — " + "; ".join(parts) if parts else ""), flush=True)
+    show("failed: {}{}".format(text, " — " + "; ".join(parts) if parts else ""))
     return 1
 
 
@@ -339,7 +355,7 @@ def run(args: argparse.Namespace, config: Config) -> int:
     if args.check:
         checks = agent.prechecks()
         for c in checks:
-            print(c.line(), flush=True)
+            show(c.line())
         failed = failures(checks)
         if failed:
             say(f"check failed: {len(failed)} FAIL; fix them, then run --check again")
@@ -407,7 +423,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         handlers = setup_logging(base_dir)
     except OSError as e:
-        print(f"failed: cannot write log/ beside the config in {base_dir}: {e}")
+        show(f"failed: cannot write log/ beside the config in {base_dir}: {e}")
         return 1
     try:
         config = agent_config.load(args.config)
@@ -420,7 +436,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         )
     except KeyboardInterrupt:
         log.warning("interrupted", extra=_LAST_LINE)
-        print("interrupted; " + RESUME, flush=True)
+        show("interrupted; " + RESUME)
         return 130
     except Exception as e:  # every failure ends with the documented last line
         return _failed(e, resumable=True)
