@@ -26,12 +26,11 @@ import subprocess
 import zlib
 from typing import Any, Dict, List, Optional, Set, Tuple
 
-from rehost.online.protocol import path_to_wire, wire_to_path
+from rehost.online.protocol import DOS_EXTENDED, path_to_wire, wire_to_path
 
 SUPPORTED_FS = ("ext2", "ext3", "ext4", "xfs", "vfat")
 BIOS_BOOT_GUID = "21686148-6449-6E6F-744E-656564454649"
 ESP_GUID = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"
-DOS_EXTENDED = ("5", "f", "85")
 # Mounted from block devices but nothing to migrate: read-only images and optical media.
 IGNORED_BLOCK_FS = ("squashfs", "iso9660", "udf", "erofs", "cramfs")
 # Local filesystems that are not on one block device: rehost cannot recreate them.

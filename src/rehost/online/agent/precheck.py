@@ -10,12 +10,11 @@ import time
 from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 from rehost.online.agent.config import Config
-from rehost.online.protocol import AgentError, align_down, disk_need, usable_bytes
+from rehost.online.protocol import AgentError, MiB, align_down, disk_need, usable_bytes
 
 OK = "OK"
 WARN = "WARN"
 FAIL = "FAIL"
-MiB = 1024 * 1024
 DEST_SECTOR = 512  # from a receiver older than the hello's "sector"
 SKEW_WARN_SECONDS = 5.0
 STATE_MIN_FREE = 50 * MiB
