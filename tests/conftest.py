@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from helpers import MiB, s3_client, write_guest
+from loopdisk import LoopLab
 from rehost import objectstore
 from rehost.objectstore import StoreInfo
 
@@ -160,3 +161,18 @@ def s3_bucket(s3_env: StoreInfo) -> Iterator[str]:
         for up in client.list_multipart_uploads(Bucket=name).get("Uploads", []):
             client.abort_multipart_upload(Bucket=name, Key=up["Key"], UploadId=up["UploadId"])
         client.delete_bucket(Bucket=name)
+
+
+@pytest.fixture
+def lab(tmp_path: Path) -> Iterator[LoopLab]:
+    """Loop disks for one test; whatever a receiver prepared under tmp_path/state* is
+    unmounted before they are detached."""
+    from rehost.online.receiver.disks import finalize
+
+    lab = LoopLab(tmp_path)
+    try:
+        yield lab
+    finally:
+        for state in tmp_path.glob("state*"):
+            finalize(state)
+        lab.close()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,6 @@ from rehost.online.agent.precheck import run_prechecks
 from rehost.online.receiver.disks import (
     DestinationTooSmall,
     DiskPrepareFailed,
-    finalize,
     plan_disk,
     prepare,
 )
@@ -26,17 +24,6 @@ from rehost.online.receiver.disks import (
 Json = dict[str, Any]
 GiB = 1024 * MiB
 TiB = 1024 * GiB
-
-
-@pytest.fixture
-def lab(tmp_path: Path) -> Iterator[LoopLab]:
-    lab = LoopLab(tmp_path)
-    try:
-        yield lab
-    finally:
-        for state in tmp_path.glob("state*"):
-            finalize(state)
-        lab.close()
 
 
 def part(number: int, size: int, fs: str | None, type: str = LINUX, **more: Any) -> Json:

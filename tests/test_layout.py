@@ -8,7 +8,6 @@ import os
 import shutil
 import stat
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,17 +39,6 @@ from rehost.online.receiver.disks import (
 )
 
 Json = dict[str, Any]
-
-
-@pytest.fixture
-def lab(tmp_path: Path) -> Iterator[LoopLab]:
-    lab = LoopLab(tmp_path)
-    try:
-        yield lab
-    finally:
-        for state in tmp_path.glob("state*"):
-            finalize(state)
-        lab.close()
 
 
 def table(dev: str) -> Json:
