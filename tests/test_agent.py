@@ -1138,3 +1138,19 @@ def test_swap_files_with_a_non_ascii_name_under_lang_c(bundle: Path, tmp_path: P
     )
     assert proc.returncode == 0, proc.stderr.decode("ascii", "replace")
     assert proc.stdout.decode().strip() == repr([b"/sw\xc3\xa9p file"])
+
+
+def test_var_on_a_disk_left_out_fails_the_check(tmp_path: Path) -> None:
+    """The fixups refuse to comment out /var (the system would boot with an empty one), so
+    --check says so before the transfer, not at its end."""
+    write_os_release(tmp_path, "ID=debian\nPRETTY_NAME=Debian 12\n")
+    layout = fake_layout()
+    for m in layout["mounts"]:
+        if m["mount"] == "/scratch":
+            m["mount"] = "/var"
+    c = load(str(make_config(tmp_path / "agent")))
+    out = lines(run_prechecks(c, layout, FakeClient({"0": 8 * GiB, "1": 4 * GiB}), str(tmp_path)))
+    assert (
+        "FAIL  left out: /var on a disk that is neither the system disk nor in DataDisks: "
+        "the system cannot boot without it; add its disk to DataDisks" in out
+    ), out

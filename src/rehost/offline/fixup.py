@@ -6,6 +6,13 @@ hardware: the disk becomes a virtio disk (/dev/vdX), the NIC another, and the pu
 behind. The root filesystem is found from the partition table (the partition that holds
 /etc/fstab and /etc/os-release), and the others are mounted where that fstab says.
 
+fstab may name them by UUID=, LABEL=, PARTUUID= or by the source's kernel name (/dev/xvda2,
+/dev/nvme0n1p2). A kernel name is partition N of the imported disk only when it is on the disk
+the fstab's root entry names, and that entry's number is the root partition found here: the
+image holds that one disk and no other (/dev/sdb1 is another disk, not migrated). When the root
+is not named by device there is no telling which disk the names meant, so none is guessed; the
+fstab step then comments out what is optional and refuses what the system needs.
+
 The disk is attached to a loop device with its partitions (`losetup -P`); without udev the
 partition nodes are made with mknod, and removed again afterwards with the loop device.
 """
@@ -15,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
@@ -33,6 +41,22 @@ _BY = {
     "/dev/disk/by-label/": "LABEL=",
     "/dev/disk/by-partuuid/": "PARTUUID=",
 }
+
+# A partition's kernel name: the disk (sda, xvdb, nvme0n1, mmcblk0) and the partition number.
+_DEVICE_PART = re.compile(
+    r"^/dev/(?:(?P<disk>(?:sd|xvd|vd|hd)[a-z]+)(?P<num>[1-9][0-9]*)"
+    r"|(?P<pdisk>nvme[0-9]+n[0-9]+|mmcblk[0-9]+)p(?P<pnum>[1-9][0-9]*))$"
+)
+
+
+def _device_partition(spec: str) -> tuple[str, int] | None:
+    """(disk, number) of a partition named by kernel name, e.g. /dev/xvda2 -> ("xvda", 2)."""
+    m = _DEVICE_PART.match(spec)
+    if m is None:
+        return None
+    if m.group("disk"):
+        return m.group("disk"), int(m.group("num"))
+    return m.group("pdisk"), int(m.group("pnum"))
 
 
 @dataclass
@@ -132,6 +156,44 @@ def _fstab(root: Path) -> list[tuple[str, str, str]]:
     return entries
 
 
+def _partition_name(disk: str, number: int) -> str:
+    """/dev/xvda + 1 -> /dev/xvda1, /dev/nvme0n1 + 1 -> /dev/nvme0n1p1; "" without a disk."""
+    if not disk:
+        return ""
+    return f"{disk}p{number}" if disk[-1].isdigit() else f"{disk}{number}"
+
+
+def _source_disk(
+    entries: list[tuple[str, str, str]], root: _Part, say: Callable[[str], None]
+) -> str | None:
+    """The source's kernel name of the imported disk, if the fstab's root entry tells it.
+
+    Only the root entry can: the image is the disk that holds the root, and its partition
+    number must be the one found to hold the root, or the names are not this disk's."""
+    spec = next((s for s, point, _ in entries if point == "/"), "")
+    named = _device_partition(spec)
+    if named is None:
+        return None
+    if named[1] != root.number:
+        say(
+            f"{STEP}: fstab names the root {spec}, but it is partition {root.number} of the "
+            "image; device names in fstab are not matched to partitions"
+        )
+        return None
+    return named[0]
+
+
+def _by_device(spec: str, fstype: str, disk: str | None, parts: list[_Part]) -> _Part | None:
+    """The partition of the imported disk that a kernel name (/dev/xvda2) named on the source."""
+    named = _device_partition(spec)
+    if disk is None or named is None or named[0] != disk:
+        return None  # another disk (/dev/sdb1), not in the image
+    part = next((p for p in parts if p.number == named[1]), None)
+    if part is None or (fstype == SWAP) != (part.fstype == SWAP):
+        return None  # no such partition, or a swap line for a filesystem (or back): no guess
+    return part
+
+
 def fixup_disk(
     dest: str | os.PathLike[str],
     *,
@@ -168,25 +230,36 @@ def fixup_disk(
             say(f"{STEP}: root filesystem on partition {root_part.number} ({root_part.fstype})")
             root = work / "root"
             _mount(root_part.node, root, mounted)
-            maps = [FsMap("/", root_part.ids(""), root_part.ids(f"/dev/vda{root_part.number}"))]
+            entries = _fstab(root)
+            disk = _source_disk(entries, root_part, say)
+            root_dev = f"/dev/{disk}" if disk else ""
+            maps = [
+                FsMap(
+                    "/",
+                    root_part.ids(_partition_name(root_dev, root_part.number)),
+                    root_part.ids(f"/dev/vda{root_part.number}"),
+                )
+            ]
             binds: dict[str, Path] = {}
             esp = "/boot/efi"
-            for spec, point, fstype in _fstab(root):
+            for spec, point, fstype in entries:
+                source_dev = ""
                 found = next((p for p in parts if p.named_by(spec)), None)
-                if found is None and spec.startswith("/dev/") and not spec.startswith("/dev/disk/"):
-                    found = None  # a device name: matched by the fixups' mount-point fallback
+                if found is None:
+                    found = _by_device(spec, fstype, disk, parts)
+                    source_dev = spec if found else ""
                 if found is None or found is root_part:
-                    continue
+                    continue  # the fstab step comments it out, or refuses if it is essential
                 ids = found.ids(f"/dev/vda{found.number}")
                 if fstype == "swap" or found.fstype == "swap":
-                    maps.append(FsMap(SWAP, found.ids(""), ids))
+                    maps.append(FsMap(SWAP, found.ids(source_dev), ids))
                     continue
                 if not point.startswith("/") or found.fstype not in MOUNTABLE:
                     continue
                 where = work / f"part{found.number}"
                 _mount(found.node, where, mounted)
                 binds[point] = where
-                maps.append(FsMap(point, found.ids(""), ids))
+                maps.append(FsMap(point, found.ids(source_dev), ids))
                 if found.ptype in ESP_TYPES:
                     esp = point
                 say(f"{STEP}: {point} on partition {found.number} ({found.fstype})")

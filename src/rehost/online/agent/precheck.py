@@ -15,6 +15,7 @@ from rehost.online.protocol import AgentError, MiB, align_down, disk_need, usabl
 OK = "OK"
 WARN = "WARN"
 FAIL = "FAIL"
+ESSENTIAL_MOUNTS = ("/boot", "/usr", "/var")  # besides /, which is always migrated
 DEST_SECTOR = 512  # from a receiver older than the hello's "sector"
 SKEW_WARN_SECONDS = 5.0
 STATE_MIN_FREE = 50 * MiB
@@ -116,6 +117,17 @@ def plan_disks(config: Config, layout: Dict[str, Any]) -> Tuple[Dict[str, int], 
         else:
             plan[disk] = entry.number
     left_out = [m["mount"] for m in layout.get("mounts", []) if m.get("disk") not in plan]
+    essential = sorted(m for m in left_out if m in ESSENTIAL_MOUNTS)
+    if essential:  # the fixups would refuse at the end of the transfer: say so now
+        checks.append(
+            Check(
+                "left out",
+                FAIL,
+                "{} on a disk that is neither the system disk nor in DataDisks: the system "
+                "cannot boot without it; add its disk to DataDisks".format(", ".join(essential)),
+            )
+        )
+        left_out = [m for m in left_out if m not in essential]
     if left_out:
         checks.append(
             Check(

@@ -4,11 +4,16 @@ Entries by UUID=, LABEL= or PARTUUID= that still name a destination filesystem s
 are (prepare keeps those identifiers). Entries by device name (/dev/sda1, /dev/xvda1,
 /dev/nvme0n1p1, /dev/disk/by-id/...) would name nothing on virtio disks, so they are rewritten
 to the destination's UUID=, which no later disk renumbering can break; when the name itself is
-unknown, the mount point (or the only swap) tells which filesystem it was. Options, dump/pass
-fields, spacing and comments are kept.
+unknown, the mount point (or the only swap) tells which filesystem it was. The only-swap
+fallback applies to identifiers and names of source disks alone (UUID=, sdX, xvdX, vdX, hdX,
+nvme, mmcblk, /dev/disk/...): a zram swap is made at boot by its service and has nothing
+to do with the disk's swap partition, so its line stays as it is. Options, dump/pass fields,
+spacing and comments are kept.
 
 An entry for a block device that was not migrated (a disk left out) would stop the boot in
-emergency mode, so it is commented out, and logged; `noauto` entries (CD-ROMs) stay.
+emergency mode, so it is commented out, and logged; `noauto` entries (CD-ROMs) stay. An entry
+for /, /boot, /usr or /var without `nofail` is refused instead: commented out, the system would
+boot without its kernel or with an empty /var and look migrated.
 
 Encrypted volumes (an active /etc/crypttab) are out of scope: the transfer copies their
 decrypted contents onto plain filesystems, so the result would not match the crypttab the
@@ -24,6 +29,11 @@ from rehost.online.fixup.plan import SWAP
 
 BLOCK_SPEC = re.compile(r"^(UUID|LABEL|PARTUUID|PARTLABEL)=|^/dev/")
 NOT_MIGRATED = "# rehost: not on the destination: "
+# Device names a source disk's partition had; of /dev names, only these may name the swap.
+SOURCE_DISK = re.compile(r"^/dev/((sd|xvd|vd|hd)[a-z]+|nvme\d+n\d+|mmcblk\d+)(p?\d+)?$|^/dev/disk/")
+ZRAM = re.compile(r"^/dev/zram\d+$")
+# Mount points a system cannot do without: never commented out, refused instead.
+ESSENTIAL = ("/", "/boot", "/usr", "/var")
 
 
 def _unescape(field: str) -> str:
@@ -37,7 +47,10 @@ def _fix_line(ctx: Context, line: str) -> str:
     spec, mount = fields[0], _unescape(fields[1])
     swap = len(fields) > 2 and fields[2] == SWAP
     found = ctx.plan.lookup(spec)
-    if found is None:
+    if found is None and swap and ZRAM.match(spec):
+        ctx.log(f"fstab: {spec} is a zram swap, made at boot; left as it is")
+        return line
+    if found is None and (not swap or not spec.startswith("/dev/") or SOURCE_DISK.match(spec)):
         by_mount = ctx.plan.by_mount(SWAP if swap else mount)
         found = (by_mount, False) if by_mount else None
     if found is None:
@@ -45,6 +58,13 @@ def _fix_line(ctx: Context, line: str) -> str:
         if "noauto" in options:
             ctx.log(f"fstab: {spec} on {mount} was not migrated; left as it is (noauto)")
             return line
+        if (mount.rstrip("/") or "/") in ESSENTIAL and "nofail" not in options:
+            raise ctx.fail(
+                f"/etc/fstab mounts {spec} on {mount}, which is none of the migrated "
+                "filesystems; commented out, the system would boot without it",
+                hint=f"name {mount} in the source's /etc/fstab by UUID= (blkid shows it), or "
+                "migrate the disk that holds it, and run again",
+            )
         return NOT_MIGRATED + line
     fs, stable = found
     if stable:
