@@ -11,13 +11,15 @@ whichever system the source uses (all that are present are fixed):
   when the plan knows the destination's name it is used; otherwise the configuration matches
   any Ethernet name by pattern: ifupdown `auto /e*/1=eth0` (the first kernel interface whose
   name starts with "e", configured by the `iface eth0` stanza; checked with ifupdown 0.8's
-  `ifup -n`), netplan `match: {name: "e*"}`, a keyfile without interface-name;
+  `ifup -n`), netplan `match: {name: "e*"}`, a keyfile without interface-name, a networkd
+  .network file with `[Match] Name=e*`;
 - MAC-pinned persistent-net udev rules (70-persistent-net.rules) are dropped. A
   75-persistent-net-generator.rules symlink to /dev/null is kept: it disables a generator that
   would pin the destination's MAC at the first boot.
 
 ifcfg files keep their DEVICE= unless the plan names the destination's NIC (they cannot match
-by pattern). When the plan lists the source's static addresses, the step fails if any of them
+by pattern); without NetworkManager, a DEVICE=ethN the destination will not have fails the step.
+An ifupdown bridge, bond or VLAN on the first NIC is moved to the plan's NIC, or fails the step. When the plan lists the source's static addresses, the step fails if any of them
 is still configured in those files (say, in an `up ip addr add` line it cannot interpret).
 
 The step also fails when the first NIC ends up configured by DHCP but the migrated system has
@@ -55,6 +57,14 @@ IFCFG_STATIC = re.compile(
     r"^(IPADDR\d*|NETMASK\d*|PREFIX\d*|GATEWAY\d*|HWADDR|DNS\d+|NETWORK|BROADCAST"
     r"|IPV6ADDR|IPV6ADDR_SECONDARIES|IPV6_DEFAULTGW)$"
 )
+# Switches that keep DHCP's DNS servers and routes out. Left after the static DNS servers and
+# gateway are gone, they leave a DHCP address with no name resolution or no route; so they go
+# from every converted configuration. The ones that keep the default route off go from the
+# first NIC only: on another NIC they are a deliberate choice that DHCP does not change.
+KEYFILE_NO_AUTO = {"ignore-auto-dns", "ignore-auto-routes"}
+KEYFILE_NO_DEFAULT = {"never-default"}
+IFCFG_NO_AUTO = {"PEERDNS", "PEERROUTES", "IPV6_PEERDNS", "IPV6_PEERROUTES"}
+IFCFG_NO_DEFAULT = {"DEFROUTE", "IPV6_DEFROUTE"}
 PERSISTENT_NET = re.compile(r'SUBSYSTEM=="net".*ATTR\{address\}==.*\bNAME:?=')
 NETPLAN_NM = re.compile(r"(?m)^\s*renderer\s*:\s*[\"']?NetworkManager\b")
 PATH_DIRS = ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin")
@@ -90,6 +100,11 @@ DHCP_CLIENTS = {
         ("systemd-networkd",),
         ("/usr/lib/systemd/systemd-networkd", "/lib/systemd/systemd-networkd"),
         "systemd-networkd (in the systemd package on older releases)",
+    ),
+    "networkd": _Client(
+        ("systemd-networkd",),
+        ("/usr/lib/systemd/systemd-networkd", "/lib/systemd/systemd-networkd"),
+        "systemd-networkd",
     ),
     "keyfiles": _Client(("NetworkManager",), _NM, "NetworkManager (network-manager on Debian)"),
     "ifcfg": _Client(
@@ -157,6 +172,7 @@ def _ifupdown(ctx: Context) -> tuple[list[str], str]:
     nic = ctx.plan.nic
     rename = {primary: nic} if primary and nic else {}
     edits: dict[tuple[str, int], list[str]] = {}
+    _ifupdown_ports(ctx, files, edits, stanzas, primary)
     for s in stanzas:
         if s.name == "lo":
             continue
@@ -188,6 +204,47 @@ def _ifupdown(ctx: Context) -> tuple[list[str], str]:
             out += edits.get((path, i), [line])
         ctx.write(path, _join(out, texts[path]))
     return list(files), dhcp
+
+
+def _ifupdown_ports(
+    ctx: Context,
+    files: dict[str, list[str]],
+    edits: dict[tuple[str, int], list[str]],
+    stanzas: list[_Iface],
+    primary: str | None,
+) -> None:
+    """Move a bridge, bond or VLAN on the source's NIC to the destination's, or refuse.
+
+    The source's NIC does not exist on the destination, so a bridge left on it has no port
+    and the server no network. With the destination's name known the port is renamed; by
+    pattern it cannot be (bridge-ports and bond-slaves take names), so the step fails rather
+    than report a server without network as ready.
+    """
+    nic = ctx.plan.nic
+    for s in stanzas:
+        for i in s.options:
+            words = files[s.path][i].split()
+            if words[0] not in IFUPDOWN_VIRTUAL:
+                continue
+            # Without a physical stanza, any Ethernet-like port is the source's NIC.
+            old = [
+                w for w in words[1:] if w == primary or (primary is None and re.match(r"e\w*\d", w))
+            ]
+            if not old:
+                continue
+            if nic and len(old) == 1:
+                line = files[s.path][i]
+                indent = line[: len(line) - len(line.lstrip())]
+                edits[(s.path, i)] = [indent + " ".join(nic if w == old[0] else w for w in words)]
+                continue
+            raise ctx.fail(
+                f"{s.path}:{i + 1}: iface {s.name} is built on the source's NIC "
+                f"{', '.join(old)} ({words[0]}), which has another name on the destination; "
+                "bridges, bonds and VLANs are not converted, so it would come up without a port",
+                hint=f"on the source, configure the first NIC directly instead of through "
+                f"{s.name} before the final pass (and re-create {s.name} on the destination "
+                "once it boots), then run the finalize again",
+            )
 
 
 def _ifupdown_auto(
@@ -320,7 +377,9 @@ def _keyfiles(ctx: Context) -> tuple[list[str], str]:
                 if key == "method" and value.strip() == "manual":
                     out.append("method=auto")
                     continue
-                if KEYFILE_STATIC.match(key):
+                if KEYFILE_STATIC.match(key) or key in KEYFILE_NO_AUTO:
+                    continue
+                if primary and key in KEYFILE_NO_DEFAULT:
                     continue
             out.append(line)
         ctx.write(path, _join(out, text))
@@ -328,6 +387,20 @@ def _keyfiles(ctx: Context) -> tuple[list[str], str]:
 
 
 # -- ifcfg ---------------------------------------------------------------------------------
+
+
+def _ifcfg_values(text: str) -> dict[str, str]:
+    values = {}
+    for line in text.splitlines():
+        key, sep, value = line.strip().partition("=")
+        if sep:
+            values[key] = value.strip("\"'")
+    return values
+
+
+def _ifcfg_ethernet(text: str) -> bool:
+    values = _ifcfg_values(text)
+    return values.get("TYPE", "Ethernet") == "Ethernet" and values.get("DEVICE") != "lo"
 
 
 def _ifcfg(ctx: Context) -> tuple[list[str], str]:
@@ -341,12 +414,8 @@ def _ifcfg(ctx: Context) -> tuple[list[str], str]:
     dhcp = ""
     for path in paths:
         text = ctx.read(path) or ""
-        values = {}
-        for line in text.splitlines():
-            key, sep, value = line.strip().partition("=")
-            if sep:
-                values[key] = value.strip("\"'")
-        if values.get("TYPE", "Ethernet") != "Ethernet" or values.get("DEVICE") == "lo":
+        values = _ifcfg_values(text)
+        if not _ifcfg_ethernet(text):
             continue
         primary, primary_seen = not primary_seen, True
         if primary:
@@ -354,7 +423,9 @@ def _ifcfg(ctx: Context) -> tuple[list[str], str]:
         out = []
         for line in text.splitlines():
             key, sep, value = line.strip().partition("=")
-            if sep and IFCFG_STATIC.match(key):
+            if sep and (IFCFG_STATIC.match(key) or key in IFCFG_NO_AUTO):
+                continue
+            if sep and primary and key in IFCFG_NO_DEFAULT:
                 continue
             if sep and key == "BOOTPROTO" and value.strip("\"'") != "dhcp":
                 line = "BOOTPROTO=dhcp"
@@ -365,6 +436,96 @@ def _ifcfg(ctx: Context) -> tuple[list[str], str]:
             out.append(line)
         if "BOOTPROTO" not in values:
             out.append("BOOTPROTO=dhcp")
+        ctx.write(path, _join(out, text))
+    return paths, dhcp
+
+
+# -- systemd-networkd ----------------------------------------------------------------------
+
+NETWORKD_DIR = "/etc/systemd/network"
+NETWORKD_STATIC = {"Address", "Gateway", "DNS", "IPv6AcceptRA"}
+NETWORKD_STATIC_SECTIONS = {"Address", "Route"}
+NETWORKD_DHCP_SECTIONS = {"DHCP", "DHCPv4", "DHCPv6", "IPv6AcceptRA"}
+NETWORKD_NO_AUTO = {"UseDNS", "UseRoutes", "UseGateway"}
+NETWORKD_PORT = {"Bridge", "Bond"}
+
+
+def _sections(text: str) -> dict[str, dict[str, list[str]]]:
+    """{section: {key: [values]}} of a systemd unit-style file (comments skipped)."""
+    out: dict[str, dict[str, list[str]]] = {}
+    section = ""
+    for line in text.splitlines():
+        stripped = line.strip()
+        if not stripped or stripped[0] in "#;":
+            continue
+        if stripped.startswith("["):
+            section = stripped.strip("[]")
+            out.setdefault(section, {})
+            continue
+        key, sep, value = stripped.partition("=")
+        if sep:
+            out.setdefault(section, {}).setdefault(key.strip(), []).append(value.strip())
+    return out
+
+
+def _networkd_ethernet(text: str) -> bool:
+    """Whether a .network file configures a physical Ethernet NIC (not lo, a bridge, a port)."""
+    parsed = _sections(text)
+    match, network = parsed.get("Match", {}), parsed.get("Network", {})
+    names = [n.lstrip("!") for v in match.get("Name", []) for n in v.split()]
+    if any(not n.startswith("e") for n in names):
+        return False
+    if any(t != "ether" for t in match.get("Type", [])):
+        return False
+    return not (set(network) & NETWORKD_PORT)
+
+
+def _networkd(ctx: Context) -> tuple[list[str], str]:
+    # networkd reads these only when it is installed; without it they are inert.
+    if not any(_executable(ctx, p) for p in DHCP_CLIENTS["networkd"].paths):
+        return [], ""
+    paths = ctx.listdir(NETWORKD_DIR, ".network")
+    dhcp = ""
+    for path in paths:
+        text = ctx.read(path) or ""
+        if not _networkd_ethernet(text):
+            continue
+        primary = not dhcp
+        if primary:
+            dhcp = f"{path} ([Network] DHCP=yes)"
+        out: list[str] = []
+        section = ""
+        has_network = False
+        for line in text.splitlines():
+            stripped = line.strip()
+            if stripped.startswith("["):
+                section = stripped.strip("[]")
+                if section in NETWORKD_STATIC_SECTIONS:
+                    continue
+                out.append(line)
+                if section == "Match" and primary:
+                    # The old NIC's MAC, name or PCI path: match the destination's instead.
+                    out.append(f"Name={ctx.plan.nic or NIC_PATTERN}")
+                if section == "Network":
+                    has_network = True
+                    out.append("DHCP=yes")
+                continue
+            if section in NETWORKD_STATIC_SECTIONS:
+                continue
+            key, sep, _ = stripped.partition("=")
+            key = key.strip()
+            if sep and not stripped.startswith(("#", ";")):
+                if section == "Match" and primary:
+                    continue
+                if section == "Network" and (key in NETWORKD_STATIC or key == "DHCP"):
+                    continue
+                if section in NETWORKD_DHCP_SECTIONS and key in NETWORKD_NO_AUTO:
+                    continue
+            out.append(line)
+        if primary and "Match" not in _sections(text):
+            out[:0] = ["[Match]", f"Name={ctx.plan.nic or NIC_PATTERN}", ""]
+        if not has_network:
+            out += ["", "[Network]", "DHCP=yes"]
         ctx.write(path, _join(out, text))
     return paths, dhcp
 
@@ -429,15 +590,72 @@ def _check_dhcp_client(ctx: Context, system: str, where: str) -> None:
     )
 
 
+# Where a system turns off predictable interface names, so that its first NIC stays "eth0".
+NAMING_OFF = (
+    "/etc/udev/rules.d/80-net-setup-link.rules",
+    "/etc/udev/rules.d/80-net-name-slot.rules",
+    "/etc/systemd/network/99-default.link",
+)
+
+
+def _keeps_kernel_names(ctx: Context) -> bool:
+    """Whether the migrated system names its NICs eth0, eth1... (net.ifnames=0 or a mask)."""
+    if any(
+        ctx.path(p, follow_last=False).is_symlink() or ctx.read(p) is not None for p in NAMING_OFF
+    ):
+        return True
+    for path in [
+        "/etc/default/grub",
+        *ctx.listdir("/etc/default/grub.d", ".cfg"),
+        "/etc/kernel/cmdline",
+    ]:
+        for line in (ctx.read(path) or "").splitlines():
+            if not _is_comment(line) and re.search(r"(?<![\w.])net\.ifnames=0\b", line):
+                return True
+    return False
+
+
+def _check_ifcfg_name(ctx: Context, paths: list[str]) -> None:
+    """Refuse an ifcfg-only system whose first NIC is bound to a name the destination lacks.
+
+    ifcfg cannot match by pattern. The legacy network-scripts (no NetworkManager) bring up
+    exactly DEVICE=, so a source named eth0 (Xen's netfront, say, which predictable naming
+    leaves as eth0) finds no eth0 on the destination (virtio: ens3, enp0s3...) and boots
+    without network. The receiver's rescue system could report its own name for the NIC, but
+    that is a guess (rescue systems often boot with net.ifnames=0, or another udev's naming
+    scheme), and a wrong name would also break the systems that match by pattern.
+    NetworkManager is left alone: its keyfiles match by pattern and it can configure the
+    NIC itself.
+    """
+    primary = next((p for p in paths if _ifcfg_ethernet(ctx.read(p) or "")), None)
+    if primary is None or ctx.plan.nic or any(_executable(ctx, p) for p in _NM):
+        return
+    values = _ifcfg_values(ctx.read(primary) or "")
+    device = values.get("DEVICE") or PurePosixPath(primary).name.removeprefix("ifcfg-")
+    if not re.fullmatch(r"eth\d+", device) or _keeps_kernel_names(ctx):
+        return
+    raise ctx.fail(
+        f"{primary} binds the first NIC to {device} (DEVICE=), but the migrated system uses "
+        f"predictable interface names, so on the destination it will be ens3, enp0s3 or the "
+        f"like; the network-scripts cannot match by pattern and it would come up without "
+        "network",
+        hint="on the source, add net.ifnames=0 to GRUB_CMDLINE_LINUX in /etc/default/grub "
+        "(the destination's first NIC is then eth0 too) or install NetworkManager, before the "
+        "final pass, and run the finalize again",
+    )
+
+
 def fix_network(ctx: Context) -> None:
     found = {
         "ifupdown": _ifupdown(ctx),
         "netplan": _netplan(ctx),
         "keyfiles": _keyfiles(ctx),
         "ifcfg": _ifcfg(ctx),
+        "networkd": _networkd(ctx),
     }
     _udev(ctx)
     _check_addresses(ctx, [p for paths, _ in found.values() for p in paths])
     for system, (_, dhcp) in found.items():
         if dhcp:
             _check_dhcp_client(ctx, system, dhcp)
+    _check_ifcfg_name(ctx, found["ifcfg"][0])

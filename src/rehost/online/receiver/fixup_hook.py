@@ -85,6 +85,14 @@ def plan_from_prepare(
             if str(p.get("type", "")).lower() in ESP_TYPES and p.get("fs") == "vfat":
                 firmware, esp = "uefi", mount
     del dest_swap  # the destination swap keeps the source's UUID and label (prepare's mkswap)
+    # `nic` stays unknown on purpose. This runs in the destination's rescue system, whose name
+    # for the NIC (eth0 under net.ifnames=0, or ens3/enp0s3 by its own udev's naming scheme)
+    # is only what the migrated system will use if both name NICs alike; a wrong name pins
+    # ifupdown, netplan, networkd and keyfiles to a NIC that does not exist, where their
+    # pattern always matches. The one system that cannot match by pattern, ifcfg with the
+    # legacy network-scripts, is refused by the network step instead (see _check_ifcfg_name).
+    # `static_addresses` stays empty: the agent's layout, hello and prepare body carry no
+    # addresses, only disks, mounts and swap.
     plan = FixupPlan(
         filesystems=tuple(maps),
         boot_disk=boot_disk,
