@@ -92,3 +92,21 @@ class TaskTimeout(RehostError):
     code = "TASK_TIMEOUT"
     message = "the task timed out"
     default_hint = "raise the timeout, or run it again to resume from the last checkpoint"
+
+
+class SourceUnusable(RehostError):
+    code = "SOURCE_UNUSABLE"
+    message = "the source server answered in a way rehost cannot use"
+    default_hint = (
+        "import from a server that answers ranged GETs (HTTP 206) with the object's own bytes, "
+        "such as an S3-compatible object store, or through a presigned URL to one"
+    )
+
+
+class SourceUnavailable(RehostError):
+    code = "SOURCE_UNAVAILABLE"
+    message = "the source kept failing"
+    default_hint = (
+        "the storage kept failing or could not be reached; check that it is up and reachable "
+        "from this server, then run the import again"
+    )

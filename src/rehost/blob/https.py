@@ -9,11 +9,21 @@ The object is opened with `GET` and `Range: bytes=0-0`, not `HEAD`: a presigned
 URL is signed for one method, so HEAD is refused on a link made for GET. The
 size comes from Content-Range and the ETag from the headers. Every later read
 sends `If-Match: <etag>` and checks the ETag (or, without one, the
-Last-Modified date and the total size) of the answer, so an object replaced
+Last-Modified date) and the total size of the answer, so an object replaced
 during the import raises `SourceChanged` instead of yielding a disk stitched
-together from two images. A server that ignores Range and answers 200 with the
-whole body is refused at once: streaming gigabytes to read one byte, or holding
-them in memory, is not an option.
+together from two images; an answer that lacks the tag pinned at open, or has
+one where there was none, counts as replaced too. A server that sends neither
+cannot be pinned: it is used, with a warning in `notes`.
+
+A server that ignores Range and answers 200 with the whole body is refused at
+once: streaming gigabytes to read one byte, or holding them in memory, is not
+an option. So is one that applies a Content-Encoding (gzip, ...) to its ranged
+answers: its bytes are not the object's. Answers rehost cannot use are
+`SourceUnusable`, never retried.
+
+A body must arrive within `max(MIN_BODY_SECONDS, length / MIN_BODY_RATE)`, or
+its connection is cut and the request retried: the socket timeout only bounds
+each recv, and a server trickling a byte a second would hold an import forever.
 
 A presigned URL's query string is its signature: it never appears in `name`,
 in messages or in chained exceptions.
@@ -26,7 +36,11 @@ does the retrying.
 from __future__ import annotations
 
 import contextlib
+import email.utils
+import http.client
 import re
+import threading
+import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit, urlunsplit
@@ -40,7 +54,14 @@ from rehost.blob.readahead import (
     Transient,
     describe,
 )
-from rehost.errors import AccessDenied, RehostError, SourceChanged, SourceNotFound, SystemError_
+from rehost.errors import (
+    AccessDenied,
+    RehostError,
+    SourceChanged,
+    SourceNotFound,
+    SourceUnusable,
+    SystemError_,
+)
 
 if TYPE_CHECKING:
     from urllib3 import BaseHTTPResponse, PoolManager, Timeout
@@ -53,8 +74,20 @@ NO_RANGE_HINT = (
     "the image must be served by a server that supports ranged GETs (HTTP 206), such as any "
     "S3-compatible object store; import it from there or through a presigned URL"
 )
+CODING_HINT = (
+    "the server applies a content coding (Content-Encoding) to ranged answers, so their bytes "
+    "are not the image's; serve the object without one (an S3 object uploaded with "
+    "Content-Encoding metadata has the same problem: upload it again without)"
+)
+UNPINNED_HINT = (
+    "the server (or a proxy or CDN in between) sends an ETag or Last-Modified in some answers "
+    "and not in others, so it cannot be told whether the object stayed the same; if it was not "
+    "replaced, import from a server that sends them consistently, such as the origin store"
+)
 _CONTENT_RANGE = re.compile(r"bytes\s+(?:(\d+)-(\d+)|\*)/(\d+|\*)", re.IGNORECASE)
 _ERROR_BODY = 16 << 10
+_WATCH_INTERVAL = 0.25
+"""Seconds between checks for bodies that overran their time."""
 
 
 def public_url(url: str) -> str:
@@ -91,11 +124,21 @@ class HttpsSource(ReadAheadSource):
     """A URL read by ranged GETs pinned to the ETag it had at open.
 
     `HttpsSource(url, *, chunk_size, readahead, cache_bytes, retry, timeout=30.0,
-    pool=None)`; `pool` is an optional urllib3 PoolManager (e.g. with a custom CA).
+    pool=None, deadline=None)`; `pool` is an optional urllib3 PoolManager (e.g. with a
+    custom CA).
     `name` is the URL without its query; `etag` is the pinned ETag ("" if the
     server sends none) and `last_modified` the Last-Modified header (or None).
+    `notes` holds warnings for the user (an object that cannot be pinned). `deadline`
+    (a `time.monotonic()`, the import's timeout) bounds every wait; past it, TaskTimeout.
     Counters `bytes_fetched`, `requests`, `retries`.
     """
+
+    MIN_BODY_SECONDS = 60.0
+    MIN_BODY_RATE = 64 << 10
+    """Bytes per second a body must average (after MIN_BODY_SECONDS), else it is cut and
+    retried. Read-ahead keeps about two requests in flight, so this fails only links under
+    ~1 Mbit/s, where a 10 GiB image would take about a day: slower is a stuck server. Tests
+    lower both to make a trickling server fail quickly."""
 
     def __init__(
         self,
@@ -107,11 +150,16 @@ class HttpsSource(ReadAheadSource):
         retry: RetryPolicy | None = None,
         timeout: float = 30.0,
         pool: PoolManager | None = None,
+        deadline: float | None = None,
     ) -> None:
         import urllib3
 
         super().__init__(
-            chunk_size=chunk_size, readahead=readahead, cache_bytes=cache_bytes, retry=retry
+            chunk_size=chunk_size,
+            readahead=readahead,
+            cache_bytes=cache_bytes,
+            retry=retry,
+            deadline=deadline,
         )
         parts = urlsplit(url)
         self._url = url
@@ -122,6 +170,12 @@ class HttpsSource(ReadAheadSource):
         self._size = 0
         self.etag = ""
         self.last_modified: str | None = None
+        self.notes: list[str] = []
+        self._timeout = timeout
+        self._bodies: dict[BaseHTTPResponse, float] = {}
+        """Responses whose body is being read → when it must have arrived."""
+        self._overran: set[BaseHTTPResponse] = set()
+        self._bodies_lock = threading.Lock()
         self._own_http = pool is None
         self._urllib3_retries = urllib3.Retry(
             total=10, connect=0, read=0, status=0, other=0, redirect=5, raise_on_status=False
@@ -133,12 +187,28 @@ class HttpsSource(ReadAheadSource):
                 parts.scheme,
                 parts.hostname,
                 maxsize=max(8, 2 * self.readahead + 4),
-                timeout=urllib3.Timeout(connect=min(10.0, timeout), read=timeout),
+                timeout=self._timeouts(),
             )
+            threading.Thread(target=self._watch, name="https-watch", daemon=True).start()
             self._retrying(self._probe, f"{self._name}: open")
+            if not self.etag and not self.last_modified:
+                self.notes.append(
+                    f"{self._name} has neither an ETag nor a Last-Modified date, so the "
+                    "version read cannot be pinned: if it is replaced during the import (or "
+                    "before a resume), the change goes unnoticed and the destination may mix "
+                    "two images"
+                )
         except BaseException:
             self.close()
             raise
+
+    def _timeouts(self) -> Timeout:
+        """The connect and per-recv timeouts, cut to what is left before the deadline."""
+        import urllib3
+
+        left = self.time_left()
+        t = self._timeout if left is None else max(0.01, min(self._timeout, left))
+        return urllib3.Timeout(connect=min(10.0, t), read=t)
 
     def _scrub(self, text: str) -> str:
         for s in self._secrets:
@@ -162,6 +232,7 @@ class HttpsSource(ReadAheadSource):
                 preload_content=False,
                 decode_content=False,
                 retries=self._urllib3_retries,
+                timeout=self._timeouts(),
             )
         except Exception as e:
             raise self._map_exception(e) from None  # the cause's text may hold the signature
@@ -170,11 +241,16 @@ class HttpsSource(ReadAheadSource):
         resp = self._request(0, 0, pinned=False)
         try:
             if resp.status == 206:
+                self._check_coding(resp)
                 total = self._content_range(resp, 0, 0)
             elif resp.status == 416:  # an empty object: nothing satisfies bytes=0-0
                 m = _CONTENT_RANGE.match(resp.headers.get("Content-Range", ""))
                 if not m or m.group(3) != "0":
-                    raise SystemError_(f"{self._name}: HTTP 416 to a request for its first byte")
+                    raise SourceUnusable(
+                        f"{self._name}: HTTP 416 (range not satisfiable) to a request for its "
+                        f"first byte, for an object that is not empty "
+                        f"(Content-Range {resp.headers.get('Content-Range') or 'none'})"
+                    )
                 total = 0
             else:
                 raise self._status_error(resp)
@@ -193,6 +269,7 @@ class HttpsSource(ReadAheadSource):
         try:
             if resp.status != 206:
                 raise self._status_error(resp, reading=True)
+            self._check_coding(resp)
             self._check_version(resp)
             total = self._content_range(resp, start, end)
             if total != self._size:
@@ -205,12 +282,52 @@ class HttpsSource(ReadAheadSource):
             self._discard(resp)
 
     def _body(self, resp: BaseHTTPResponse, sizes: Sequence[int]) -> list[bytes]:
+        """The body in pieces of `sizes`, read within its time or cut short and `Transient`."""
+        length = sum(sizes)
+        allowed = max(self.MIN_BODY_SECONDS, length / self.MIN_BODY_RATE)
+        due = time.monotonic() + allowed
+        if self.deadline is not None:
+            due = min(due, self.deadline)
+        with self._bodies_lock:
+            self._bodies[resp] = due
         try:
             pieces = [resp.read(n) for n in sizes]
         except Exception as e:
-            raise self._map_exception(e) from None
+            failure: Exception | None = self._map_exception(e)
+        else:
+            failure = None
+        finally:
+            with self._bodies_lock:
+                del self._bodies[resp]
+                overran = resp in self._overran
+                self._overran.discard(resp)
+        if overran:
+            if self._closed.is_set():
+                why = "the source was closed"
+            elif self.time_left() == 0.0:
+                why = "the import's timeout ran out"
+            else:
+                why = f"it took over {allowed:.0f}s (under {self.MIN_BODY_RATE >> 10} KiB/s)"
+            raise Transient(f"{self._name}: a body of {length} bytes was cut short: {why}")
+        if failure is not None:
+            raise failure
         self._count_bytes(sum(len(p) for p in pieces))
         return pieces
+
+    def _watch(self) -> None:
+        """Cut the connection of each body that overruns its time, and of all at close:
+        a blocked recv wakes only when its socket is shut down."""
+        while True:
+            closed = self._closed.wait(_WATCH_INTERVAL)
+            now = time.monotonic()
+            with self._bodies_lock:  # held while cutting: a response is never cut once released
+                for resp, due in self._bodies.items():
+                    if (closed or now >= due) and resp not in self._overran:
+                        self._overran.add(resp)
+                        with contextlib.suppress(Exception):
+                            resp.shutdown()
+            if closed:
+                return
 
     @staticmethod
     def _discard(resp: BaseHTTPResponse) -> None:
@@ -224,26 +341,48 @@ class HttpsSource(ReadAheadSource):
         header = resp.headers.get("Content-Range", "")
         m = _CONTENT_RANGE.fullmatch(header.strip())
         if not m or m.group(1) is None or m.group(3) == "*":
-            raise SystemError_(
+            raise SourceUnusable(
                 f"{self._name}: the server answered a ranged GET without a usable "
                 f"Content-Range ({header or 'none'})",
                 hint=NO_RANGE_HINT,
             )
         if (int(m.group(1)), int(m.group(2))) != (start, end):
-            raise SystemError_(f"{self._name}: asked for bytes {start}-{end}, got {header}")
+            raise SourceUnusable(
+                f"{self._name}: asked for bytes {start}-{end}, got {header}",
+                hint=NO_RANGE_HINT,
+            )
         return int(m.group(3))
 
-    def _check_version(self, resp: BaseHTTPResponse) -> None:
-        etag = resp.headers.get("ETag", "")
-        if self.etag and etag and etag.removeprefix("W/") != self.etag.removeprefix("W/"):
-            raise SourceChanged(
-                f"{self._name} was replaced during the import (ETag {self.etag} → {etag})"
+    def _check_coding(self, resp: BaseHTTPResponse) -> None:
+        coding = resp.headers.get("Content-Encoding", "").strip().lower()
+        if coding not in ("", "identity"):
+            raise SourceUnusable(
+                f"{self._name}: the server sent a ranged answer with Content-Encoding "
+                f"{coding[:40]}, not the object's own bytes",
+                hint=CODING_HINT,
             )
-        modified = resp.headers.get("Last-Modified", "")
-        if not self.etag and self.last_modified and modified and modified != self.last_modified:
+
+    def _check_version(self, resp: BaseHTTPResponse) -> None:
+        """The answer must carry the validator pinned at open: the ETag, else Last-Modified.
+
+        One that is missing now, or present where there was none, counts as a change: a
+        server that ignores If-Match and drops the ETag may be serving another object.
+        """
+        etag = resp.headers.get("ETag", "")
+        if self.etag or etag:
+            if etag.removeprefix("W/") != self.etag.removeprefix("W/"):
+                raise SourceChanged(
+                    f"{self._name} was replaced during the import "
+                    f"(ETag {self.etag or 'none'} → {etag or 'none'})",
+                    hint=None if self.etag and etag else UNPINNED_HINT,
+                )
+            return
+        modified = resp.headers.get("Last-Modified")
+        if modified != self.last_modified:
             raise SourceChanged(
                 f"{self._name} was replaced during the import "
-                f"(Last-Modified {self.last_modified} → {modified})"
+                f"(Last-Modified {self.last_modified or 'none'} → {modified or 'none'})",
+                hint=None if self.last_modified and modified else UNPINNED_HINT,
             )
 
     def _status_error(self, resp: BaseHTTPResponse, *, reading: bool = False) -> Exception:
@@ -258,7 +397,7 @@ class HttpsSource(ReadAheadSource):
                 detail = _s3_error(resp.read(_ERROR_BODY))
         text = self._scrub(f"HTTP {status}" + (f" ({detail})" if detail else ""))
         if status == 200:
-            return SystemError_(
+            return SourceUnusable(
                 f"{self._name}: the server ignored the Range header and began sending the "
                 "whole object (HTTP 200); refusing to download it to read a part",
                 hint=NO_RANGE_HINT,
@@ -277,8 +416,20 @@ class HttpsSource(ReadAheadSource):
         if status == 416:
             return SourceChanged(f"{self._name} became shorter during the import ({text})")
         if status >= 500 or status in (408, 425, 429):
-            return Transient(f"{self._name}: {text}")
-        return SystemError_(f"{self._name}: unexpected answer {text}")
+            return Transient(f"{self._name}: {text}", retry_after=self._retry_after(resp))
+        if 300 <= status < 400:
+            text += " without a Location to follow"
+        return SourceUnusable(f"{self._name}: unexpected answer {text}")
+
+    @staticmethod
+    def _retry_after(resp: BaseHTTPResponse) -> float | None:
+        """Retry-After in seconds: a number of seconds or an HTTP date; None if absent or bad."""
+        value = resp.headers.get("Retry-After", "").strip()
+        if value.isdigit():
+            return float(value)
+        with contextlib.suppress(TypeError, ValueError):
+            return email.utils.parsedate_to_datetime(value).timestamp() - time.time()
+        return None
 
     def _map_exception(self, e: Exception) -> Exception:
         from urllib3 import exceptions as ux
@@ -290,13 +441,36 @@ class HttpsSource(ReadAheadSource):
             reason = e.reason
         text = self._scrub(describe(reason))
         if isinstance(reason, ux.SSLError):
-            return SystemError_(
+            return SourceUnusable(
                 f"{self._name}: TLS failed: {text}",
                 hint="check the server's certificate and this server's CA certificates and clock",
             )
         if isinstance(reason, ux.ResponseError):  # too many redirects
-            return SystemError_(f"{self._name}: {text}")
-        if isinstance(reason, ux.HTTPError | OSError):
+            return SourceUnusable(
+                f"{self._name}: {text}",
+                hint="the server redirects in a loop or through too many hops; use the final URL",
+            )
+        if isinstance(reason, ux.LocationValueError):  # a redirect to file://, ftp://, ...
+            # Its text may be the whole URL redirected to, signature and all: not shown.
+            return SourceUnusable(
+                f"{self._name}: the server redirected to a location rehost cannot follow "
+                f"({type(reason).__name__})",
+                hint="import from the final http(s) URL of the object",
+            )
+        cause = (
+            reason.args[1]
+            if isinstance(reason, ux.ProtocolError) and len(reason.args) > 1
+            else None
+        )
+        if isinstance(cause, http.client.HTTPException) and not isinstance(
+            cause, OSError | http.client.IncompleteRead
+        ):  # a malformed answer: too many headers, a line too long, a bad status line
+            return SourceUnusable(
+                f"{self._name}: the server's answer is not valid HTTP: {text}",
+                hint="import from a standard object store or web server, without a proxy "
+                "that mangles the answers",
+            )
+        if isinstance(reason, ux.HTTPError | OSError):  # resets, timeouts, truncated bodies
             return Transient(f"{self._name}: {text}")
         return SystemError_(f"{self._name}: {text}")
 

@@ -32,7 +32,9 @@ Why retries live here: a migration streams gigabytes over minutes to hours,
 through links and servers that have bad moments (a 503, a reset connection, a
 store restarting). Transient faults are retried with exponential backoff and
 jitter for a bounded time; permanent ones (403, 404, a changed object) are
-raised at once as typed errors by the concrete source.
+raised at once as typed errors by the concrete source. A source given a
+`deadline` (the import's --timeout) sends no request and sleeps no backoff past
+it: it raises TaskTimeout instead.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TypeVar
 
-from rehost.errors import SystemError_
+from rehost.errors import SourceUnavailable, SystemError_, TaskTimeout
 
 MiB = 1 << 20
 DEFAULT_CHUNK = 4 * MiB
@@ -69,7 +71,14 @@ T = TypeVar("T")
 
 
 class Transient(Exception):
-    """A fault worth retrying: a 5xx, a reset or refused connection, a timeout, a short body."""
+    """A fault worth retrying: a 5xx, a reset or refused connection, a timeout, a short body.
+
+    `retry_after`: the seconds the server asked to be left alone for (Retry-After), if any.
+    """
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 @dataclass(frozen=True)
@@ -84,7 +93,10 @@ class RetryPolicy:
     base_delay: float = 0.25
     max_delay: float = 10.0
     deadline: float = 60.0
-    """Give up rather than sleep past this many seconds after the first attempt."""
+    """Give up rather than sleep past this many seconds after the first failure.
+
+    Counted from the first failure, not the first attempt: a slow body that breaks after
+    minutes of progress deserves its retries as much as a request refused at once."""
 
     def delay(self, failures: int) -> float:
         d = min(self.max_delay, self.base_delay * 2.0 ** (failures - 1))
@@ -101,22 +113,26 @@ class RetryPolicy:
         """Call `fn` until it returns, raises a non-`Transient` error, or the budget is spent.
 
         `sleep(seconds)` returns True when the wait was cut short (the source was closed).
+        A server's Retry-After is waited for, within `max_delay`.
         """
-        began = time.monotonic()
+        first_failure: float | None = None
         failures = 0
         while True:
             try:
                 return fn()
             except Transient as e:
                 failures += 1
-                elapsed = time.monotonic() - began
+                if first_failure is None:
+                    first_failure = time.monotonic()
+                elapsed = time.monotonic() - first_failure
                 pause = self.delay(failures)
+                if e.retry_after is not None:
+                    pause = max(pause, min(e.retry_after, self.max_delay))
                 if failures >= self.attempts or elapsed + pause > self.deadline:
-                    raise SystemError_(
-                        f"{what}: gave up after {failures} attempts in {elapsed:.1f}s; "
-                        f"last error: {e}",
-                        hint="the storage kept failing or could not be reached; check that "
-                        "it is up and reachable from this server, then run the import again",
+                    raise SourceUnavailable(
+                        f"{what}: gave up after {failures} attempts, {elapsed:.1f}s after the first "
+                        f"failure; "
+                        f"last error: {e}"
                     ) from None
                 if on_retry:
                     on_retry(e)
@@ -192,6 +208,7 @@ class ReadAheadSource:
         cache_bytes: int = DEFAULT_CACHE,
         request_size: int = DEFAULT_REQUEST,
         retry: RetryPolicy | None = None,
+        deadline: float | None = None,
     ) -> None:
         if chunk_size <= 0 or readahead < 0:
             raise ValueError("chunk_size must be positive and readahead not negative")
@@ -206,6 +223,8 @@ class ReadAheadSource:
         self.readahead = min(readahead, room - (self._group - 1))
         self.cache_limit = cache_bytes
         self.retry = retry or RetryPolicy()
+        self.deadline = deadline
+        """A `time.monotonic()` past which nothing is sent or waited for (the import's timeout)."""
         self._small = min(SMALL_BLOCK, chunk_size)
         self._ramp = max(self._small, chunk_size // 8)
         """Bytes a stream must have consumed before it is served by whole chunks."""
@@ -239,7 +258,23 @@ class ReadAheadSource:
             self.bytes_fetched += n
 
     def _retrying(self, fn: Callable[[], T], what: str) -> T:
-        return self.retry.run(fn, what, sleep=self._closed.wait, on_retry=self._count_retry)
+        def attempt() -> T:
+            if self.time_left() == 0.0:
+                raise TaskTimeout(f"{what}: the import's timeout ran out while reading the source")
+            return fn()
+
+        return self.retry.run(attempt, what, sleep=self._pause, on_retry=self._count_retry)
+
+    def _pause(self, seconds: float) -> bool:
+        """Sleep between retries, waking at close (True) or at the deadline."""
+        left = self.time_left()
+        return self._closed.wait(seconds if left is None else min(seconds, left))
+
+    def time_left(self) -> float | None:
+        """Seconds until the deadline (0.0 once past it), or None without one."""
+        if self.deadline is None:
+            return None
+        return max(0.0, self.deadline - time.monotonic())
 
     def _count_retry(self, _: Transient) -> None:
         with self._lock:

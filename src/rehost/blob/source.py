@@ -126,8 +126,12 @@ def prefetch(src: RangeSource, offset: int, length: int) -> None:
         hint(offset, length)
 
 
-def open_source(location: str) -> RangeSource:
-    """Open a source by location: `s3://BUCKET/KEY`, an `https://` or `http://` URL, or a path."""
+def open_source(location: str, *, deadline: float | None = None) -> RangeSource:
+    """Open a source by location: `s3://BUCKET/KEY`, an `https://` or `http://` URL, or a path.
+
+    `deadline`: a `time.monotonic()` (the import's timeout) past which an http(s) source
+    waits for nothing and raises TaskTimeout, so a stalled server cannot outlast it.
+    """
     scheme = location.split("://", 1)[0].lower() if "://" in location else ""
     if scheme == "s3":
         from rehost.blob.s3 import S3Source
@@ -136,7 +140,7 @@ def open_source(location: str) -> RangeSource:
     if scheme in ("http", "https"):
         from rehost.blob.https import HttpsSource
 
-        return HttpsSource(location)
+        return HttpsSource(location, deadline=deadline)
     if scheme:
         raise SourceNotFound(
             f"{scheme}:// locations are not supported",

@@ -386,8 +386,10 @@ class _Import:
         self.check_time()
 
         tune_for_streaming()  # before the source's threads allocate their buffers
-        src = open_source(self.source)
+        src = open_source(self.source, deadline=self.deadline)
         self.meter = MeteredSource(src, self.rate)
+        for message in getattr(src, "notes", ()):  # e.g. a source that cannot be pinned
+            self.note(message)
         self.fetched_before = getattr(src, "bytes_fetched", None)
         self.requests_before = getattr(src, "requests", None)
         self.image = self._metadata(lambda: open_image(self.meter_source, self.format))
