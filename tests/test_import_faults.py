@@ -11,7 +11,7 @@ import pytest
 
 from helpers import MiB, oracle_sha256, run, s3_client, sha256_file, write_guest
 from rehost import objectstore
-from rehost.errors import SourceChanged
+from rehost.errors import SourceChanged, TaskTimeout
 from rehost.offline.task import run_import
 
 
@@ -74,6 +74,23 @@ def test_store_restarted_mid_import_completes(
     assert result.get("restarted")
     assert report.verified
     assert sha256_file(dest) == oracle_sha256(image, tmp_path)
+
+
+def test_a_store_gone_mid_import_ends_at_the_timeout(
+    own_store: objectstore.StoreInfo, uploaded: str, tmp_path: Path
+) -> None:
+    """The store stops and stays down: --timeout ends the import as TASK_TIMEOUT, when it
+    says, instead of a minute of retries first (the deadline bounds them)."""
+    dest = tmp_path / "out.raw"
+    stopper = threading.Thread(
+        target=lambda: (_wait_for(dest), objectstore.stop(Path(own_store.directory)))
+    )
+    stopper.start()
+    began = time.monotonic()
+    with pytest.raises(TaskTimeout):
+        run_import(uploaded, dest, state_dir=tmp_path / "state", rate_limit_mbps=40, timeout=15)
+    stopper.join()
+    assert time.monotonic() - began < 30
 
 
 def test_object_replaced_mid_import_fails_with_source_changed(

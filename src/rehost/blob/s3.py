@@ -77,7 +77,8 @@ class S3Source(ReadAheadSource):
 
     `S3Source(bucket, key)` or `S3Source.from_url("s3://bucket/key")`; keyword
     arguments `client` (an S3 client; default: from the environment),
-    `chunk_size`, `readahead`, `cache_bytes` and `retry` (see `ReadAheadSource`).
+    `chunk_size`, `readahead`, `cache_bytes`, `retry` and `deadline` (see `ReadAheadSource`:
+    no request or backoff past it; a request already sent is bounded by botocore's timeouts).
     `etag` is the pinned ETag, `last_modified` (ISO 8601) and `version_id` (None unless
     the bucket is versioned) identify the object further; counters `bytes_fetched`,
     `requests`, `retries`.
@@ -93,9 +94,14 @@ class S3Source(ReadAheadSource):
         readahead: int = DEFAULT_READAHEAD,
         cache_bytes: int = DEFAULT_CACHE,
         retry: RetryPolicy | None = None,
+        deadline: float | None = None,
     ) -> None:
         super().__init__(
-            chunk_size=chunk_size, readahead=readahead, cache_bytes=cache_bytes, retry=retry
+            chunk_size=chunk_size,
+            readahead=readahead,
+            cache_bytes=cache_bytes,
+            retry=retry,
+            deadline=deadline,
         )
         self.bucket = bucket
         self.key = key

@@ -129,14 +129,15 @@ def prefetch(src: RangeSource, offset: int, length: int) -> None:
 def open_source(location: str, *, deadline: float | None = None) -> RangeSource:
     """Open a source by location: `s3://BUCKET/KEY`, an `https://` or `http://` URL, or a path.
 
-    `deadline`: a `time.monotonic()` (the import's timeout) past which an http(s) source
-    waits for nothing and raises TaskTimeout, so a stalled server cannot outlast it.
+    `deadline`: a `time.monotonic()` (the import's timeout) past which a remote source
+    sends no request and waits out no backoff, and raises TaskTimeout: a store that is down
+    or stalled cannot outlast it (an http(s) source also cuts its socket timeouts to it).
     """
     scheme = location.split("://", 1)[0].lower() if "://" in location else ""
     if scheme == "s3":
         from rehost.blob.s3 import S3Source
 
-        return S3Source.from_url(location)
+        return S3Source.from_url(location, deadline=deadline)
     if scheme in ("http", "https"):
         from rehost.blob.https import HttpsSource
 
