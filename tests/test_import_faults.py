@@ -82,9 +82,12 @@ def test_a_store_gone_mid_import_ends_at_the_timeout(
     """The store stops and stays down: --timeout ends the import as TASK_TIMEOUT, when it
     says, instead of a minute of retries first (the deadline bounds them)."""
     dest = tmp_path / "out.raw"
-    stopper = threading.Thread(
-        target=lambda: (_wait_for(dest), objectstore.stop(Path(own_store.directory)))
-    )
+
+    def stop() -> None:
+        _wait_for(dest)
+        objectstore.stop(Path(own_store.directory))
+
+    stopper = threading.Thread(target=stop)
     stopper.start()
     began = time.monotonic()
     with pytest.raises(TaskTimeout):
