@@ -7,6 +7,8 @@ until then.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -39,7 +41,7 @@ from rehost.image.base import ExtentKind
 from rehost.objectstore import StoreInfo
 from rehost.offline import StateDir, StateDirInUse, default_state_dir, run_import
 from rehost.offline import task as task_module
-from rehost.offline.state import import_key
+from rehost.offline.state import StateDirUnusable, import_key
 from rehost.offline.verify import Verifier
 
 _RUNNER = """
@@ -325,6 +327,41 @@ def test_a_device_in_use_is_refused(
     assert report.verified
 
 
+def test_a_file_another_import_writes_is_refused(guest_raw: Path, tmp_path: Path) -> None:
+    """Two imports into one file from two state dirs: one would write over segments the
+    other had verified, which then reported a disk holding neither image as done. A
+    running import holds its file with flock; the test holds it the same way."""
+    dest = tmp_path / "out.raw"
+    dest.write_bytes(b"")
+    os.truncate(dest, guest_raw.stat().st_size)
+    held = os.open(dest, os.O_RDONLY)
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(DestinationError) as info:
+            run_import(str(guest_raw), dest, state_dir=tmp_path / "state")
+    finally:
+        os.close(held)
+    assert "the destination of another import" in info.value.reason
+    assert run_import(str(guest_raw), dest, state_dir=tmp_path / "state").verified
+
+
+def test_a_state_dir_that_cannot_be_written_is_a_typed_error(
+    guest_raw: Path, tmp_path: Path
+) -> None:
+    """A full filesystem under the state dir was SYSTEM_ERROR, 'a bug in rehost'."""
+    full = tmp_path / "full"
+    full.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "none", full], check=True)
+    try:
+        with open(full / "filler", "wb") as f, contextlib.suppress(OSError):
+            f.write(bytes(1 << 20))
+        with pytest.raises(StateDirUnusable) as info:
+            run_import(str(guest_raw), tmp_path / "out.raw", state_dir=full / "state")
+    finally:
+        subprocess.run(["umount", full], check=True)
+    assert info.value.code == "STATE_DIR_UNUSABLE" and str(full) in info.value.reason
+
+
 def test_a_running_import_holds_its_state_dir(guest_raw: Path, tmp_path: Path) -> None:
     sd = StateDir(tmp_path / "state")
     sd.create()
@@ -392,6 +429,33 @@ def _interrupt(
 def save_every_checkpoint(monkeypatch: pytest.MonkeyPatch) -> None:
     """Save each checkpoint (not once a second), so a crash's last checkpoint is known."""
     monkeypatch.setattr(task_module, "CHECKPOINT_INTERVAL", 0.0)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("segments", {"0": "zz"}),
+        ("runs", "x"),
+        ("checkpoint", [1]),
+        ("segments", [1]),
+        ("digest", "not hex"),
+    ],
+    ids=["segment-not-hex", "runs-not-int", "checkpoint-list", "segments-list", "digest"],
+)
+@pytest.mark.usefixtures("save_every_checkpoint")
+def test_a_damaged_state_starts_over(big: Big, tmp_path: Path, field: str, value: object) -> None:
+    """A state saved with values a resume cannot use was SYSTEM_ERROR on every run (the
+    failure saved them back); it is unreadable, so the import starts over."""
+    dest, sd = tmp_path / "out.raw", tmp_path / "state"
+    saved = _interrupt(big.qcow2, dest, sd, after=100 * MiB)
+    if field == "segments":
+        saved["checkpoint"]["segments"] = value
+    else:
+        saved[field] = value
+    (sd / "state.json").write_text(json.dumps(saved))
+    report = run_import(str(big.qcow2), dest, state_dir=sd)
+    assert report.resumed_from == 0 and report.verified
+    assert sha256_file(dest) == big.raw_sha
 
 
 @pytest.mark.usefixtures("save_every_checkpoint")

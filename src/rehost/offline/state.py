@@ -53,6 +53,14 @@ class StateDirInUse(RehostError):
     )
 
 
+class StateDirUnusable(RehostError):
+    code = "STATE_DIR_UNUSABLE"
+    message = "the import's state directory cannot be written"
+    default_hint = (
+        "free space on its filesystem or fix its permissions, or pass another --state-dir"
+    )
+
+
 def base_state_dir() -> Path:
     """$REHOST_STATE_DIR, or rehost's directory under $XDG_STATE_HOME (~/.local/state)."""
     base = os.environ.get("REHOST_STATE_DIR") or os.path.join(
@@ -178,13 +186,35 @@ class ImportState:
         if data.get("version") != STATE_VERSION:
             raise ValueError(f"unknown state version {data.get('version')!r}")
         cp = data.get("checkpoint") or {}
-        segments = {int(k): str(v) for k, v in (cp.get("segments") or {}).items()}
+        segments = {int(k): _hex_digest(v) for k, v in dict(cp.get("segments") or {}).items()}
         fields = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
         fields["checkpoint"] = Checkpoint(int(cp.get("offset", 0)), segments)
         state = cls(**fields)
         if state.status not in STATUSES:
             raise ValueError(f"unknown status {state.status!r}")
+        for name in ("runs", "virtual_size", "file_size"):  # a resume does arithmetic on them
+            if type(getattr(state, name)) is not int:
+                raise ValueError(f"{name} is not an integer")
+        if state.digest is not None:
+            _hex_digest(state.digest)
         return state
+
+
+def _hex_digest(value: object) -> str:
+    """A sha256 digest as hex, or ValueError: a resume feeds saved digests to bytes.fromhex."""
+    if not isinstance(value, str) or len(value) != 64:
+        raise ValueError(f"{value!r} is not a digest")
+    bytes.fromhex(value)
+    return value
+
+
+@contextlib.contextmanager
+def _writable(path: Path) -> Iterator[None]:
+    """Setting up the state dir: a full or read-only filesystem is the operator's to fix."""
+    try:
+        yield
+    except OSError as e:
+        raise StateDirUnusable(f"{path}: {e.strerror}") from e
 
 
 class StateDir:
@@ -198,7 +228,8 @@ class StateDir:
         self._lock_fd = -1
 
     def create(self) -> None:
-        self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        with _writable(self.path):
+            self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
 
     def load(self) -> ImportState | None:
         """The saved state, or None if there is none. Unreadable state raises ValueError."""
@@ -211,7 +242,7 @@ class StateDir:
             if not isinstance(data, dict):
                 raise ValueError("not a JSON object")
             return ImportState.from_json(data)
-        except (ValueError, TypeError, KeyError) as e:
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
             raise ValueError(f"{self.state_file} is unreadable: {e}") from e
 
     def save(self, state: ImportState) -> None:
@@ -240,7 +271,8 @@ class StateDir:
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
         """Hold the directory's lock; refuse if another running import holds it."""
-        fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        with _writable(self.path / LOCK_FILE):
+            fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -251,8 +283,9 @@ class StateDir:
                 raise StateDirInUse(
                     f"another import (pid {holder}) is running with the state in {self.path}"
                 ) from e
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            with _writable(self.path / LOCK_FILE):
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
             yield
         finally:
             os.close(fd)  # releases the lock
@@ -263,7 +296,8 @@ class ImportLog:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._f = open(path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115
+        with _writable(path):
+            self._f = open(path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115
 
     def __call__(self, message: str) -> None:
         stamp = datetime.now(UTC).isoformat(timespec="milliseconds")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import errno
+import fcntl
 import os
 import stat
 import time
@@ -327,8 +328,9 @@ class _Import:
             if e.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise self._unexpected(e) from e
             full = DestinationError(
-                f"no space left for {self.dest} ({e}); free some space and run the import "
-                "again to resume"
+                f"no space left for {self.dest} ({e})",
+                hint="free space on the filesystem that holds the destination (or its state "
+                "dir), then run the same command again to resume",
             )
             self._fail(full)
             raise full from e
@@ -446,7 +448,7 @@ class _Import:
         if os.path.lexists(self.dest):
             if not is_url(self.source) and _same_file(self.source, self.dest):
                 raise DestinationError(f"{self.dest} is the source image itself")
-            self._claim_device()
+            self._claim_destination()
             self.disk = open_disk(self.dest)
             return self.disk.size, True
         parent = os.path.dirname(os.path.abspath(self.dest))
@@ -457,19 +459,25 @@ class _Import:
             )
         return img.virtual_size, False
 
-    def _claim_device(self) -> None:
-        """Open a block device exclusively for the whole import: this fails while it is
-        mounted or held by another exclusive user, and keeps it from being mounted meanwhile."""
+    def _claim_destination(self) -> None:
+        """Hold the destination for the whole import. A block device is opened exclusively:
+        that fails while it is mounted or held, and keeps it from being mounted meanwhile. A
+        file is flock-ed: another import into it (from another state dir) would write over
+        segments this one has verified, and one of the two would report a disk that holds
+        neither image."""
         try:
-            if not stat.S_ISBLK(os.stat(self.dest).st_mode):
+            if stat.S_ISBLK(os.stat(self.dest).st_mode):
+                self._claim = os.open(self.dest, os.O_RDONLY | os.O_EXCL | os.O_CLOEXEC)
                 return
-            self._claim = os.open(self.dest, os.O_RDONLY | os.O_EXCL | os.O_CLOEXEC)
+            self._claim = os.open(self.dest, os.O_RDONLY | os.O_CLOEXEC)
+            fcntl.flock(self._claim, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
-            if e.errno != errno.EBUSY:
+            if e.errno not in (errno.EBUSY, errno.EWOULDBLOCK):
                 raise DestinationError(f"{self.dest}: {e.strerror}") from e
             raise DestinationError(
-                f"{self.dest} is in use (mounted, or claimed by another program)",
-                hint="unmount the destination device, or stop what holds it, and run it again",
+                f"{self.dest} is in use (mounted, claimed by another program, or the "
+                "destination of another import)",
+                hint="unmount the destination, or stop what holds it, and run it again",
             ) from e
 
     def _plan_resume(
@@ -535,6 +543,7 @@ class _Import:
         self.set_step("writing")
         if self.disk is None:
             self.disk = open_disk(self.dest, create_size=img.virtual_size)
+            self._claim_destination()
             st.dest_created = True
             self.note(f"created {self.dest}: a sparse raw file of {img.virtual_size} bytes")
         st.dest_identity = dest_identity(self.dest, self.disk.size)
@@ -626,7 +635,10 @@ class _Import:
             st.checkpoint = Checkpoint()  # what is on the disk cannot be trusted: start over
             raise ImageVerificationError(
                 f"{self.dest} reads back with content digest {got}, but the image's guest "
-                f"bytes have content digest {expected}; the destination does not hold the image"
+                f"bytes have content digest {expected}; the destination does not hold the image",
+                hint="something wrote to the destination during or since the import, or it "
+                "did not keep what was written (a failing disk); run the import again to "
+                "rewrite it, and check the disk if this repeats",
             )
         self.log(f"verified: {self.dest} reads back with content digest {got}")
 
