@@ -453,7 +453,7 @@ def test_wrong_token_is_refused_and_logged(env: Env) -> None:
     result = env.agent(token="not-the-token")
     assert result["error"] == "TOKEN_REJECTED"
     log = env.receiver.log_text()
-    assert "refused GET /v1/hello" in log
+    assert "refused GET '/v1/hello'" in log
     assert "not-the-token" not in log and TOKEN not in log
 
 
@@ -499,6 +499,95 @@ agent.close()
 print(json.dumps({"at_once": at_once, "later": later, "agent": [first, second],
                   "after": hello(http.client.HTTPSConnection(host, int(port), context=ctx))}))
 """
+
+
+_SLOW = r"""
+import http.client, json, socket, ssl, sys, time
+host, port = sys.argv[1].split(":")
+token = sys.argv[2]
+ctx = ssl._create_unverified_context()
+def tls():
+    return ctx.wrap_socket(socket.create_connection((host, int(port))), server_hostname=host)
+def status(s):
+    s.settimeout(10)
+    data = b""
+    try:
+        while b"\r\n" not in data:
+            more = s.recv(4096)
+            if not more:
+                break
+            data += more
+    except OSError:
+        pass
+    return int(data.split()[1]) if data.startswith(b"HTTP/") else None
+out = {}
+# a head trickled a byte every 0.3 s: cut at the pre-auth deadline, not kept alive by each byte
+s = tls()
+s.sendall(b"GET /v1/hello HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+began = time.monotonic()
+try:
+    for _ in range(40):
+        s.send(b"a")
+        time.sleep(0.3)
+except OSError:
+    pass
+out["trickle_cut_after"] = round(time.monotonic() - began, 1)
+s.close()
+# the token beyond 32 KiB of headers is never read: a 401, not a 200
+s = tls()
+s.sendall(b"GET /v1/hello HTTP/1.1\r\n" + b"".join(b"X-%d: %s\r\n" % (i, b"a" * 1000) for i in range(40))
+          + b"Authorization: Bearer " + token.encode() + b"\r\n\r\n")
+out["late_token"] = status(s)
+s.close()
+# wrong tokens: answered, but logged once, not thirty times
+for _ in range(30):
+    c = http.client.HTTPSConnection(host, int(port), context=ctx)
+    c.request("GET", "/v1/hello%1b[2J", headers={"Authorization": "Bearer wrong"})
+    out.setdefault("wrong", []).append(c.getresponse().status)
+    c.close()
+# one address holds at most two unauthenticated connections here
+held = [socket.create_connection((host, int(port))) for _ in range(3)]
+time.sleep(0.3)
+def closed(x):
+    x.setblocking(False)
+    try:
+        return x.recv(1) == b""
+    except BlockingIOError:
+        return False
+    except ConnectionError:
+        return True
+out["held_closed"] = [closed(x) for x in held]
+for x in held:
+    x.close()
+time.sleep(0.3)
+c = http.client.HTTPSConnection(host, int(port), context=ctx)
+c.request("GET", "/v1/hello", headers={"Authorization": "Bearer " + token})
+out["agent"] = c.getresponse().status
+print(json.dumps(out))
+"""
+
+
+def test_an_unauthenticated_client_is_held_to_a_deadline_a_budget_and_a_quiet_log(
+    env: Env,
+) -> None:
+    """An unauthenticated client trickling its head kept a connection (and its memory:
+    100 headers of 64 KiB) for as long as it liked, 64 of them locked the agent out, and
+    each refusal logged its whole path: ~49 MB/s of log from one client."""
+    env.receiver.kill()
+    env.receiver.limits = {"preauth_timeout": 1.5, "preauth_per_ip": 2}
+    env.receiver.start()
+    proc = subprocess.run(
+        env.pair.cmd(env.pair.source, [PY, "-c", _SLOW, env.receiver.addr, TOKEN]),
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["trickle_cut_after"] < 4, out
+    assert out["late_token"] == 401, out
+    assert out["wrong"] == [401] * 30, out
+    assert out["held_closed"] == [False, False, True], out
+    assert out["agent"] == 200, out
+    assert env.receiver.log_text().count("refused GET") == 1, env.receiver.log_text()
 
 
 def test_a_flood_of_idle_connections_is_capped_and_dropped(env: Env) -> None:
@@ -628,8 +717,21 @@ print(json.dumps([int(head.split()[1]), json.loads(body or b"{}")]))
         "POST /v1/manifest/root HTTP/1.1\r\nTransfer-Encoding: chunked\r\n",
         "POST /v1/prepare HTTP/1.1\r\nContent-Length: -1\r\n",
         "POST /v1/manifest/root HTTP/1.1\r\nContent-Length: 1e3\r\n",
+        # a body the handler would leave unread, to be parsed as the next request
+        "GET /v1/hello HTTP/1.1\r\nContent-Length: 64\r\n",
+        "POST /v1/finish/root HTTP/1.1\r\nContent-Length: 2\r\nContent-Length: 0\r\n",
+        "POST /v1/manifest/root HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n",
+        "POST /v1/prepare HTTP/1.1\r\nTransfer-Encoding: chunked\r\n",
     ],
-    ids=["chunk size -1", "Content-Length -1", "Content-Length 1e3"],
+    ids=[
+        "chunk size -1",
+        "Content-Length -1",
+        "Content-Length 1e3",
+        "GET with a body",
+        "two Content-Lengths",
+        "a coding before chunked",
+        "chunked JSON",
+    ],
 )
 def test_a_malformed_body_length_is_refused_at_once(env: Env, head: str) -> None:
     """A length of -1 made the receiver read the connection to its end, into memory (an

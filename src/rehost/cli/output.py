@@ -9,6 +9,7 @@ import sys
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
+from logging.handlers import RotatingFileHandler
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -66,12 +67,17 @@ def log_path() -> Path:
     return state_dir() / "log" / "rehost.log"
 
 
+LOG_BYTES = 16 << 20
+"""Bytes of rehost.log before it rotates (three old ones are kept)."""
+
+
 def setup_logging() -> logging.Handler:
     """Add the log file's handler; the caller removes it (see `end_logging`) when done."""
     path = log_path()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        handler: logging.Handler = logging.FileHandler(path)
+        # rotated: a receiver faces the internet, and a rescue system's disk is small
+        handler: logging.Handler = RotatingFileHandler(path, maxBytes=LOG_BYTES, backupCount=3)
     except OSError:
         handler = logging.NullHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))

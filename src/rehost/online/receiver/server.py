@@ -48,6 +48,7 @@ from rehost.online.receiver.fixup_hook import run_fixups
 from rehost.online.receiver.journal import write_atomic
 
 BLKSSZGET = 0x1268  # ioctl: a block device's logical sector size
+REAP_SECONDS = 0.5  # how often pre-auth deadlines are checked
 
 log = logging.getLogger("rehost.receiver")
 
@@ -303,10 +304,46 @@ def _describe(source: str) -> str:
     return f"host {host} ({ident})" if ident else "an agent that does not say which host"
 
 
+_PREAUTH = threading.local()
+"""The connection's _Gate, for its handler: finish_request runs in the connection's thread."""
+HEAD_BUDGET = 32 * 1024
+"""Bytes of request line and headers an unauthenticated connection may send (an agent's
+are a few hundred); http.server alone allows 100 lines of 64 KiB, 6.4 MB a connection."""
+
+
+class _Head:
+    """The connection's stream until it authenticates: reads of the request line and
+    headers share HEAD_BUDGET; past it the head simply ends, and is refused as it stands."""
+
+    def __init__(self, raw: Any) -> None:
+        self.raw = raw
+        self.left = HEAD_BUDGET
+
+    def readline(self, size: int = -1) -> bytes:
+        n = self.left if size < 0 else min(size, self.left)
+        line: bytes = self.raw.readline(n) if n > 0 else b""
+        self.left -= len(line)
+        return line
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.raw, name)
+
+
+def _shown(path: str) -> str:
+    """A request path for the log: its start, with control characters escaped."""
+    return repr(path[:120] + ("…" if len(path) > 120 else ""))
+
+
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "rehost-receiver"
     server: _Server
+    rfile: Any  # a _Head until the connection authenticates
+
+    def setup(self) -> None:
+        super().setup()
+        self._raw_rfile = self.rfile
+        self.rfile = _Head(self.rfile)
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s %s", self.client_address[0], format % args)
@@ -324,9 +361,12 @@ class _Handler(BaseHTTPRequestHandler):
         except OSError as e:  # the agent is gone, or a newer request took over (_hold)
             self.close_connection = True
             log.info("%s %s %s -> %d, not delivered: %s", self.client_address[0],
-                     self.command, self.path, status, e)  # fmt: skip
+                     self.command, _shown(self.path), status, e)  # fmt: skip
             return
-        log.info("%s %s %s -> %d", self.client_address[0], self.command, self.path, status)
+        if status != 401:  # refusals are counted, not logged one by one (see _authorised)
+            log.info(
+                "%s %s %s -> %d", self.client_address[0], self.command, _shown(self.path), status
+            )
 
     def _body(self) -> Any:
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
@@ -334,16 +374,31 @@ class _Handler(BaseHTTPRequestHandler):
         return _Limited(self.rfile, _content_length(self.headers.get("Content-Length")))
 
     def _json_body(self) -> dict[str, Any]:
+        if self.headers.get("Transfer-Encoding") is not None:
+            raise ProtocolError("BAD_REQUEST", "a JSON body is sent with its Content-Length")
         length = _content_length(self.headers.get("Content-Length"))
         if length > _MAX_JSON:
             raise ProtocolError("TOO_LARGE", "the JSON body is too large")
         try:
             obj = json.loads(self.rfile.read(length) or b"{}")
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested deeper than Python's stack
             raise ProtocolError("BAD_JSON", "the body is not JSON") from None
         if not isinstance(obj, dict):
             raise ProtocolError("BAD_JSON", "the body is not a JSON object")
         return obj
+
+    def _check_framing(self) -> None:
+        """One unambiguous body length, and none on a GET: a body left unread would be
+        parsed as the next request on the connection (behind a proxy, a smuggled one)."""
+        lengths = self.headers.get_all("Content-Length") or []
+        coding = self.headers.get("Transfer-Encoding")
+        if len(lengths) > 1 or (coding is not None and lengths):
+            raise ProtocolError("BAD_REQUEST", "the request gives its body's length twice")
+        if coding is not None and coding.strip().lower() != "chunked":
+            raise ProtocolError("BAD_REQUEST", f"a Transfer-Encoding {coding[:32]!r}")
+        has_body = coding is not None or (lengths and _content_length(lengths[0]) > 0)
+        if has_body and self.command == "GET":
+            raise ProtocolError("BAD_REQUEST", "a GET request with a body")
 
     def _source(self) -> str | None:
         return self.headers.get(SOURCE_HEADER)
@@ -353,10 +408,13 @@ class _Handler(BaseHTTPRequestHandler):
         want = "Bearer " + self.server.receiver.token
         if hmac.compare_digest(given.encode(), want.encode()):
             self.connection.settimeout(self.server.request_timeout)
+            self.rfile = self._raw_rfile
+            _PREAUTH.gate.passed()
             return True
-        log.warning(
+        self.server.quietly(
+            "token",
             "refused %s %s from %s: %s token",
-            self.command, self.path, self.client_address[0], "a wrong" if given else "no",
+            self.command, _shown(self.path), self.client_address[0], "a wrong" if given else "no",
         )  # fmt: skip
         self.close_connection = True
         self._reply(401, {"code": "TOKEN_REJECTED", "message": "missing or wrong token"})
@@ -375,6 +433,7 @@ class _Handler(BaseHTTPRequestHandler):
         url = urlsplit(self.path)
         parts = [unquote(p) for p in url.path.split("/") if p]
         try:
+            self._check_framing()
             if parts[:1] != ["v1"] or len(parts) < 2:
                 raise LookupError
             route = (self.command, parts[1])
@@ -493,7 +552,11 @@ class _Server(ThreadingHTTPServer):
     max_connections = 64
     """Connections served at once. An agent keeps one; beyond this, new ones are closed."""
     preauth_timeout = 30.0
-    """Seconds a socket operation may wait until the connection's first authorised request."""
+    """Seconds a connection has, from its accept, to make its first authorised request:
+    its handshake, request line and headers together, however slowly it sends them."""
+    preauth_per_ip = 8
+    """Connections one address may hold before they authenticate: an agent needs one or
+    two, and one client cannot take every slot."""
     request_timeout = SILENCE_SECONDS
     """Seconds a socket operation may wait once the connection has authenticated: an agent
     may be silent while it hashes a large file; keepalives notice a dead one sooner."""
@@ -504,7 +567,25 @@ class _Server(ThreadingHTTPServer):
         self._slots = threading.BoundedSemaphore(self.max_connections)
         self._refused = 0
         self._refusal_logged = 0.0
+        self._lock = threading.Lock()
+        self._waiting: dict[str, int] = {}  # unauthenticated connections by address
+        self._quiet: dict[str, tuple[float, int]] = {}  # key -> (last logged, suppressed)
+        self._gates: set[_Gate] = set()
+        self._closing = threading.Event()
         super().__init__(address, _Handler)
+        threading.Thread(target=self._reap, name="preauth-reaper", daemon=True).start()
+
+    def quietly(self, key: str, fmt: str, *args: Any) -> None:
+        """A warning anyone on the internet can cause: at most one per key every 10 s, with
+        a count of those left out, so that a flood cannot fill the rescue system's disk."""
+        now = time.monotonic()
+        with self._lock:
+            last, left_out = self._quiet.get(key, (0.0, 0))
+            if now - last < 10:
+                self._quiet[key] = (last, left_out + 1)
+                return
+            self._quiet[key] = (now, 0)
+        log.warning(fmt + (f" ({left_out} more like it not logged)" if left_out else ""), *args)
 
     def process_request(self, request: Any, client_address: Any) -> None:
         if not self._slots.acquire(blocking=False):
@@ -532,20 +613,91 @@ class _Server(ThreadingHTTPServer):
             self._slots.release()
 
     def finish_request(self, request: Any, client_address: Any) -> None:
+        ip = client_address[0]
+        with self._lock:
+            if self._waiting.get(ip, 0) >= self.preauth_per_ip:
+                crowded = True
+            else:
+                crowded = False
+                self._waiting[ip] = self._waiting.get(ip, 0) + 1
+        if crowded:
+            self.quietly("crowded", "refused a connection from %s: %d of its connections "
+                         "have not authenticated yet", ip, self.preauth_per_ip)  # fmt: skip
+            return
+        gate = _PREAUTH.gate = _Gate(self, ip, request)
         request.settimeout(self.preauth_timeout)
         # answers are written as headers then body: without this, Nagle holds the body back
         # until the agent's delayed ACK of the headers (40 ms per request)
         request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         keep_alive(request)
         try:
-            tls = self.context.wrap_socket(request, server_side=True)
-        except (ssl.SSLError, OSError) as e:
-            log.info("TLS handshake with %s failed: %s", client_address[0], e)
-            return
-        super().finish_request(tls, client_address)
+            try:
+                tls = self.context.wrap_socket(request, server_side=True)
+            except (ssl.SSLError, OSError) as e:
+                self.quietly("handshake", "TLS handshake with %s failed: %s", ip, e)
+                return
+            gate.sock = tls  # wrapping detached `request` from its descriptor
+            super().finish_request(tls, client_address)
+        finally:
+            gate.close()
+
+    def watch(self, gate: _Gate) -> None:
+        with self._lock:
+            self._gates.add(gate)
+
+    def authenticated(self, gate: _Gate) -> None:
+        with self._lock:
+            self._gates.discard(gate)
+            self._waiting[gate.ip] -= 1
+            if not self._waiting[gate.ip]:
+                del self._waiting[gate.ip]
+
+    def _reap(self) -> None:
+        """One thread for every connection's pre-auth deadline (not a timer each)."""
+        while not self._closing.wait(REAP_SECONDS):
+            now = time.monotonic()
+            with self._lock:
+                late = [g for g in self._gates if g.deadline <= now]
+            for gate in late:
+                gate.cut()
+
+    def server_close(self) -> None:
+        self._closing.set()
+        super().server_close()
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         log.warning("connection from %s ended with an error", client_address[0], exc_info=True)
+
+
+class _Gate:
+    """One connection's way to its first authorised request: the server's reaper cuts it
+    (shuts the raw socket down, which wakes its handler's blocked read) if it has not got
+    there by `deadline`."""
+
+    def __init__(self, server: _Server, ip: str, sock: socket.socket) -> None:
+        self.server = server
+        self.ip = ip
+        self.sock = sock
+        self.deadline = time.monotonic() + server.preauth_timeout
+        self.open = True  # not authenticated yet
+        self.lock = threading.Lock()
+        server.watch(self)
+
+    def cut(self) -> None:
+        with self.lock:
+            if self.open:
+                with contextlib.suppress(OSError):  # the plain shutdown: SSLSocket's drops its
+                    socket.socket.shutdown(self.sock, socket.SHUT_RDWR)  # TLS state under a reader
+
+    def passed(self) -> None:
+        with self.lock:
+            if not self.open:
+                return
+            self.open = False
+        self.server.authenticated(self)
+
+    def close(self) -> None:
+        self.passed()
 
 
 class ReceiverStartFailed(RehostError):
