@@ -467,16 +467,10 @@ def test_wrong_fingerprint_sends_nothing(env: Env) -> None:
     assert env.receiver.log_text() == before, "the receiver saw a request"
 
 
-_FLOOD = r"""
+_CLIENT = r"""
 import http.client, json, socket, ssl, sys, time
 host, port = sys.argv[1].split(":")
-token, n = sys.argv[2], int(sys.argv[3])
 ctx = ssl._create_unverified_context()
-def hello(conn):
-    conn.request("GET", "/v1/hello", headers={"Authorization": "Bearer " + token})
-    reply = conn.getresponse()
-    reply.read()
-    return reply.status
 def closed(s):
     s.setblocking(False)
     try:
@@ -485,6 +479,19 @@ def closed(s):
         return False
     except ConnectionError:
         return True
+"""
+"""What the flood scripts below share: the receiver's address from argv[1], a TLS context
+that trusts any certificate, and closed(socket): has the receiver closed it?"""
+
+_FLOOD = (
+    _CLIENT
+    + r"""
+token, n = sys.argv[2], int(sys.argv[3])
+def hello(conn):
+    conn.request("GET", "/v1/hello", headers={"Authorization": "Bearer " + token})
+    reply = conn.getresponse()
+    reply.read()
+    return reply.status
 agent = http.client.HTTPSConnection(host, int(port), context=ctx)
 first = hello(agent)
 flood = [socket.create_connection((host, int(port))) for _ in range(n)]
@@ -499,13 +506,13 @@ agent.close()
 print(json.dumps({"at_once": at_once, "later": later, "agent": [first, second],
                   "after": hello(http.client.HTTPSConnection(host, int(port), context=ctx))}))
 """
+)
 
 
-_SLOW = r"""
-import http.client, json, socket, ssl, sys, time
-host, port = sys.argv[1].split(":")
+_SLOW = (
+    _CLIENT
+    + r"""
 token = sys.argv[2]
-ctx = ssl._create_unverified_context()
 def tls():
     return ctx.wrap_socket(socket.create_connection((host, int(port))), server_hostname=host)
 def status(s):
@@ -548,14 +555,6 @@ for _ in range(30):
 # one address holds at most two unauthenticated connections here
 held = [socket.create_connection((host, int(port))) for _ in range(3)]
 time.sleep(0.3)
-def closed(x):
-    x.setblocking(False)
-    try:
-        return x.recv(1) == b""
-    except BlockingIOError:
-        return False
-    except ConnectionError:
-        return True
 out["held_closed"] = [closed(x) for x in held]
 for x in held:
     x.close()
@@ -565,6 +564,7 @@ c.request("GET", "/v1/hello", headers={"Authorization": "Bearer " + token})
 out["agent"] = c.getresponse().status
 print(json.dumps(out))
 """
+)
 
 
 def test_an_unauthenticated_client_is_held_to_a_deadline_a_budget_and_a_quiet_log(
