@@ -453,7 +453,7 @@ def test_wrong_token_is_refused_and_logged(env: Env) -> None:
     result = env.agent(token="not-the-token")
     assert result["error"] == "TOKEN_REJECTED"
     log = env.receiver.log_text()
-    assert "refused GET '/v1/hello'" in log
+    assert "refused GET /v1/hello" in log
     assert "not-the-token" not in log and TOKEN not in log
 
 

@@ -331,7 +331,7 @@ class _Head:
 
 def _shown(path: str) -> str:
     """A request path for the log: its start, with control characters escaped."""
-    return repr(path[:120] + ("…" if len(path) > 120 else ""))
+    return repr(path[:120])[1:-1] + ("…" if len(path) > 120 else "")
 
 
 class _Handler(BaseHTTPRequestHandler):
