@@ -590,9 +590,40 @@ def test_an_unauthenticated_client_is_held_to_a_deadline_a_budget_and_a_quiet_lo
     assert env.receiver.log_text().count("refused GET") == 1, env.receiver.log_text()
 
 
+_CROWD = (
+    _CLIENT
+    + r"""
+token = sys.argv[2]
+crowd = [socket.create_connection((host, int(port))) for _ in range(3)]
+time.sleep(0.5)
+c = http.client.HTTPSConnection(host, int(port), context=ctx, timeout=10)
+c.request("GET", "/v1/hello", headers={"Authorization": "Bearer " + token})
+agent = c.getresponse().status
+time.sleep(0.3)
+print(json.dumps({"agent": agent, "crowd_closed": [closed(s) for s in crowd]}))
+"""
+)
+
+
+def test_the_agent_gets_the_slot_of_the_oldest_unauthenticated_connection(env: Env) -> None:
+    """Connections from many addresses (one here, with the per-address cap raised) held
+    every slot: an agent was refused for as long as they stayed. It now takes the slot of
+    the oldest one that has not authenticated."""
+    env.receiver.kill()
+    env.receiver.limits = {"max_connections": 3, "preauth_timeout": 30.0}
+    env.receiver.start()
+    proc = subprocess.run(
+        env.pair.cmd(env.pair.source, [PY, "-c", _CROWD, env.receiver.addr, TOKEN]),
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out == {"agent": 200, "crowd_closed": [True, False, False]}, out
+
+
 def test_a_flood_of_idle_connections_is_capped_and_dropped(env: Env) -> None:
-    """Connections beyond the cap are closed at once, and unauthenticated ones after the
-    pre-auth timeout; an authenticated connection outlives that timeout; the receiver's
+    """Beyond the cap each new connection takes the slot of the oldest unauthenticated one
+    (so all but the newest are closed at once), and the rest go after the pre-auth timeout; an authenticated connection outlives that timeout; the receiver's
     threads stay bounded, and an agent is served once the flood is over."""
     env.receiver.kill()
     env.receiver.limits = {"max_connections": 4, "preauth_timeout": 1.0}
@@ -614,7 +645,7 @@ def test_a_flood_of_idle_connections_is_capped_and_dropped(env: Env) -> None:
     assert result["agent"] == [200, 200], result  # authenticated: idle past that timeout
     assert result["after"] == 200, result
     assert busiest <= idle_threads + 4, (idle_threads, busiest)
-    assert "refused a connection from" in env.receiver.log_text()
+    assert "cut the oldest that had not authenticated" in env.receiver.log_text()
     env.src.mkdir()
     (env.src / "f").write_bytes(b"still served")
     assert env.agent()["files_sent"] == 1

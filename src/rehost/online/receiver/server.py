@@ -49,6 +49,7 @@ from rehost.online.receiver.journal import write_atomic
 
 BLKSSZGET = 0x1268  # ioctl: a block device's logical sector size
 REAP_SECONDS = 0.5  # how often pre-auth deadlines are checked
+EVICT_SECONDS = 1.0  # how long a newcomer waits for the slot of a connection it had cut
 
 log = logging.getLogger("rehost.receiver")
 
@@ -550,7 +551,8 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 64
     max_connections = 64
-    """Connections served at once. An agent keeps one; beyond this, new ones are closed."""
+    """Connections served at once. An agent keeps one; beyond this, a new one takes the slot
+    of the oldest that has not authenticated, or is closed if every one has."""
     preauth_timeout = 30.0
     """Seconds a connection has, from its accept, to make its first authorised request:
     its handshake, request line and headers together, however slowly it sends them."""
@@ -588,7 +590,7 @@ class _Server(ThreadingHTTPServer):
         log.warning(fmt + (f" ({left_out} more like it not logged)" if left_out else ""), *args)
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        if not self._slots.acquire(blocking=False):
+        if not self._slots.acquire(blocking=False) and not self._make_room():
             self._refused += 1
             now = time.monotonic()
             if now - self._refusal_logged >= 10:
@@ -605,6 +607,19 @@ class _Server(ThreadingHTTPServer):
         except BaseException:
             self._slots.release()
             raise
+
+    def _make_room(self) -> bool:
+        """Every slot is taken: cut the oldest connection that has not authenticated and
+        take its slot, so that connections from many addresses cannot lock the agent out
+        for their 30 s; an authenticated connection is never cut for a newcomer."""
+        with self._lock:
+            oldest = min(self._gates, key=lambda g: g.deadline, default=None)
+        if oldest is None:
+            return False
+        self.quietly("evicted", "all %d connections are open: cut the oldest that had not "
+                     "authenticated (from %s) to make room", self.max_connections, oldest.ip)  # fmt: skip
+        oldest.cut()
+        return self._slots.acquire(timeout=EVICT_SECONDS)
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:
@@ -636,7 +651,6 @@ class _Server(ThreadingHTTPServer):
             except (ssl.SSLError, OSError) as e:
                 self.quietly("handshake", "TLS handshake with %s failed: %s", ip, e)
                 return
-            gate.sock = tls  # wrapping detached `request` from its descriptor
             super().finish_request(tls, client_address)
         finally:
             gate.close()
@@ -677,7 +691,9 @@ class _Gate:
     def __init__(self, server: _Server, ip: str, sock: socket.socket) -> None:
         self.server = server
         self.ip = ip
-        self.sock = sock
+        # a socket of its own on the connection: wrapping it in TLS detaches `sock` from its
+        # descriptor before the handshake, and a shutdown must reach it in any phase
+        self.sock = sock.dup()
         self.deadline = time.monotonic() + server.preauth_timeout
         self.open = True  # not authenticated yet
         self.lock = threading.Lock()
@@ -686,14 +702,15 @@ class _Gate:
     def cut(self) -> None:
         with self.lock:
             if self.open:
-                with contextlib.suppress(OSError):  # the plain shutdown: SSLSocket's drops its
-                    socket.socket.shutdown(self.sock, socket.SHUT_RDWR)  # TLS state under a reader
+                with contextlib.suppress(OSError):
+                    self.sock.shutdown(socket.SHUT_RDWR)
 
     def passed(self) -> None:
         with self.lock:
             if not self.open:
                 return
             self.open = False
+            self.sock.close()  # else the connection outlives its handler's close
         self.server.authenticated(self)
 
     def close(self) -> None:
