@@ -567,21 +567,27 @@ print(json.dumps(out))
 )
 
 
+def _client_against(env: Env, script: str, **limits: float) -> Any:
+    """Restart the receiver with these _Server limits, run `script` (its address and the
+    token in argv) in the source namespace, and return the JSON it prints."""
+    env.receiver.kill()
+    env.receiver.limits = limits
+    env.receiver.start()
+    proc = subprocess.run(
+        env.pair.cmd(env.pair.source, [PY, "-c", script, env.receiver.addr, TOKEN]),
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
 def test_an_unauthenticated_client_is_held_to_a_deadline_a_budget_and_a_quiet_log(
     env: Env,
 ) -> None:
     """An unauthenticated client trickling its head kept a connection (and its memory:
     100 headers of 64 KiB) for as long as it liked, 64 of them locked the agent out, and
     each refusal logged its whole path: ~49 MB/s of log from one client."""
-    env.receiver.kill()
-    env.receiver.limits = {"preauth_timeout": 1.5, "preauth_per_ip": 2}
-    env.receiver.start()
-    proc = subprocess.run(
-        env.pair.cmd(env.pair.source, [PY, "-c", _SLOW, env.receiver.addr, TOKEN]),
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
-    out = json.loads(proc.stdout)
+    out = _client_against(env, _SLOW, preauth_timeout=1.5, preauth_per_ip=2)
     assert out["trickle_cut_after"] < 4, out
     assert out["late_token"] == 401, out
     assert out["wrong"] == [401] * 30, out
@@ -609,15 +615,7 @@ def test_the_agent_gets_the_slot_of_the_oldest_unauthenticated_connection(env: E
     """Connections from many addresses (one here, with the per-address cap raised) held
     every slot: an agent was refused for as long as they stayed. It now takes the slot of
     the oldest one that has not authenticated."""
-    env.receiver.kill()
-    env.receiver.limits = {"max_connections": 3, "preauth_timeout": 30.0}
-    env.receiver.start()
-    proc = subprocess.run(
-        env.pair.cmd(env.pair.source, [PY, "-c", _CROWD, env.receiver.addr, TOKEN]),
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
-    out = json.loads(proc.stdout)
+    out = _client_against(env, _CROWD, max_connections=3, preauth_timeout=30.0)
     assert out == {"agent": 200, "crowd_closed": [True, False, False]}, out
 
 
