@@ -512,8 +512,9 @@ def _active_swaps() -> List[Tuple[str, int]]:
 def _disk_layout(disk: str, mounts: List[Json], swap: List[Json], found: _Found) -> Optional[Json]:
     dev = _node(disk)
     # the fallback reads in the disk's own sectors: 4096 bytes on 4Kn disks
-    sector = int(_read(f"/sys/class/block/{disk}/queue/logical_block_size"))
-    table = _sfdisk_table(dev) or parse_table(dev, sector)
+    table = _sfdisk_table(dev) or parse_table(
+        dev, int(_read(f"/sys/class/block/{disk}/queue/logical_block_size"))
+    )
     if table is None or table.get("label") not in ("gpt", "dos"):
         found.unsupported.append(f"/dev/{disk} has no GPT or MBR partition table")
         return None

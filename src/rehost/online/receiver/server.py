@@ -410,7 +410,7 @@ class _Handler(BaseHTTPRequestHandler):
         if hmac.compare_digest(given.encode(), want.encode()):
             self.connection.settimeout(self.server.request_timeout)
             self.rfile = self._raw_rfile
-            _PREAUTH.gate.passed()
+            _PREAUTH.gate.release()
             return True
         self.server.quietly(
             "token",
@@ -567,12 +567,9 @@ class _Server(ThreadingHTTPServer):
         self.context = context
         self.receiver = receiver
         self._slots = threading.BoundedSemaphore(self.max_connections)
-        self._refused = 0
-        self._refusal_logged = 0.0
         self._lock = threading.Lock()
-        self._waiting: dict[str, int] = {}  # unauthenticated connections by address
         self._quiet: dict[str, tuple[float, int]] = {}  # key -> (last logged, suppressed)
-        self._gates: set[_Gate] = set()
+        self._gates: set[_Gate] = set()  # the connections that have not authenticated
         self._closing = threading.Event()
         super().__init__(address, _Handler)
         threading.Thread(target=self._reap, name="preauth-reaper", daemon=True).start()
@@ -591,15 +588,8 @@ class _Server(ThreadingHTTPServer):
 
     def process_request(self, request: Any, client_address: Any) -> None:
         if not self._slots.acquire(blocking=False) and not self._make_room():
-            self._refused += 1
-            now = time.monotonic()
-            if now - self._refusal_logged >= 10:
-                self._refusal_logged = now
-                log.warning(
-                    "refused a connection from %s: %d connections are open, the most served "
-                    "at once (%d refused so far)",
-                    client_address[0], self.max_connections, self._refused,
-                )  # fmt: skip
+            self.quietly("full", "refused a connection from %s: %d connections are open, the "
+                         "most served at once", client_address[0], self.max_connections)  # fmt: skip
             self.shutdown_request(request)
             return
         try:
@@ -630,16 +620,14 @@ class _Server(ThreadingHTTPServer):
     def finish_request(self, request: Any, client_address: Any) -> None:
         ip = client_address[0]
         with self._lock:
-            if self._waiting.get(ip, 0) >= self.preauth_per_ip:
-                crowded = True
-            else:
-                crowded = False
-                self._waiting[ip] = self._waiting.get(ip, 0) + 1
+            crowded = sum(g.ip == ip for g in self._gates) >= self.preauth_per_ip
+            if not crowded:
+                gate = _PREAUTH.gate = _Gate(self, ip, request)
+                self._gates.add(gate)
         if crowded:
             self.quietly("crowded", "refused a connection from %s: %d of its connections "
                          "have not authenticated yet", ip, self.preauth_per_ip)  # fmt: skip
             return
-        gate = _PREAUTH.gate = _Gate(self, ip, request)
         request.settimeout(self.preauth_timeout)
         # answers are written as headers then body: without this, Nagle holds the body back
         # until the agent's delayed ACK of the headers (40 ms per request)
@@ -653,18 +641,11 @@ class _Server(ThreadingHTTPServer):
                 return
             super().finish_request(tls, client_address)
         finally:
-            gate.close()
-
-    def watch(self, gate: _Gate) -> None:
-        with self._lock:
-            self._gates.add(gate)
+            gate.release()
 
     def authenticated(self, gate: _Gate) -> None:
         with self._lock:
             self._gates.discard(gate)
-            self._waiting[gate.ip] -= 1
-            if not self._waiting[gate.ip]:
-                del self._waiting[gate.ip]
 
     def _reap(self) -> None:
         """One thread for every connection's pre-auth deadline (not a timer each)."""
@@ -697,7 +678,6 @@ class _Gate:
         self.deadline = time.monotonic() + server.preauth_timeout
         self.open = True  # not authenticated yet
         self.lock = threading.Lock()
-        server.watch(self)
 
     def cut(self) -> None:
         with self.lock:
@@ -705,16 +685,14 @@ class _Gate:
                 with contextlib.suppress(OSError):
                     self.sock.shutdown(socket.SHUT_RDWR)
 
-    def passed(self) -> None:
+    def release(self) -> None:
+        """Authenticated, or ended: no longer the reaper's or the address's count."""
         with self.lock:
             if not self.open:
                 return
             self.open = False
             self.sock.close()  # else the connection outlives its handler's close
         self.server.authenticated(self)
-
-    def close(self) -> None:
-        self.passed()
 
 
 class ReceiverStartFailed(RehostError):
