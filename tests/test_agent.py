@@ -1119,11 +1119,13 @@ def test_bundle_migrates_from_bullseye_python39(
 
 def test_swap_files_with_a_non_ascii_name_under_lang_c(bundle: Path, tmp_path: Path) -> None:
     """The excludes read /proc/swaps too: under LANG=C on 3.6 a swap file named in UTF-8
-    failed to decode; it comes back as the host path os functions take."""
+    failed to decode; it comes back as the host path os functions take, with every escape
+    the kernel writes (space, tab, newline, backslash) undone, not only the space."""
     swaps = tmp_path / "swaps"
     swaps.write_bytes(
         b"Filename\tType\tSize\tUsed\tPriority\n"
         b"/sw\xc3\xa9p\\040file\tfile\t1024\t0\t-2\n/dev/vda2\tpartition\t1024\t0\t-3\n"
+        b"/tab\\011and\\134back\tfile\t1024\t0\t-4\n"
     )
     code = (
         "import os, sys; sys.path.insert(0, sys.argv[1]);"
@@ -1137,7 +1139,7 @@ def test_swap_files_with_a_non_ascii_name_under_lang_c(bundle: Path, tmp_path: P
         timeout=60,
     )
     assert proc.returncode == 0, proc.stderr.decode("ascii", "replace")
-    assert proc.stdout.decode().strip() == repr([b"/sw\xc3\xa9p file"])
+    assert proc.stdout.decode().strip() == repr([b"/sw\xc3\xa9p file", b"/tab\tand\\back"])
 
 
 def test_var_on_a_disk_left_out_fails_the_check(tmp_path: Path) -> None:

@@ -8,9 +8,9 @@ AgentError with code CONFIG_INVALID and names the offending key, because a misty
 import json
 import os
 import re
-import sys
 from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
+from rehost.online.agent.layout import active_swaps, host_path
 from rehost.online.protocol import AgentError
 
 DEFAULT_PORT = 443
@@ -214,17 +214,7 @@ def _under(path: str, source_root: str) -> Optional[str]:
 
 def swap_files(proc_swaps: str = "/proc/swaps") -> List[str]:
     """Active swap files (not partitions) from /proc/swaps, as host paths."""
-    found = []  # type: List[str]
-    try:  # decoded as os.fsdecode does: the locale's codec (ASCII under LANG=C) would fail
-        with open(proc_swaps, encoding=sys.getfilesystemencoding(), errors="surrogateescape") as f:
-            lines = f.read().splitlines()[1:]
-    except OSError:
-        return found
-    for line in lines:
-        fields = line.split()
-        if len(fields) >= 2 and fields[1] == "file":
-            found.append(fields[0].replace("\\040", " "))
-    return found
+    return [host_path(name) for name, kind, _ in active_swaps(proc_swaps) if kind == "file"]
 
 
 def effective_excludes(
@@ -235,8 +225,8 @@ def effective_excludes(
     Host paths outside source_root (e.g. the host's swap when testing on a tree) do not apply.
     """
     result = list(DEFAULT_EXCLUDES)
-    for host_path in swap_files(proc_swaps):
-        inner = _under(host_path, source_root)
+    for swap in swap_files(proc_swaps):
+        inner = _under(swap, source_root)
         if inner is not None:
             result.append(inner)
     for folder in agent_dirs:

@@ -73,7 +73,7 @@ def _proc_lines(path: str) -> List[str]:
         return f.readlines()
 
 
-def _host_path(wire: str) -> str:
+def host_path(wire: str) -> str:
     """A wire-form path as os functions and subprocess take it, whatever the locale."""
     return os.fsdecode(wire_to_path(wire))
 
@@ -450,7 +450,7 @@ def _collect_mounts(root: str, found: _Found) -> None:
         while fs_id in ids:
             fs_id += "-2"
         ids.add(fs_id)
-        path = _host_path(m.point)
+        path = host_path(m.point)
         vfs = os.statvfs(path)
         entry = {
             "mount": rel,
@@ -498,12 +498,13 @@ def _hidden(
     )
 
 
-def _active_swaps() -> List[Tuple[str, int]]:
+def active_swaps(proc_swaps: str = "/proc/swaps") -> List[Tuple[str, str, int]]:
+    """(wire-form path, "file" or "partition", bytes) of each active swap; none if unreadable."""
     swaps = []
     try:
-        for line in _proc_lines("/proc/swaps")[1:]:
+        for line in _proc_lines(proc_swaps)[1:]:
             fields = line.split()
-            swaps.append((_unescape(fields[0]), int(fields[2]) * 1024))
+            swaps.append((_unescape(fields[0]), fields[1], int(fields[2]) * 1024))
     except OSError:
         pass
     return swaps
@@ -605,8 +606,8 @@ def discover(source_root: str = "/") -> Json:
             for m in found.mounts:
                 if m["disk"] == "/dev/" + disk:
                     m["disk_index"] = str(index)
-    for name, size in _active_swaps():
-        if not name.startswith("/dev/") and _under(name, root):
+    for name, kind, size in active_swaps():
+        if kind == "file" and _under(name, root):
             swap.append({"file": _relative(name, root), "size": size})
     first = disks.get("0")
     return {
