@@ -6,6 +6,7 @@ the exact resulting file (or the failure's message).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -78,6 +79,22 @@ def test_ifcfg_dhcp_takes_dns_and_routes_from_dhcp(tmp_path: Path) -> None:
     run(tmp_path)
     assert T.read(tmp_path, IFCFG_PATH) == "DEVICE=eth0\nBOOTPROTO=dhcp\n"
     assert T.read(tmp_path, secondary) == "DEVICE=eth1\nBOOTPROTO=dhcp\nDEFROUTE=no\n"
+
+
+def test_ifcfg_static_routes_go_with_the_gateway(tmp_path: Path) -> None:
+    """route-eth0 names next hops on the source's network: left, NetworkManager or
+    ifup-routes would try them on the destination's. Another interface's files stay."""
+    scripts = "/etc/sysconfig/network-scripts"
+    T.put(tmp_path, IFCFG_PATH, "DEVICE=eth0\nBOOTPROTO=none\nIPADDR=203.0.113.10\n")
+    T.put(tmp_path, f"{scripts}/route-eth0", "10.0.0.0/8 via 203.0.113.254 dev eth0\n")
+    T.put(tmp_path, f"{scripts}/route6-eth0", "2001:db8:1::/48 via 2001:db8::1 dev eth0\n")
+    T.put(tmp_path, f"{scripts}/route-ib0", "10.9.0.0/16 via 10.8.0.1 dev ib0\n")
+    T.put(tmp_path, f"{scripts}/ifcfg-ib0", "DEVICE=ib0\nTYPE=InfiniBand\nBOOTPROTO=none\n")
+    T.executable(tmp_path, NM)
+    report = run(tmp_path)
+    left = sorted(os.listdir(tmp_path / scripts.lstrip("/")))
+    assert left == ["ifcfg-eth0", "ifcfg-ib0", "route-ib0"]
+    assert {c.path for c in report.changes} >= {f"{scripts}/route-eth0", f"{scripts}/route6-eth0"}
 
 
 # -- finding 5: systemd-networkd -------------------------------------------------------------

@@ -5,7 +5,8 @@ configuration or a MAC-pinned name would leave the migrated server unreachable. 
 whichever system the source uses (all that are present are fixed):
 
 - every Ethernet configuration with static addresses is switched to DHCP (IPv6: SLAAC/auto),
-  and its addresses, netmask/prefix, gateway, DNS servers and MAC pinning are removed;
+  and its addresses, netmask/prefix, gateway, static routes (an ifcfg's route-* files), DNS
+  servers and MAC pinning are removed;
 - the first NIC ("primary") is made to match the destination's first NIC. Its name is often
   different (eth0 on Xen becomes ens3 or enp0s3 under QEMU, depending on the PCI slot), so
   when the plan knows the destination's name it is used; otherwise the configuration matches
@@ -437,6 +438,10 @@ def _ifcfg(ctx: Context) -> tuple[list[str], str]:
         if "BOOTPROTO" not in values:
             out.append("BOOTPROTO=dhcp")
         ctx.write(path, _join(out, text))
+        # its static routes go with its gateway: their next hops were on the source's network
+        suffix = PurePosixPath(path).name[len("ifcfg-") :]
+        for routes in ("route-", "route6-"):
+            ctx.remove(f"{scripts}/{routes}{suffix}")
     return paths, dhcp
 
 
