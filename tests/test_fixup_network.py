@@ -297,3 +297,31 @@ def test_bridge_on_another_nic_is_left(tmp_path: Path) -> None:
     _bridge_tree(tmp_path, interfaces)
     run(tmp_path)
     assert "\tbridge-ports eth1\n" in T.read(tmp_path, "/etc/network/interfaces")
+
+
+def test_static_stanza_loses_commands_on_its_old_network(tmp_path: Path) -> None:
+    """The receiver does not know the source's addresses, but a static stanza names its
+    network: an `up` route via a next hop on it, or an alias on it, would fail (or take an
+    address that is not ours) on the destination. Commands naming other networks stay."""
+    interfaces = (
+        "auto eth0\niface eth0 inet static\n\taddress 192.0.2.10\n\tnetmask 255.255.255.0\n"
+        "\tgateway 192.0.2.1\n"
+        "\tup ip route add 10.0.0.0/8 via 192.0.2.254\n"
+        "\tpost-up ip addr add 192.0.2.11/24 dev eth0 || true\n"
+        "\tup ip route add 198.51.100.0/24 via 198.51.100.1 dev tun0\n"
+        "\tup echo 192.0.2.300 is not an address\n"
+        "iface eth0 inet6 static\n\taddress 2001:db8:1::10/64\n"
+        "\tup ip -6 route add 2001:db8:ff::/48 via 2001:db8:1::1\n"
+        "\tup ip -6 route add 2001:db8:ee::/48 via fe80::1 dev eth0\n"
+    )
+    plan = FixupPlan(T.plan().filesystems)  # no addresses known, as from the receiver
+    T.put(tmp_path, "/etc/network/interfaces", interfaces)
+    T.executable(tmp_path, "/usr/sbin/dhclient")
+    run(tmp_path, plan)
+    assert T.read(tmp_path, "/etc/network/interfaces") == (
+        "auto /e*/1=eth0\niface eth0 inet dhcp\n"
+        "\tup ip route add 198.51.100.0/24 via 198.51.100.1 dev tun0\n"
+        "\tup echo 192.0.2.300 is not an address\n"
+        "iface eth0 inet6 auto\n"
+        "\tup ip -6 route add 2001:db8:ee::/48 via fe80::1 dev eth0\n"
+    )

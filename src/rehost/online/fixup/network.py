@@ -22,6 +22,8 @@ ifcfg files keep their DEVICE= unless the plan names the destination's NIC (they
 by pattern); without NetworkManager, a DEVICE=ethN the destination will not have fails the step.
 An ifupdown bridge, bond or VLAN on the first NIC is moved to the plan's NIC, or fails the step. When the plan lists the source's static addresses, the step fails if any of them
 is still configured in those files (say, in an `up ip addr add` line it cannot interpret).
+A static ifupdown stanza's own `up` commands that name an address on its network (a route's
+next hop, an alias) go with it, as that network is the source's.
 
 The step also fails when the first NIC ends up configured by DHCP but the migrated system has
 nothing to run it with (DHCP_CLIENTS: a DHCP client for ifupdown, systemd-networkd or
@@ -34,10 +36,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from ipaddress import IPv4Network, IPv6Network, ip_address, ip_interface
 from pathlib import PurePosixPath
 
 from rehost.online.fixup.common import Context
 
+IPNetwork = IPv4Network | IPv6Network
 NIC_PATTERN = "e*"
 IFUPDOWN_STANZAS = {"iface", "mapping", "auto", "rename", "source", "source-directory"}
 IFUPDOWN_STATIC = {
@@ -141,6 +145,41 @@ def _mentions(ctx: Context, line: str) -> bool:
     return any(_address_re(a).search(line) for a in ctx.plan.static_addresses)
 
 
+_IP_LITERAL = re.compile(
+    r"(?<![\w.:])(?:\d{1,3}(?:\.\d{1,3}){3}|[0-9A-Fa-f]*:[0-9A-Fa-f:.]*)(?![\w.:])"
+)
+
+
+def _stanza_networks(options: list[str]) -> list[IPNetwork]:
+    """The networks a static stanza's `address` (with its prefix or `netmask`) was on."""
+    values: dict[str, list[str]] = {}
+    for line in options:
+        words = line.split()
+        if len(words) >= 2:
+            values.setdefault(words[0], []).append(words[1])
+    mask = values.get("netmask", [""])[0]
+    networks = []
+    for address in values.get("address", []):
+        text = address if "/" in address or not mask else f"{address}/{mask}"
+        try:
+            networks.append(ip_interface(text).network)
+        except ValueError:
+            continue
+    return networks
+
+
+def _on_networks(line: str, networks: list[IPNetwork]) -> bool:
+    """True if `line` names an address on one of `networks` (a route's next hop, an alias)."""
+    for literal in _IP_LITERAL.findall(line):
+        try:
+            ip = ip_address(literal)
+        except ValueError:
+            continue
+        if any(ip.version == n.version and ip in n for n in networks):
+            return True
+    return False
+
+
 def _ifupdown(ctx: Context) -> tuple[list[str], str]:
     paths = ["/etc/network/interfaces", *ctx.listdir("/etc/network/interfaces.d")]
     texts = {p: t for p in paths if (t := ctx.read(p)) is not None}
@@ -180,11 +219,13 @@ def _ifupdown(ctx: Context) -> tuple[list[str], str]:
         method = s.method
         if method == "static":
             method = "dhcp" if s.family == "inet" else "auto"
+            networks = _stanza_networks([files[s.path][i] for i in s.options])
             for i in s.options:
                 line = files[s.path][i]
                 first = line.split()[0]
                 if first in IFUPDOWN_STATIC or (
-                    first in IFUPDOWN_COMMANDS and _mentions(ctx, line)
+                    first in IFUPDOWN_COMMANDS
+                    and (_mentions(ctx, line) or _on_networks(line, networks))
                 ):
                     edits[(s.path, i)] = []
         name = rename.get(s.name, s.name)
