@@ -236,11 +236,16 @@ def test_commented_net_ifnames_does_not_count(tmp_path: Path) -> None:
         run(tmp_path)
 
 
-def test_receiver_leaves_nic_and_addresses_unknown() -> None:
-    """The rescue system's NIC name is a guess: the receiver must not pin it (see the hook)."""
+def test_receiver_leaves_nic_unknown_and_takes_the_agents_addresses() -> None:
+    """The rescue system's NIC name is a guess: the receiver must not pin it (see the hook).
+    The source's addresses come from the agent's layout; what is not an address is dropped,
+    and an older agent's layout has none."""
     layout: dict[str, object] = {"disks": {}, "mounts": [], "swap": []}
     plan, _ = plan_from_prepare(layout, {"filesystems": {}}, {})
     assert (plan.nic, plan.static_addresses) == ("", ())
+    layout["addresses"] = ["192.0.2.10/24", "2001:db8::10/64", ".*", 7, None]
+    plan, _ = plan_from_prepare(layout, {"filesystems": {}}, {})
+    assert (plan.nic, plan.static_addresses) == ("", ("192.0.2.10/24", "2001:db8::10/64"))
 
 
 # -- finding 7b: an ifupdown bridge on the source's NIC ---------------------------------------

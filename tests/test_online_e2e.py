@@ -606,6 +606,7 @@ def test_debootstrap_tree_migrates_end_to_end(world: World, bundle: Path) -> Non
     assert checks and all(re.match(r"(OK    |WARN  |FAIL  )\S", line) for line in checks), lines
     assert not [line for line in checks if line.startswith("FAIL")]
     assert any(line.startswith("WARN  left out: /srv/scratch") for line in checks), checks
+    assert f"OK    network: {dest.pair.source_ip}/24: " in "\n".join(checks), checks
     assert last.startswith("check passed")
     assert not (dest.state / "prepared.json").exists()  # --check changed nothing
 
@@ -617,6 +618,9 @@ def test_debootstrap_tree_migrates_end_to_end(world: World, bundle: Path) -> Non
     nodes = assert_layout_matches(source, dest)
     assert blkid(nodes["root"], "TYPE") == "xfs"
     assert_no_differences(source, dest, nodes)
+    # the source's address went with its layout, for the network fixup's check
+    prepared = json.loads((dest.state / "prepared.json").read_text())
+    assert prepared["layout"]["addresses"] == [f"{dest.pair.source_ip}/24"]
     total = payload_of(lines)
     assert total > 150 * MiB, lines  # the whole tree went, once
     assert total < 260 * MiB, lines

@@ -592,6 +592,24 @@ def _disk_layout(disk: str, mounts: List[Json], swap: List[Json], found: _Found)
     }
 
 
+_ADDRESS = re.compile(r"^\d+:\s+(\S+)\s+inet6?\s+(\S+)\s.*\bscope global\b")
+
+
+def addresses() -> List[str]:
+    """This server's global addresses ("192.0.2.10/24"), from `ip -o addr`; none without it.
+
+    Why: the receiver cannot see them, and the network fixup must know them to make sure no
+    configuration the destination boots with still sets them (the public IP does not move).
+    """
+    status, out = _run(["ip", "-o", "addr", "show"])
+    found = []  # type: List[str]
+    for line in out.splitlines() if status == 0 else []:
+        m = _ADDRESS.match(line)
+        if m and m.group(1) != "lo" and m.group(2) not in found:
+            found.append(m.group(2))
+    return found
+
+
 def discover(source_root: str = "/") -> Json:
     """The layout of the disks behind the filesystems mounted at and below source_root."""
     root = path_to_wire(os.fsencode(os.path.realpath(source_root)))
@@ -615,6 +633,7 @@ def discover(source_root: str = "/") -> Json:
         "disks": disks,
         "mounts": found.mounts,
         "swap": swap,
+        "addresses": addresses(),
         "ignored": found.ignored,
         "unsupported": found.unsupported,
     }

@@ -342,6 +342,24 @@ def _state_space(config: Config) -> Check:
     return Check("state space", OK, f"{human(free)} free in {config.base_dir}")
 
 
+def _network_check(layout: Dict[str, Any]) -> Check:
+    found = layout.get("addresses") or []
+    if not found:
+        return Check(
+            "network",
+            WARN,
+            "no address found (`ip -o addr` failed): the destination's network fixup cannot "
+            "check that none of this server's addresses stays configured",
+        )
+    return Check(
+        "network",
+        OK,
+        "{}: the destination gets its own by DHCP; no configuration may keep these".format(
+            ", ".join(found)
+        ),
+    )
+
+
 def run_prechecks(
     config: Config, layout: Dict[str, Any], client: Any, source_root: str = "/"
 ) -> List[Check]:
@@ -353,6 +371,7 @@ def run_prechecks(
         else Check("os", WARN, f"{pretty}: not a RHEL- or Debian-family system; untested")
     ]
     checks.extend(_layout_checks(layout))
+    checks.append(_network_check(layout))
     plan, plan_checks = plan_disks(config, layout)
     checks.extend(plan_checks)
     checks.extend(_receiver_checks(config, layout, plan, client))

@@ -6,7 +6,8 @@ filesystems still mounted, so `/v1/finalize` calls `run_fixups` after the final 
 before `disks.finalize` syncs and unmounts them.
 
 `plan_from_prepare` builds the fixups' plan from the source layout the agent sent (with its
-`mounts` and `swap`, so the source's device names are known) and what prepare made of it
+`mounts` and `swap`, so the source's device names are known, and its `addresses`, so no
+network configuration keeps them) and what prepare made of it
 (STATE/layout.json: destination devices and UUIDs). prepare keeps filesystem UUIDs, labels
 and GPT partition UUIDs, so both sides carry the same identifiers; the destination's kernel
 device names are unknown until it boots, so fstab device names become UUID=.
@@ -18,6 +19,7 @@ up itself); so does a receiver that wrote into `--root` directories with no prep
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from ipaddress import ip_interface
 from pathlib import Path
 from typing import Any
 
@@ -91,15 +93,27 @@ def plan_from_prepare(
     # ifupdown, netplan, networkd and keyfiles to a NIC that does not exist, where their
     # pattern always matches. The one system that cannot match by pattern, ifcfg with the
     # legacy network-scripts, is refused by the network step instead (see _check_ifcfg_name).
-    # `static_addresses` stays empty: the agent's layout, hello and prepare body carry no
-    # addresses, only disks, mounts and swap.
     plan = FixupPlan(
         filesystems=tuple(maps),
         boot_disk=boot_disk,
         firmware="uefi" if firmware == "uefi" else "bios",
         esp=esp,
+        static_addresses=_addresses(layout.get("addresses")),
     )
     return plan, binds
+
+
+def _addresses(listed: Any) -> tuple[str, ...]:
+    """The source's addresses from its layout (an older agent sends none); what does not parse
+    as an address is left out rather than matched as text."""
+    found = []
+    for item in listed if isinstance(listed, list) else []:
+        try:
+            ip_interface(item if isinstance(item, str) else "")
+        except ValueError:
+            continue
+        found.append(item)
+    return tuple(found)
 
 
 def run_fixups(
