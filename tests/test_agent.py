@@ -151,6 +151,91 @@ def test_excludes(tmp_path: Path) -> None:
     assert agent_config.excludes_for_mount(got, "/") == got
 
 
+def test_an_agent_folder_reached_through_a_symlink_is_excluded(tmp_path: Path) -> None:
+    """--config /root/agent/config.json with /root/agent a symlink to /opt/rehost-agent: the
+    walk sees /opt/rehost-agent, so that is what the exclude must name. By the link's name,
+    the folder (its token, log/ and state/) was migrated."""
+    real = tmp_path / "opt" / "rehost-agent"
+    real.mkdir(parents=True)
+    (tmp_path / "root").mkdir()
+    (tmp_path / "root" / "agent").symlink_to(real)
+    c = parse(minimal(), str(tmp_path / "root" / "agent" / "config.json"))
+    got = agent_config.effective_excludes(c, str(tmp_path), [c.base_dir], "/nonexistent")
+    assert got == [*agent_config.DEFAULT_EXCLUDES, "/opt/rehost-agent"]
+
+
+def test_files_the_receiver_rejects_are_counted_as_changed(tmp_path: Path) -> None:
+    """The receiver names in "failed" the files whose hash did not match what arrived (they
+    changed while read); the agent dropped that list, so a final pass could report "ready
+    to boot" with one of them half-patched. One that failed mid-read goes with no hash and
+    counts as unreadable only. (A stand-in answers for the receiver, whose side is tested
+    in test_online_transfer; the read error is injected.)"""
+    from rehost.online.agent.transfer import sync_filesystem
+
+    for name in ("a", "b", "c"):
+        (tmp_path / name).write_bytes(name.encode() * 100)
+
+    class Receiver:
+        hash_alg, payload_bytes, bytes_on_wire, send_wait = "sha256", 0, 0, 0.0
+
+        def post_frames(self, path: str, frames: Any) -> dict[str, Any]:
+            if path.startswith("/v1/manifest/"):  # entries: root, a, b, c
+                return {"needs": [[1, "full"], [2, "full"], [3, "full"]], "batch": 1}
+            ends = [json.loads(f[5:]) for f in frames if isinstance(f, bytes) and f[:1] == b"Z"]
+            blank = [end["i"] for end in ends if not end["hash"]]
+            return {"failed": [1, *blank]}  # a arrived wrong (it changed while read)
+
+        def post_json(self, path: str, body: Any) -> dict[str, Any]:
+            return {"deleted": 0}
+
+    real = os.pread
+    c_size = os.stat(tmp_path / "c").st_size
+
+    def failing(fd: int, *args: Any) -> bytes:
+        if os.fstat(fd).st_size == c_size and os.readlink(f"/proc/self/fd/{fd}").endswith("/c"):
+            raise OSError(5, "Input/output error")
+        return real(fd, *args)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(os, "pread", failing)
+        stats = sync_filesystem(Receiver(), "root", str(tmp_path), [], compression="off")
+    assert (stats["changed"], stats["unreadable"], stats["files_sent"]) == (1, 1, 2), stats
+
+
+@pytest.mark.parametrize("changes", [[3, 0], [1, 1, 1]])
+def test_the_finalize_repeats_its_pass_while_files_change(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, changes: list[int]
+) -> None:
+    """A final pass with files that changed while sent runs again (they are resent: the
+    receiver zeroed their mtime); if they keep changing, SOURCE_CHANGING, not "ready to
+    boot". (The passes are stand-ins: what they count is tested above.)"""
+    from types import SimpleNamespace
+
+    agent = agent_main.Agent(parse(minimal(), str(tmp_path / "config.json")), str(tmp_path))
+    passes: list[int] = []
+    left = list(changes)
+    posted: list[str] = []
+
+    def sync_all(what: str, pass_no: int) -> int:
+        passes.append(pass_no)
+        return left.pop(0)
+
+    def post_json(path: str, body: Any) -> dict[str, Any]:
+        posted.append(path)
+        return {}
+
+    monkeypatch.setattr(agent, "sync_all", sync_all)
+    agent._client = SimpleNamespace(post_json=post_json)
+    if changes[-1]:
+        with pytest.raises(AgentError) as exc:
+            agent.finalize()
+        assert exc.value.code == "SOURCE_CHANGING" and posted == []
+    else:
+        agent.finalize()
+        assert posted == ["/v1/finalize"]
+    assert passes == list(range(1, len(changes) + 1))
+
+
 def test_walk_applies_excludes_at_any_depth(tmp_path: Path) -> None:
     """Directories whose path diverges from every pattern's literal start skip the pattern
     match; the result is the same as matching every path."""

@@ -18,6 +18,7 @@ import os
 import random
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -1108,10 +1109,130 @@ def test_a_directory_swapped_for_a_symlink_after_the_walk_sends_nothing(tmp_path
         client, transfer._Compressor("off"), stats, lambda level, m: logged.append(m)
     )
     path = os.fsencode(home / "d" / "x")
-    frames = list(sender.frames(0, path, 600, [0, "full"], (st.st_dev, st.st_ino)))
+    frames = list(sender.frames(0, path, 600, [0, "full"], transfer._identity(st)))
     assert not any(b"SECRET" in (f if isinstance(f, bytes) else b"".join(f)) for f in frames)
     assert stats["bytes_sent"] == 0 and stats["files_sent"] == 0, stats
     assert len(logged) == 1 and "changed since the walk" in logged[0], logged
+
+
+def _sender(log: list[str]) -> tuple[Any, dict[str, int]]:
+    from types import SimpleNamespace
+
+    from rehost.online.agent import transfer
+
+    client = SimpleNamespace(hash_alg="xxh128", payload_bytes=0)
+    stats = dict.fromkeys(["bytes_sent", "files_sent", "delta_files", "unreadable"], 0)
+    sender = transfer._Sender(
+        client, transfer._Compressor("off"), stats, lambda _, m: log.append(m)
+    )
+    return sender, stats
+
+
+def test_a_file_replaced_by_a_socket_or_under_a_replaced_directory_is_churn(
+    tmp_path: Path,
+) -> None:
+    """ENXIO (a UNIX socket where the file was) and ENOTDIR (a file where its directory
+    was) are a live server changing, not a failing disk: counted as unreadable, they failed
+    the stage with SOURCE_UNREADABLE ("repair or restore them")."""
+    from rehost.online.agent import transfer
+
+    (tmp_path / "d").mkdir()
+    for name in ("sock", "d/x"):
+        (tmp_path / name).write_bytes(b"data")
+    seen = {name: os.lstat(tmp_path / name) for name in ("sock", "d/x")}
+    (tmp_path / "sock").unlink()
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(tmp_path / "sock"))
+    shutil.rmtree(tmp_path / "d")
+    (tmp_path / "d").write_bytes(b"now a file")
+    logged: list[str] = []
+    sender, stats = _sender(logged)
+    try:
+        for name, st in seen.items():
+            path = os.fsencode(tmp_path / name)
+            assert not list(sender.frames(0, path, 4, [0, "full"], transfer._identity(st)))
+    finally:
+        server.close()
+    assert stats["unreadable"] == 0 and stats["files_sent"] == 0, stats
+    assert len(logged) == 2 and all("changed since the walk" in m for m in logged), logged
+
+
+def test_a_file_whose_owner_or_mode_changed_since_the_walk_is_not_sent(tmp_path: Path) -> None:
+    """The send checks more than the inode number, which a deleted file's successor often
+    gets (ext4 hands it out again at once): root's new 0600 file at a user's old path went
+    out as the user's, mode 0644. Here the same inode is made 0600 and root's."""
+    from rehost.online.agent import transfer
+
+    path = tmp_path / "notes.txt"
+    path.write_bytes(b"ROOT SECRET")
+    os.chown(path, 1000, 1000)
+    os.chmod(path, 0o644)
+    st = os.lstat(path)  # what the walk saw
+    os.chown(path, 0, 0)
+    os.chmod(path, 0o600)
+    logged: list[str] = []
+    sender, stats = _sender(logged)
+    frames = list(sender.frames(0, os.fsencode(path), 11, [0, "full"], transfer._identity(st)))
+    assert frames == [] and stats["bytes_sent"] == 0, (frames, stats)
+    assert len(logged) == 1 and "changed since the walk" in logged[0], logged
+
+
+def test_the_walk_does_not_follow_a_directory_swapped_for_a_symlink(tmp_path: Path) -> None:
+    """While the walk is inside x/aaa, x is moved away and a symlink to a tree outside the
+    filesystem takes its name (mv x x.old; ln -s /outside x). By path, the walk then listed
+    x/etc through the symlink and sent /outside/etc/shadow as x/etc/shadow, with its owner
+    and mode: a pass that reported success. The directory it opens is not the one its
+    parent listed, so it is left for the next pass."""
+    from rehost.online.agent import transfer
+
+    src, outside = tmp_path / "src", tmp_path / "outside"
+    (src / "x" / "aaa").mkdir(parents=True)
+    (src / "x" / "etc").mkdir()
+    (src / "x" / "aaa" / "f").write_text("mine")
+    (outside / "etc").mkdir(parents=True)
+    (outside / "etc" / "shadow").write_text("SECRET")
+    sent = []
+    for entry, _ in transfer._Walker(str(src), [], None).walk():
+        sent.append(entry["p"])
+        if entry["p"] == b"x/aaa":  # the swap, as the walk goes on
+            (src / "x").rename(src / "x.old")
+            (src / "x").symlink_to(outside)
+    assert sent == [b"", b"x", b"x/aaa", b"x/aaa/f"], sent
+
+
+def test_the_walk_goes_on_when_an_entry_changes_under_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A symlink deleted between the walk's stat and its readlink, and a directory replaced
+    by a file while its child's attributes are read: both raised out of the walk and ended
+    the pass. The writer acts at that exact moment here (wrapped os calls; the changes to
+    the tree are real)."""
+    from rehost.online.agent import transfer
+
+    src = tmp_path / "src"
+    (src / "d").mkdir(parents=True)
+    (src / "d" / "child").write_text("c")
+    os.setxattr(src / "d" / "child", "user.rehost-test", b"kept")
+    (src / "lnk").symlink_to("d")
+    (src / "z").write_text("after")
+    readlink, listxattr = os.readlink, os.listxattr
+
+    def vanishing(path: Any, *args: Any, **kw: Any) -> Any:
+        if path == b"lnk":
+            (src / "lnk").unlink()
+        return readlink(path, *args, **kw)
+
+    def replacing(path: Any, *args: Any, **kw: Any) -> Any:
+        if isinstance(path, bytes) and path.endswith(b"/child") and (src / "d").is_dir():
+            (src / "d").rename(src / "d.old")
+            (src / "d").write_text("a file now")
+        return listxattr(path, *args, **kw)
+
+    monkeypatch.setattr(os, "readlink", vanishing)
+    monkeypatch.setattr(os, "listxattr", replacing)
+    entries = {e["p"]: e for e, _ in transfer._Walker(str(src), [], None).walk()}
+    assert sorted(entries) == [b"", b"d", b"d/child", b"z"], sorted(entries)
+    assert entries[b"d/child"]["x"] == {"user.rehost-test": b"kept"}
 
 
 def test_attributes_come_from_the_file_the_walk_saw(tmp_path: Path) -> None:
@@ -1148,8 +1269,9 @@ def test_a_directory_the_agent_cannot_list_keeps_its_copy(
     (src / "sick" / "a").write_text("a")
     real = os.listdir
 
-    def failing(path: Any) -> Any:
-        if os.fsencode(path).endswith(b"/sick"):
+    def failing(path: Any) -> Any:  # the walk lists a directory through its descriptor
+        where = os.readlink(f"/proc/self/fd/{path}") if isinstance(path, int) else path
+        if os.fsencode(where).endswith(b"/sick"):
             raise OSError(errno.EIO, "Input/output error")
         return real(path)
 

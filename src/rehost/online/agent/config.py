@@ -202,9 +202,11 @@ def load(path: str) -> Config:
 
 
 def _under(path: str, source_root: str) -> Optional[str]:
-    """`path` (as the host sees it) as the source sees it, or None when outside source_root."""
-    root = os.path.abspath(source_root)
-    path = os.path.abspath(path)
+    """`path` (as the host sees it) as the source sees it, or None when outside source_root.
+    Both are resolved: the walk sees real paths, so an agent folder reached through a symlink
+    (/root/agent -> /opt/rehost-agent) would not be excluded by its link's name."""
+    root = os.path.realpath(source_root)
+    path = os.path.realpath(path)
     if root == "/":
         return path
     if path == root or path.startswith(root + "/"):

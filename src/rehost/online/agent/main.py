@@ -37,6 +37,8 @@ LOG_MAX_BYTES = 10 * 1024 * 1024
 LOG_BACKUPS = 5
 CHECK_RETRY_SECONDS = 5.0
 PROGRESS_SECONDS = 30.0
+FINAL_REPEATS = 2
+"""Final passes run again while files change as they are sent, before the finalize gives up."""
 """How often a transfer says how far it is."""
 RESUME = "run the same command again to resume"
 log = logging.getLogger("rehost.online")
@@ -157,7 +159,8 @@ class Agent:
         self.mark("prepare")
         say("prepared: {} filesystems".format(len(response.get("filesystems") or {})))
 
-    def sync_all(self, what: str, pass_no: int) -> None:
+    def sync_all(self, what: str, pass_no: int) -> int:
+        """One pass over every migrated filesystem; the files that changed while sent."""
         from rehost.online.agent.transfer import sync_filesystem
 
         plan, _ = plan_disks(self.config, self.layout)
@@ -168,7 +171,7 @@ class Agent:
             if swap.get("file") and swap["file"] not in excludes:
                 excludes.append(swap["file"])
         log.info("excludes: %s", excludes)
-        unreadable = 0
+        unreadable = changed = 0
         for m in migrated_mounts(self.layout, plan):
             path = m.get("path") or os.path.join(self.source_root, m["mount"].lstrip("/"))
             say("{} {}: {} ({}) from {}".format(what, pass_no, m["mount"], m["fs_id"], path))
@@ -191,6 +194,7 @@ class Agent:
                 )
             )
             unreadable += int(result.get("unreadable", 0))
+            changed += int(result.get("changed", 0))
         if unreadable:  # the stage is not done: "ready to boot" must not hide missing files
             raise AgentError(
                 "SOURCE_UNREADABLE",
@@ -198,6 +202,7 @@ class Agent:
                 "(each is named in log/agent.log)",
                 "repair or restore them, or add them to Excludes, then run this stage again",
             )
+        return changed
 
     def transfer(self) -> None:
         passes = int(self.load_state().get("passes", 0)) + 1
@@ -206,7 +211,20 @@ class Agent:
 
     def finalize(self) -> None:
         passes = int(self.load_state().get("passes", 0)) + 1
-        self.sync_all("final pass", passes)
+        changed = self.sync_all("final pass", passes)
+        for _ in range(FINAL_REPEATS):
+            if not changed:
+                break
+            say(f"{changed} files changed while they were sent; sending them again")
+            passes += 1
+            changed = self.sync_all("final pass", passes)
+        if changed:  # "ready to boot" must not come with a file the receiver rejected
+            raise AgentError(
+                "SOURCE_CHANGING",
+                f"{changed} files kept changing while they were sent (each is named in "
+                "log/agent.log)",
+                "stop the services that write them, then run --stage finalize again",
+            )
         state = self.load_state()
         state["passes"] = passes
         self.save_state(state)

@@ -18,6 +18,7 @@ import stat
 import threading
 import time
 import zlib
+from array import array
 from typing import (
     Any,
     Callable,
@@ -26,6 +27,7 @@ from typing import (
     Iterator,
     List,
     Optional,
+    Set,
     Tuple,
     TypeVar,
     Union,
@@ -211,12 +213,9 @@ def _long(call: Callable[..., _T], path: bytes) -> _T:
         os.close(fd)
 
 
-def _listdir(path: bytes) -> List[bytes]:
-    return os.listdir(path)
-
-
-def _xattrs(path: bytes, st: Any) -> Dict[str, bytes]:
-    """The extended attributes of the file the walk lstat'ed as `st`.
+def _xattrs(path: Union[bytes, int], st: Any) -> Dict[str, bytes]:
+    """The extended attributes of the file the walk lstat'ed as `st`, at `path` or, for a
+    directory the walk holds open, through its descriptor.
 
     A file's or directory's are read through a descriptor whose inode is checked: read by
     path, a directory swapped for a symlink between the lstat and here would lend another
@@ -225,11 +224,13 @@ def _xattrs(path: bytes, st: Any) -> Dict[str, bytes]:
     opened (opening one can act on it); its attributes are read by path.
     """
     try:
-        names = os.listxattr(path, follow_symlinks=False)
+        names = os.listxattr(path, follow_symlinks=isinstance(path, int))
     except OSError as e:
         if e.errno in (errno.ENOTSUP, errno.ENOENT):
             return {}
         raise
+    if isinstance(path, int):
+        return _xattr_values(path, names, True)
     if not names:
         return {}
     if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
@@ -287,7 +288,11 @@ class _Walker:
         prefix = _dir_prefix(rel)
         return any(lit.startswith(prefix) or prefix.startswith(lit) for lit in self.literals)
 
-    def _entry(self, rel: bytes, path: bytes, st: os.stat_result, kind: str) -> Dict[str, Any]:
+    def _entry(
+        self, rel: bytes, st: os.stat_result, kind: str, dir_fd: int, name: Optional[bytes]
+    ) -> Dict[str, Any]:
+        """`name` in the directory open as `dir_fd`, or with `name` None that directory: read
+        through the descriptor, never by a path whose directories may be swapped meanwhile."""
         if kind != "d" and st.st_nlink > 1:
             key = (st.st_dev, st.st_ino)
             first = self.links.get(key)
@@ -303,27 +308,27 @@ class _Walker:
             "s": st.st_size if kind == "f" else 0,
             "mt": st.st_mtime_ns,
             "at": st.st_atime_ns,
-            "x": _xattrs(path, st)
-            if len(path) < _PATH_MAX
-            else _long(lambda p: _xattrs(p, st), path),
+            "x": _xattrs(dir_fd if name is None else b"/proc/self/fd/%d/%s" % (dir_fd, name), st),
         }  # type: Dict[str, Any]
         if kind == "f":
-            # which file the walk saw, for the send to check that it opens the same one
-            entry["id"] = (st.st_dev, st.st_ino)
+            # which file the walk saw, for the send to check that it opens that one
+            entry["id"] = _identity(st)
             if st.st_nlink > 1:
                 entry["n"] = st.st_nlink
         elif kind == "l":
-            entry["l"] = os.readlink(path) if len(path) < _PATH_MAX else _long(os.readlink, path)
+            assert name is not None  # only a directory is read as itself
+            entry["l"] = os.readlink(name, dir_fd=dir_fd)
         elif kind in ("c", "b"):
             entry["r"] = st.st_rdev
         return entry
 
-    def _children(self, rel: bytes) -> Optional[List[bytes]]:
-        """The names in a directory after excludes, sorted; stat'ed only as they are sent.
+    def _children(self, rel: bytes, path: bytes, fd: int) -> Optional[List[bytes]]:
+        """The names in directory `fd` after excludes, sorted; stat'ed only as they are sent.
         None when it cannot be listed."""
-        path = self._abs(rel)
         try:
-            names = sorted(os.listdir(path) if len(path) < _PATH_MAX else _long(_listdir, path))
+            if fd < 0:
+                raise OSError(errno.EACCES, "it cannot be opened")
+            names = sorted(os.fsencode(n) for n in os.listdir(fd))
         except OSError as e:
             if self.log:
                 self.log(
@@ -340,46 +345,99 @@ class _Walker:
         """Walk order, a directory before its children. A directory's names are all that is
         held of it while its children are sent (a stat per name would be ~0.7 KiB each: GBs
         for a directory of millions); a name that vanishes before its lstat is listed and
-        not sent, as when it vanishes after."""
-        root_st = os.lstat(self.root)
-        stack = [b""]  # directories still to walk, as their paths: a stat each is ~0.7 KiB
+        not sent, as when it vanishes after.
+
+        Each directory is opened (O_NOFOLLOW) and checked to be the inode its parent's listing
+        saw, then read through its descriptor: on a live server a directory above it may have
+        been swapped for a symlink meanwhile, and by path the walk would copy whatever that
+        points to, outside the filesystem, under this tree's names.
+        """
+        root_dev = -1
+        # directories still to walk: their paths, and the device and inode their parent's
+        # listing saw, in arrays (16 bytes a directory, where a tuple each would be ~170)
+        stack, devs, inos = [b""], array("Q", [0]), array("Q", [0])
         while stack:
-            rel = stack.pop()
+            rel, dev, ino = stack.pop(), devs.pop(), inos.pop()
+            seen = rel != b""  # the root is the only one without a name
             path = self._abs(rel)
-            st = root_st
-            if rel:
-                try:
+            fd = -1
+            try:
+                fd = _open_dir(path, rel != b"")
+                st = os.fstat(fd)
+            except OSError as e:
+                if not seen:
+                    raise
+                if e.errno in _WALK_CHANGED:
+                    continue  # replaced or gone since its parent was listed: the next pass
+                try:  # it cannot be opened: sent as it is, unlisted
                     st = os.lstat(path) if len(path) < _PATH_MAX else _long(os.lstat, path)
-                except FileNotFoundError:
+                except OSError:
                     continue
                 if not stat.S_ISDIR(st.st_mode):
-                    continue  # replaced since its parent was listed: the next pass sends it
-            empty = bool(rel) and (
-                st.st_dev != root_st.st_dev or self.dir_excluded("/" + path_to_wire(rel))
-            )
-            listed = [] if empty else self._children(rel)
-            names = listed or []
-            entry = self._entry(rel, path, st, "d")
-            entry["c"] = names
-            if empty:
-                entry["e"] = True
-            elif listed is None:
-                entry["unlisted"] = True  # the receiver keeps what it has in there
-            yield entry, path
-            subdirs = []
-            for name in names:
-                crel = rel + b"/" + name if rel else name
-                cpath = self._abs(crel)
-                try:
-                    cst = os.lstat(cpath) if len(cpath) < _PATH_MAX else _long(os.lstat, cpath)
-                except FileNotFoundError:
                     continue
-                kind = _KINDS.get(stat.S_IFMT(cst.st_mode))
-                if kind == "d":
-                    subdirs.append(crel)
-                elif kind is not None:
-                    yield self._entry(crel, cpath, cst, kind), cpath
-            stack.extend(reversed(subdirs))
+            try:
+                if not seen:
+                    root_dev = st.st_dev
+                elif (st.st_dev, st.st_ino) != (dev, ino):
+                    continue  # another directory at this path now: the next pass sends it
+                empty = seen and (
+                    st.st_dev != root_dev or self.dir_excluded("/" + path_to_wire(rel))
+                )
+                listed = [] if empty else self._children(rel, path, fd)
+                names = listed or []
+                entry = self._entry(rel, st, "d", fd, None) if fd >= 0 else self._bare(rel, st)
+                entry["c"] = names
+                if empty:
+                    entry["e"] = True
+                elif listed is None:
+                    entry["unlisted"] = True  # the receiver keeps what it has in there
+                yield entry, path
+                subdirs, sub_devs, sub_inos = [], array("Q"), array("Q")
+                for name in names:
+                    crel = rel + b"/" + name if rel else name
+                    try:
+                        cst = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                        kind = _KINDS.get(stat.S_IFMT(cst.st_mode))
+                        if kind == "d":
+                            subdirs.append(crel)
+                            sub_devs.append(cst.st_dev)
+                            sub_inos.append(cst.st_ino)
+                        elif kind is not None:
+                            yield self._entry(crel, cst, kind, fd, name), self._abs(crel)
+                    except OSError as e:
+                        if e.errno not in _WALK_CHANGED:
+                            raise
+                stack.extend(reversed(subdirs))
+                sub_devs.reverse()
+                sub_inos.reverse()
+                devs.extend(sub_devs)
+                inos.extend(sub_inos)
+            finally:
+                if fd >= 0:
+                    os.close(fd)
+
+    def _bare(self, rel: bytes, st: os.stat_result) -> Dict[str, Any]:
+        """A directory that cannot be opened: its metadata, without the xattrs behind it."""
+        return {"p": rel, "t": "d", "m": st.st_mode, "u": st.st_uid, "g": st.st_gid, "s": 0,
+                "mt": st.st_mtime_ns, "at": st.st_atime_ns, "x": {}}  # fmt: skip
+
+
+def _open_dir(path: bytes, nofollow: bool) -> int:
+    flags = _DIR_FLAGS | (os.O_NOFOLLOW if nofollow else 0)
+    if len(path) < _PATH_MAX:
+        return os.open(path, flags)
+    return _long(lambda p: os.open(p, flags), path)
+
+
+def _identity(st: Any) -> Tuple[int, int, int, int, int]:
+    """What the walk saw of a file and its entry carries: an inode number alone is reused
+    as soon as a file is deleted, and another file (root's, mode 0600) could take it."""
+    return (st.st_dev, st.st_ino, st.st_mode, st.st_uid, st.st_gid)
+
+
+# what a name the walk listed gives once it vanished or became something else (a symlink, a
+# file where a directory was): skipped, as the next pass sends what it is then
+_WALK_CHANGED = (errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.EINVAL)
 
 
 def _dir_prefix(rel: bytes) -> str:
@@ -388,8 +446,9 @@ def _dir_prefix(rel: bytes) -> str:
 
 
 # what a path the walk found as a regular file gives once it vanished or became something
-# else (a symlink, a directory, a FIFO): skipped, as the next pass sends what it is now
-_CHANGED = (errno.ENOENT, errno.ELOOP, errno.EISDIR, errno.ESPIPE)
+# else (a symlink, a directory, a FIFO, a socket, or a file where a directory above it
+# was): skipped, as the next pass sends what it is now
+_CHANGED = (errno.ENOENT, errno.ELOOP, errno.EISDIR, errno.ESPIPE, errno.ENOTDIR, errno.ENXIO)
 
 
 # O_NONBLOCK: a FIFO that replaced the file since the walk would block the open forever
@@ -413,6 +472,8 @@ class _Sender:
         self.compressor = compressor
         self.stats = stats
         self.log = log
+        self.blank: Set[int] = set()
+        """Entries of the batch sent with no hash (unreadable): rejected by the receiver."""
 
     def _chunk(self, off: int, data: bytes) -> Frame:
         codec, packed = self.compressor.pack(data)
@@ -423,16 +484,15 @@ class _Sender:
         return chunk_frame(off, codec, packed)
 
     def frames(
-        self, index: int, path: bytes, size: int, need: List[Any], ident: Tuple[int, int]
+        self, index: int, path: bytes, size: int, need: List[Any], ident: Tuple[int, ...]
     ) -> Iterator[Frame]:
-        """`ident`: the walk's (st_dev, st_ino) of the file."""
+        """`ident`: the walk's `_identity` of the file."""
         try:
             fd = _open_source(path) if len(path) < _PATH_MAX else _long(_open_source, path)
         except OSError as e:
             self._not_read(path, e)
             return
-        st = os.fstat(fd)
-        if (st.st_dev, st.st_ino) != ident:
+        if _identity(os.fstat(fd)) != ident:
             # Another file is at the path now: replaced, or reached through a directory
             # swapped for a symlink since the walk. Its content must not go out under the
             # owner and mode the walk saw (a user's file with root's secret in it).
@@ -449,6 +509,7 @@ class _Sender:
                 # nothing matches, so the receiver keeps what it had of the file
                 self._not_read(path, e)
                 digest = ""
+                self.blank.add(index)
             # compact JSON, without json's cost on every small file
             end = f'{{"i":{index},"hash":"{digest}","alg":"{alg}"}}'
             yield encode_frame(END, end.encode("ascii"))
@@ -513,7 +574,9 @@ def sync_filesystem(
     `excludes` are glob patterns relative to `root` ("/proc/*": the contents of /proc; the
     directory itself is sent empty). Returns counters: entries, files_sent, bytes_sent (file
     payload before compression), delta_files, deleted, batches, bytes_on_wire, unreadable
-    (files not sent for a read error: the receiver keeps what it had of them).
+    (files not sent for a read error: the receiver keeps what it had of them), changed (files
+    that changed while they were read, so failed the receiver's hash check: the receiver
+    marks them, and the next pass sends them again).
     """
     stats = {
         "entries": 0,
@@ -524,6 +587,7 @@ def sync_filesystem(
         "batches": 0,
         "bytes_on_wire": 0,
         "unreadable": 0,
+        "changed": 0,
     }
     wire_start = client.bytes_on_wire
     sender = _Sender(client, _Compressor(compression, client), stats, log)
@@ -625,10 +689,15 @@ def _send_batch(
         try:
             answer = client.post_frames("/v1/manifest/" + quoted, frames)
             needs = answer.get("needs") or []
+            rejected = []  # type: List[Any]
+            sender.blank.clear()
             if needs:
-                client.post_frames(
-                    "/v1/data/{}?batch={}".format(quoted, answer.get("batch", "")),
-                    _data_frames(batch, needs, sender),
+                rejected = (
+                    client.post_frames(
+                        "/v1/data/{}?batch={}".format(quoted, answer.get("batch", "")),
+                        _data_frames(batch, needs, sender),
+                    ).get("failed")
+                    or []
                 )
             break
         except AgentError as e:
@@ -639,6 +708,14 @@ def _send_batch(
                 raise
             if log:
                 log(logging.WARNING, f"batch interrupted ({e}); retrying it")
+    for index in rejected:
+        if isinstance(index, int) and 0 <= index < len(batch) and index not in sender.blank:
+            # its hash did not match what arrived: it changed while it was read
+            stats["changed"] += 1
+            if log:
+                log(
+                    logging.INFO, f"{batch[index][1]!r} changed while it was sent; resent next pass"
+                )
     stats["entries"] += len(batch)
     stats["batches"] += 1
     stats["deleted"] += int(answer.get("deleted", 0))
