@@ -278,6 +278,11 @@ class FsApplier:
         self.dirs_gen = _removed_dirs
         self.listing: _Listing | None = None
         """A directory whose child names are coming in slices, until its last one."""
+        # partial files this pass's listings kept (their file was listed), and those a file
+        # was then received into: at the pass's end the rest are stale (their name became a
+        # directory or a link, or the file matched without them) and go
+        self.partials_kept: set[tuple[tuple[bytes, ...], bytes]] = set()
+        self.partials_used: set[tuple[tuple[bytes, ...], bytes]] = set()
 
     def close(self) -> None:
         self._drop_dirs()
@@ -441,6 +446,8 @@ class FsApplier:
                 wanted = self._apply_other(entry, t, parts, alg)
                 if wanted is not None:
                     need, where = wanted
+                    if where == "partial":
+                        self.partials_used.add((tuple(parts[:-1]), partial_name(parts[-1])))
                     needs.append([index, *need])
                     self.pending[index] = (entry, parts, need[0], where, need[1:3])
                     pending_paths.add(b"/".join(parts))
@@ -473,6 +480,8 @@ class FsApplier:
             gone = listing.gone or set()
             for name in gone:
                 _rmtree(fd, name)
+            if listing.gone is not None:
+                self.partials_kept.update((tuple(parts), p) for p in listing.partials - gone)
             self._set_meta(entry, "d", fd, fd, b"", st)
         finally:
             os.close(fd)
@@ -790,8 +799,30 @@ class FsApplier:
                 os.utime(fd, ns=(atime, mtime))
             finally:
                 os.close(fd)
+        removed = self._drop_stale_partials()
         passes = self.journal.end_pass(self.root_fd)
-        return {"deleted": 0, "pass": passes, "directories": len(dirs)}
+        return {"deleted": 0, "pass": passes, "directories": len(dirs), "stale_partials": removed}
+
+    def _drop_stale_partials(self) -> int:
+        """Remove the partial files no file of this (whole) pass was received into."""
+        stale = self.partials_kept - self.partials_used
+        self.partials_kept, self.partials_used = set(), set()
+        removed = 0
+        for parts, name in sorted(stale):
+            try:
+                fd = self._open_dir(list(parts))
+            except ProtocolError:
+                continue  # its directory went since
+            try:
+                st = _lstat(fd, name)
+                if st is not None and stat.S_ISREG(st.st_mode):
+                    os.unlink(name, dir_fd=fd)
+                    removed += 1
+            finally:
+                os.close(fd)
+        if removed:
+            log.info("%s: %d stale partial files removed", self.fs_id, removed)
+        return removed
 
 
 def _header_index(payload: bytes) -> int:
