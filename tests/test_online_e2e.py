@@ -579,7 +579,8 @@ def finish_and_check(world: World, source: Source, dest: Dest, config: Path) -> 
     """Run the agent again to the end; check the result; return the payload it sent."""
     run = world.agent(dest, config, source, "--stage", "all")
     status, lines = run.wait()
-    assert status == 0, "\n".join(lines)
+    # the receiver's side too: a refusal's reason is in its log, not in the agent's lines
+    assert status == 0, "\n".join([*lines, "receiver:", dest.output()[-4000:]])
     assert lines[-1].startswith("ready to boot"), lines[-1]
     assert dest.proc is not None
     assert dest.proc.wait(timeout=60) == 0, dest.output()  # migration mode ended
