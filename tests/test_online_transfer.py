@@ -1327,6 +1327,35 @@ def test_a_directory_the_agent_cannot_list_keeps_its_copy(
     applier.close()
 
 
+def test_a_directory_the_agent_cannot_open_is_sent_unlisted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An agent run as a user gets EACCES opening another's directory (root, as in these
+    tests, does not: the refusal is injected): its entry still goes, unlisted, with its
+    metadata, and the walk goes on."""
+    from rehost.online.agent import transfer
+
+    src = tmp_path / "src"
+    (src / "private" / "inner").mkdir(parents=True)
+    (src / "z").write_text("z")
+    real = transfer._open_dir
+
+    def refusing(path: bytes, nofollow: bool) -> int:
+        if path.endswith(b"/private"):
+            raise PermissionError(errno.EACCES, "Permission denied")
+        return real(path, nofollow)
+
+    monkeypatch.setattr(transfer, "_open_dir", refusing)
+    logged: list[str] = []
+    walker = transfer._Walker(str(src), [], lambda level, m: logged.append(m))
+    entries = {e["p"]: e for e, _ in walker.walk()}
+    assert sorted(entries) == [b"", b"private", b"z"]
+    private = entries[b"private"]
+    assert private["unlisted"] and private["c"] == [] and private["x"] == {}, private
+    assert private["m"] == os.lstat(src / "private").st_mode
+    assert len(logged) == 1 and "cannot list" in logged[0], logged
+
+
 @pytest.mark.parametrize("alg", ["xxh128", "sha256"])
 @pytest.mark.parametrize(
     "layout",

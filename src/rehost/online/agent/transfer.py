@@ -308,7 +308,9 @@ class _Walker:
             "s": st.st_size if kind == "f" else 0,
             "mt": st.st_mtime_ns,
             "at": st.st_atime_ns,
-            "x": _xattrs(dir_fd if name is None else b"/proc/self/fd/%d/%s" % (dir_fd, name), st),
+            "x": {}
+            if dir_fd < 0  # a directory that cannot be opened: nothing behind it is read
+            else _xattrs(dir_fd if name is None else b"/proc/self/fd/%d/%s" % (dir_fd, name), st),
         }  # type: Dict[str, Any]
         if kind == "f":
             # which file the walk saw, for the send to check that it opens that one
@@ -326,15 +328,9 @@ class _Walker:
         """The names in directory `fd` after excludes, sorted; stat'ed only as they are sent.
         None when it cannot be listed."""
         try:
-            if fd < 0:
-                raise OSError(errno.EACCES, "it cannot be opened")
             names = sorted(os.fsencode(n) for n in os.listdir(fd))
         except OSError as e:
-            if self.log:
-                self.log(
-                    logging.WARNING,
-                    f"cannot list {path!r}: {e}; nothing in it is sent or deleted",
-                )
+            self._cannot_list(path, e)
             return None
         if not self._may_exclude_below(rel):
             return names
@@ -362,7 +358,7 @@ class _Walker:
             path = self._abs(rel)
             fd = -1
             try:
-                fd = _open_dir(path, rel != b"")
+                fd = _open_dir(path, seen)
                 st = os.fstat(fd)
             except OSError as e:
                 if not seen:
@@ -375,6 +371,7 @@ class _Walker:
                     continue
                 if not stat.S_ISDIR(st.st_mode):
                     continue
+                denied = e
             try:
                 if not seen:
                     root_dev = st.st_dev
@@ -383,9 +380,15 @@ class _Walker:
                 empty = seen and (
                     st.st_dev != root_dev or self.dir_excluded("/" + path_to_wire(rel))
                 )
-                listed = [] if empty else self._children(rel, path, fd)
+                if empty:
+                    listed = []  # type: Optional[List[bytes]]
+                elif fd < 0:
+                    self._cannot_list(path, denied)
+                    listed = None
+                else:
+                    listed = self._children(rel, path, fd)
                 names = listed or []
-                entry = self._entry(rel, st, "d", fd, None) if fd >= 0 else self._bare(rel, st)
+                entry = self._entry(rel, st, "d", fd, None)
                 entry["c"] = names
                 if empty:
                     entry["e"] = True
@@ -416,10 +419,11 @@ class _Walker:
                 if fd >= 0:
                     os.close(fd)
 
-    def _bare(self, rel: bytes, st: os.stat_result) -> Dict[str, Any]:
-        """A directory that cannot be opened: its metadata, without the xattrs behind it."""
-        return {"p": rel, "t": "d", "m": st.st_mode, "u": st.st_uid, "g": st.st_gid, "s": 0,
-                "mt": st.st_mtime_ns, "at": st.st_atime_ns, "x": {}}  # fmt: skip
+    def _cannot_list(self, path: bytes, error: OSError) -> None:
+        if self.log:
+            self.log(
+                logging.WARNING, f"cannot list {path!r}: {error}; nothing in it is sent or deleted"
+            )
 
 
 def _open_dir(path: bytes, nofollow: bool) -> int:
