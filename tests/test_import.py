@@ -792,6 +792,7 @@ def test_fixup_without_a_root_filesystem_fails(tmp_path: Path) -> None:
         run_import(str(disk.image), dest, state_dir=tmp_path / "state", fixup=True)
     assert info.value.step == "locate"
     assert "no partition" in str(info.value), info.value
+    assert "rehost import --fixup" in info.value.hint and "finalize" not in info.value.hint
     # this test's loop device only: another worker's tests make and drop their own meanwhile
     held = subprocess.run(["losetup", "-j", dest], capture_output=True, text=True, check=True)
     assert held.stdout == "", held.stdout

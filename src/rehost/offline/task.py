@@ -167,10 +167,19 @@ def run_import(
             log.close()
 
 
+OFFLINE_FIXUP_HINT = (
+    "the imported system would not boot reliably as it is: change what the reason names in "
+    "the image (or on the system it was made from, and make it again), then run the same "
+    "`rehost import --fixup` again: it writes the image again from the start, then retries "
+    "the fixups"
+)
+
+
 def _fixup(
     dest: str, firmware: Literal["bios", "uefi"], log: ImportLog, notify: Notify | None
 ) -> dict[str, object]:
     from rehost.offline.fixup import fixup_disk
+    from rehost.online.fixup.common import FixupFailed
 
     def say(message: str) -> None:
         log(f"fixup: {message}")
@@ -179,6 +188,11 @@ def _fixup(
 
     try:
         report = fixup_disk(dest, firmware=firmware, log=say)
+    except FixupFailed as e:
+        # the steps' own hints speak of the source and the finalize: an online migration's
+        e.hint = OFFLINE_FIXUP_HINT
+        log(f"fixups failed: {e}")
+        raise
     except RehostError as e:
         log(f"fixups failed: {e}")
         raise
