@@ -51,6 +51,13 @@ def test_error_format_and_status(tmp_path: Path) -> None:
         "error: IMAGE_METADATA_UNREADABLE: failed to obtain the metadata of the image file: "
     )
     assert lines[1].startswith("hint: ")
+    assert proc.stdout == ""
+    # asked for JSON, a script gets the failure as JSON on stdout too, not an empty stdout
+    proc = rehost("image", "check", bad, "--json")
+    assert proc.returncode == 1 and proc.stderr.startswith("error: IMAGE_METADATA_UNREADABLE")
+    failure = json.loads(proc.stdout)
+    assert failure["status"] == "failed" and failure["error"]["code"] == "IMAGE_METADATA_UNREADABLE"
+    assert set(failure["error"]) == {"code", "message", "reason", "hint"}
 
 
 def test_convert_destination_too_small(guest_raw: Path, tmp_path: Path) -> None:

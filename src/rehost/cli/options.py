@@ -6,7 +6,16 @@ from typing import Annotated
 
 import typer
 
-Json = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
+from rehost.cli.output import errors_as_json
+
+Json = Annotated[
+    bool,
+    typer.Option(
+        "--json",
+        help="Print machine-readable JSON (a failure too: {status, error} on stdout).",
+        callback=errors_as_json,
+    ),
+]
 Fmt = Annotated[
     str | None,
     typer.Option("--format", "-f", help="Skip detection and read as this format (e.g. raw)."),

@@ -93,6 +93,17 @@ def end_logging(handler: logging.Handler) -> None:
     handler.close()
 
 
+_json_errors = False
+
+
+def errors_as_json(value: bool) -> bool:
+    """--json's callback: a command asked for JSON gets its failure as JSON too, so that a
+    script reading stdout never finds it empty."""
+    global _json_errors
+    _json_errors = value
+    return value
+
+
 def report_error(exc: BaseException) -> int:
     """Print a failure the documented way and return the exit status (1)."""
     if not isinstance(exc, RehostError):
@@ -101,6 +112,8 @@ def report_error(exc: BaseException) -> int:
     else:
         log.error("%s: %s", exc.code, exc)
     sys.stderr.write(f"error: {exc.code}: {exc}\nhint: {exc.hint}\n")
+    if _json_errors:
+        emit_json({"status": "failed", "error": exc.to_dict()})
     return 1
 
 
