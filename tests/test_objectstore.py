@@ -84,3 +84,36 @@ def test_a_stale_record_is_not_a_running_store(tmp_path: Path) -> None:
     finally:
         other.kill()
         other.wait()
+
+
+def test_the_readme_flow_has_a_bucket_to_upload_to(tmp_path: Path) -> None:
+    """The README's offline steps: `objectstore start`, then `upload FILE s3://rehost/KEY`.
+    A new store had no bucket, and the upload failed with UPLOAD_FAILED."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    def rehost(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        argv = [sys.executable, "-m", "rehost", *args]
+        return subprocess.run(argv, capture_output=True, text=True, env=env, timeout=120)
+
+    store = str(tmp_path / "store")
+    started = rehost("objectstore", "start", "--dir", store, "--json")
+    try:
+        assert started.returncode == 0, started.stderr
+        info = json.loads(started.stdout)
+        assert info["bucket"] == "rehost"
+        disk = tmp_path / "disk.raw"
+        disk.write_bytes(os.urandom(1 << 20))
+        env = {**os.environ, **info["env"], "REHOST_STATE_DIR": str(tmp_path / "state")}
+        up = rehost("upload", str(disk), "s3://rehost/disk.raw", env=env)
+        assert up.returncode == 0, up.stderr
+        again = rehost("objectstore", "start", "--dir", store, "--bucket", "second")
+        assert again.returncode == 0 and "bucket: s3://second" in again.stdout, again.stderr
+        names = {b["Name"] for b in s3_client(objectstore.StoreInfo(**{
+            k: v for k, v in info.items() if k not in ("env", "bucket")
+        })).list_buckets()["Buckets"]}  # fmt: skip
+        assert names == {"rehost", "second"}
+    finally:
+        rehost("objectstore", "stop", "--dir", store)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from rehost import objectstore
 from rehost.blob.source import LocalFile
-from rehost.blob.upload import make_client, upload_file
+from rehost.blob.upload import upload_file
 from rehost.errors import ImageVerificationError
 from rehost.image import open_image
 from rehost.image.digest import read_digest
@@ -80,9 +80,7 @@ def run_demo(
     try:
         with local_store(state / "objectstore", say) as store:
             step(f"1. object store: SeaweedFS at {store.endpoint}, data in {store.directory}")
-            client = make_client()
-            if BUCKET not in [b["Name"] for b in client.list_buckets().get("Buckets", [])]:
-                client.create_bucket(Bucket=BUCKET)
+            objectstore.ensure_bucket(store, BUCKET)
             step(f"2. bucket s3://{BUCKET} is ready")
 
             sample = work / "sample.raw"

@@ -19,6 +19,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from rehost.errors import RehostError
 
@@ -193,11 +194,11 @@ def start(directory: Path, *, timeout: float = 30.0, base_port: int | None = Non
     return info
 
 
-def _wait_ready(info: StoreInfo, proc: subprocess.Popen[bytes], timeout: float) -> None:
+def _client(info: StoreInfo) -> Any:
     import boto3
     from botocore.config import Config
 
-    client = boto3.client(
+    return boto3.client(
         "s3",
         endpoint_url=info.endpoint,
         aws_access_key_id=info.access_key,
@@ -205,6 +206,26 @@ def _wait_ready(info: StoreInfo, proc: subprocess.Popen[bytes], timeout: float) 
         region_name=info.region,
         config=Config(retries={"max_attempts": 1}, connect_timeout=1, read_timeout=2),
     )
+
+
+def ensure_bucket(info: StoreInfo, name: str) -> None:
+    """Create bucket `name` unless the store has it: a new store has none, and an upload to
+    a missing bucket fails."""
+    from botocore.exceptions import ClientError
+
+    client = _client(info)
+    try:
+        if name not in [b["Name"] for b in client.list_buckets().get("Buckets", [])]:
+            client.create_bucket(Bucket=name)
+    except ClientError as e:
+        raise ObjectStoreError(
+            f"cannot create bucket {name!r}: {e}",
+            hint="a bucket name is 3 to 63 lowercase letters, digits, dots and hyphens",
+        ) from e
+
+
+def _wait_ready(info: StoreInfo, proc: subprocess.Popen[bytes], timeout: float) -> None:
+    client = _client(info)
     deadline = time.monotonic() + timeout
     while True:
         if proc.poll() is not None:

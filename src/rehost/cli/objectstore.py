@@ -19,7 +19,11 @@ app = typer.Typer(
 
 Dir = Annotated[
     Path | None,
-    typer.Option("--dir", help="The store's directory (default: STATE_DIR/objectstore)."),
+    typer.Option(
+        "--dir",
+        help="The store's directory (default: $REHOST_STATE_DIR/objectstore, or "
+        "~/.local/state/rehost/objectstore).",
+    ),
 ]
 
 
@@ -27,22 +31,32 @@ def _dir(directory: Path | None) -> Path:
     return directory or state_dir() / "objectstore"
 
 
-def _show(info: objectstore.StoreInfo, json: bool) -> None:
+def _show(info: objectstore.StoreInfo, json: bool, bucket: str | None = None) -> None:
     if json:
-        emit_json({**info.__dict__, "env": info.env()})
+        emit_json({**info.__dict__, "env": info.env(), **({"bucket": bucket} if bucket else {})})
         return
     out_console.print(
         f"running: pid {info.pid}, endpoint {info.endpoint}, data in {info.directory}"
     )
+    if bucket:
+        out_console.print(f"bucket: s3://{bucket}")
     out_console.print("use it with:")
     for key, value in info.env().items():
         out_console.print(f"  export {key}={value}")
 
 
 @app.command()
-def start(directory: Dir = None, json: Json = False) -> None:
+def start(
+    directory: Dir = None,
+    bucket: Annotated[
+        str, typer.Option("--bucket", help="A bucket to have ready in it (made if missing).")
+    ] = "rehost",
+    json: Json = False,
+) -> None:
     """Start the store (or show the one already running) and print how to use it."""
-    _show(objectstore.start(_dir(directory)), json)
+    info = objectstore.start(_dir(directory))
+    objectstore.ensure_bucket(info, bucket)
+    _show(info, json, bucket)
 
 
 @app.command()
