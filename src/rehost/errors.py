@@ -43,7 +43,8 @@ class ImageMetadataError(RehostError):
 
 SINGLE_FILE_HINT = (
     "an import is a single object: flatten the image into one self-contained file first, "
-    "e.g. `qemu-img convert -O qcow2 SRC flat.qcow2` or `rehost image pack SRC flat.qcow2`"
+    "with qemu-img, which reads its other files: `qemu-img convert -O qcow2 SRC flat.qcow2` "
+    "(rehost reads one file only, so `rehost image pack` refuses it too)"
 )
 ENCRYPTED_HINT = "decrypt the image first, e.g. `qemu-img convert --object secret,... -O qcow2`"
 

@@ -21,7 +21,12 @@ app = typer.Typer(
     help="Inspect, check, convert and pack disk images.", no_args_is_help=True, add_completion=False
 )
 
-Src = Annotated[str, typer.Argument(help="Image path (qcow2, vhd, vhdx, vmdk or raw).")]
+Src = Annotated[
+    str,
+    typer.Argument(
+        help="The image (qcow2, vhd, vhdx, vmdk or raw): a path, s3://BUCKET/KEY or an https URL."
+    ),
+]
 
 
 def _open(src: str, fmt: str | None) -> DiskImage:

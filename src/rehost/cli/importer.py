@@ -53,7 +53,8 @@ def import_(
         typer.Option(
             "--state-dir",
             help="Keep this import's state and log here (default: "
-            "$REHOST_STATE_DIR/imports/<hash of source and destination>).",
+            "$REHOST_STATE_DIR/imports/<hash of source and destination>, or under "
+            "~/.local/state/rehost/imports).",
         ),
     ] = None,
     timeout: Annotated[

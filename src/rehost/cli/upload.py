@@ -77,7 +77,7 @@ def upload(
 ) -> None:
     """Upload FILE to S3 in parallel parts; run the same command again to resume.
 
-    An interrupted upload (killed, network lost) continues where it stopped: only the parts the server does not have are sent. If FILE changed since, the upload starts over and says why. Each part's checksum (CRC32C, or Content-MD5 where the store lacks CRC32C) is checked by the server, and the finished object is verified against the file (its checksum, ETag and size).
+    An interrupted upload (killed, network lost) continues where it stopped: only the parts the server does not have are sent. If FILE changed since, the upload starts over and says why. Each part's checksum (CRC32C, or Content-MD5 where the store lacks CRC32C; a file of one part goes in one PUT checked by Content-MD5) is checked by the server, and the finished object is verified against the file (its checksum, ETag and size).
 
     Upload a compressed image to shorten the upload: `rehost image pack IMAGE packed.qcow2` leaves out zero regions and compresses the rest, often making the file several times smaller.
 

@@ -104,7 +104,7 @@ class _Compressor:
 
     def __init__(self, mode: str, client: Any = None) -> None:
         if mode not in ("auto", "zstd", "off"):
-            raise AgentError("BAD_CONFIG", "Compression must be auto, zstd or off, not " + mode)
+            raise AgentError("CONFIG_INVALID", "Compression must be auto, zstd or off, not " + mode)
         if mode == "zstd" and _zstd is None:
             raise AgentError(
                 "COMPRESSION_UNAVAILABLE",
