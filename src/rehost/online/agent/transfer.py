@@ -289,10 +289,20 @@ class _Walker:
         return any(lit.startswith(prefix) or prefix.startswith(lit) for lit in self.literals)
 
     def _entry(
-        self, rel: bytes, st: os.stat_result, kind: str, dir_fd: int, name: Optional[bytes]
+        self,
+        rel: bytes,
+        path: bytes,
+        st: os.stat_result,
+        kind: str,
+        dir_fd: int,
+        name: Optional[bytes],
     ) -> Dict[str, Any]:
-        """`name` in the directory open as `dir_fd`, or with `name` None that directory: read
-        through the descriptor, never by a path whose directories may be swapped meanwhile."""
+        """`name` in the directory open as `dir_fd`, or with `name` None that directory.
+
+        A directory's attributes are read through its descriptor, a symlink's target relative
+        to it. Other entries' attributes are listed by path: through /proc/self/fd/N/NAME
+        it cost twice as much (2.4 µs an entry, a fifth of the walk), and `_xattrs` checks
+        the inode it reads them from."""
         if kind != "d" and st.st_nlink > 1:
             key = (st.st_dev, st.st_ino)
             first = self.links.get(key)
@@ -308,9 +318,7 @@ class _Walker:
             "s": st.st_size if kind == "f" else 0,
             "mt": st.st_mtime_ns,
             "at": st.st_atime_ns,
-            "x": {}
-            if dir_fd < 0  # a directory that cannot be opened: nothing behind it is read
-            else _xattrs(dir_fd if name is None else b"/proc/self/fd/%d/%s" % (dir_fd, name), st),
+            "x": _attrs(path, st, dir_fd, name),
         }  # type: Dict[str, Any]
         if kind == "f":
             # which file the walk saw, for the send to check that it opens that one
@@ -388,7 +396,7 @@ class _Walker:
                 else:
                     listed = self._children(rel, path, fd)
                 names = listed or []
-                entry = self._entry(rel, st, "d", fd, None)
+                entry = self._entry(rel, path, st, "d", fd, None)
                 entry["c"] = names
                 if empty:
                     entry["e"] = True
@@ -406,7 +414,8 @@ class _Walker:
                             sub_devs.append(cst.st_dev)
                             sub_inos.append(cst.st_ino)
                         elif kind is not None:
-                            yield self._entry(crel, cst, kind, fd, name), self._abs(crel)
+                            cpath = self._abs(crel)
+                            yield self._entry(crel, cpath, cst, kind, fd, name), cpath
                     except OSError as e:
                         if e.errno not in _WALK_CHANGED:
                             raise
@@ -424,6 +433,12 @@ class _Walker:
             self.log(
                 logging.WARNING, f"cannot list {path!r}: {error}; nothing in it is sent or deleted"
             )
+
+
+def _attrs(path: bytes, st: Any, dir_fd: int, name: Optional[bytes]) -> Dict[str, bytes]:
+    if name is not None:
+        return _xattrs(path, st) if len(path) < _PATH_MAX else _long(lambda p: _xattrs(p, st), path)
+    return _xattrs(dir_fd, st) if dir_fd >= 0 else {}  # a directory that cannot be opened
 
 
 def _open_dir(path: bytes, nofollow: bool) -> int:
