@@ -1059,7 +1059,7 @@ def test_a_file_that_changed_kind_since_the_walk_is_skipped(tmp_path: Path) -> N
     (tmp_path / "dir").mkdir()
     (tmp_path / "link").symlink_to("dir")
     client = SimpleNamespace(hash_alg="xxh128", payload_bytes=0)
-    stats = dict.fromkeys(["bytes_sent", "files_sent", "delta_files", "unreadable"], 0)
+    stats = dict.fromkeys(["bytes_sent", "files_sent", "delta_files", "unreadable", "changed"], 0)
     logged: list[str] = []
     levels: set[int] = set()
 
@@ -1082,6 +1082,7 @@ def test_a_file_that_changed_kind_since_the_walk_is_skipped(tmp_path: Path) -> N
         ends = [f for f in done[0] if f[:1] == b"Z"]
         assert all(b'"hash":""' in f for f in ends), (name, done)
     assert stats["unreadable"] == 0 and stats["files_sent"] == 0, stats
+    assert stats["changed"] == 3  # for the finalize, which runs its pass again
     assert len(logged) == 3 and all("changed since the walk" in m for m in logged), logged
     assert levels == {logging.INFO}  # churn on a live server: the log file, not the console
 
@@ -1103,7 +1104,7 @@ def test_a_directory_swapped_for_a_symlink_after_the_walk_sends_nothing(tmp_path
     (home / "d").rename(home / "old")
     (home / "d").symlink_to(secret)
     client = SimpleNamespace(hash_alg="xxh128", payload_bytes=0)
-    stats = dict.fromkeys(["bytes_sent", "files_sent", "delta_files", "unreadable"], 0)
+    stats = dict.fromkeys(["bytes_sent", "files_sent", "delta_files", "unreadable", "changed"], 0)
     logged: list[str] = []
     sender = transfer._Sender(
         client, transfer._Compressor("off"), stats, lambda level, m: logged.append(m)
@@ -1121,7 +1122,7 @@ def _sender(log: list[str]) -> tuple[Any, dict[str, int]]:
     from rehost.online.agent import transfer
 
     client = SimpleNamespace(hash_alg="xxh128", payload_bytes=0)
-    stats = dict.fromkeys(["bytes_sent", "files_sent", "delta_files", "unreadable"], 0)
+    stats = dict.fromkeys(["bytes_sent", "files_sent", "delta_files", "unreadable", "changed"], 0)
     sender = transfer._Sender(
         client, transfer._Compressor("off"), stats, lambda _, m: log.append(m)
     )
@@ -1154,6 +1155,7 @@ def test_a_file_replaced_by_a_socket_or_under_a_replaced_directory_is_churn(
     finally:
         server.close()
     assert stats["unreadable"] == 0 and stats["files_sent"] == 0, stats
+    assert stats["changed"] == 2
     assert len(logged) == 2 and all("changed since the walk" in m for m in logged), logged
 
 
@@ -1192,12 +1194,14 @@ def test_the_walk_does_not_follow_a_directory_swapped_for_a_symlink(tmp_path: Pa
     (outside / "etc").mkdir(parents=True)
     (outside / "etc" / "shadow").write_text("SECRET")
     sent = []
-    for entry, _ in transfer._Walker(str(src), [], None).walk():
+    walker = transfer._Walker(str(src), [], None)
+    for entry, _ in walker.walk():
         sent.append(entry["p"])
         if entry["p"] == b"x/aaa":  # the swap, as the walk goes on
             (src / "x").rename(src / "x.old")
             (src / "x").symlink_to(outside)
     assert sent == [b"", b"x", b"x/aaa", b"x/aaa/f"], sent
+    assert walker.changed == 1  # a final pass runs again, and finds x a symlink
 
 
 def test_the_walk_goes_on_when_an_entry_changes_under_it(
@@ -1229,8 +1233,10 @@ def test_the_walk_goes_on_when_an_entry_changes_under_it(
 
     monkeypatch.setattr(os, "readlink", vanishing)
     monkeypatch.setattr(os, "listxattr", replacing)
-    entries = {e["p"]: e for e, _ in transfer._Walker(str(src), [], None).walk()}
+    walker = transfer._Walker(str(src), [], None)
+    entries = {e["p"]: e for e, _ in walker.walk()}
     assert sorted(entries) == [b"", b"d", b"z"], sorted(entries)
+    assert walker.changed == 2
 
 
 def test_a_partial_nothing_resumes_goes_at_the_pass_end(tmp_path: Path) -> None:

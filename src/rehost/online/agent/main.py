@@ -215,13 +215,13 @@ class Agent:
         for _ in range(FINAL_REPEATS):
             if not changed:
                 break
-            say(f"{changed} files changed while they were sent; sending them again")
+            say(f"{changed} files changed during the final pass; running it again")
             passes += 1
             changed = self.sync_all("final pass", passes)
         if changed:  # "ready to boot" must not come with a file the receiver rejected
             raise AgentError(
                 "SOURCE_CHANGING",
-                f"{changed} files kept changing while they were sent (each is named in "
+                f"{changed} files kept changing during the final pass (each is named in "
                 "log/agent.log)",
                 "stop the services that write them, then run --stage finalize again",
             )

@@ -278,6 +278,8 @@ class _Walker:
         self.literals = [re.split(r"[*?[]", p, maxsplit=1)[0] for p in patterns]
         self.log = log
         self.links = {}  # type: Dict[Tuple[int, int], bytes]
+        self.changed = 0
+        """Names listed but left out because they changed under the walk."""
 
     def _abs(self, rel: bytes) -> bytes:
         if not rel:
@@ -372,19 +374,23 @@ class _Walker:
                 if not seen:
                     raise
                 if e.errno in _WALK_CHANGED:
-                    continue  # replaced or gone since its parent was listed: the next pass
+                    self.changed += 1  # replaced or gone since its parent was listed
+                    continue
                 try:  # it cannot be opened: sent as it is, unlisted
                     st = os.lstat(path) if len(path) < _PATH_MAX else _long(os.lstat, path)
+                    is_dir = stat.S_ISDIR(st.st_mode)
                 except OSError:
-                    continue
-                if not stat.S_ISDIR(st.st_mode):
+                    is_dir = False
+                if not is_dir:
+                    self.changed += 1
                     continue
                 denied = e
             try:
                 if not seen:
                     root_dev = st.st_dev
                 elif (st.st_dev, st.st_ino) != (dev, ino):
-                    continue  # another directory at this path now: the next pass sends it
+                    self.changed += 1  # another directory at this path now
+                    continue
                 empty = seen and (
                     st.st_dev != root_dev or self.dir_excluded("/" + path_to_wire(rel))
                 )
@@ -419,6 +425,7 @@ class _Walker:
                     except OSError as e:
                         if e.errno not in _WALK_CHANGED:
                             raise
+                        self.changed += 1
                 stack.extend(reversed(subdirs))
                 sub_devs.reverse()
                 sub_inos.reverse()
@@ -537,6 +544,7 @@ class _Sender:
 
     def _not_read(self, path: bytes, error: OSError) -> None:
         if error.errno in _CHANGED:  # churn on a live server: the next pass sends it
+            self.stats["changed"] += 1
             level, message = logging.INFO, f"skipping {path!r}: it changed since the walk ({error})"
         else:
             self.stats["unreadable"] += 1
@@ -593,9 +601,10 @@ def sync_filesystem(
     `excludes` are glob patterns relative to `root` ("/proc/*": the contents of /proc; the
     directory itself is sent empty). Returns counters: entries, files_sent, bytes_sent (file
     payload before compression), delta_files, deleted, batches, bytes_on_wire, unreadable
-    (files not sent for a read error: the receiver keeps what it had of them), changed (files
-    that changed while they were read, so failed the receiver's hash check: the receiver
-    marks them, and the next pass sends them again).
+    (files not sent for a read error: the receiver keeps what it had of them), changed
+    (entries that changed while the pass ran: skipped because the walk or the send found
+    another file, or none, where it listed one, or rejected by the receiver's hash check;
+    the next pass sends them as they are then).
     """
     stats = {
         "entries": 0,
@@ -615,6 +624,7 @@ def sync_filesystem(
     started = time.monotonic()
     for batch, frames in _prefetched(_batches(walker)):
         _send_batch(client, quoted, batch, frames, sender, stats, log)
+    stats["changed"] += walker.changed
     done = client.post_json("/v1/finish/" + quoted, {"pass": pass_no})
     stats["deleted"] += int(done.get("deleted", 0))
     stats["bytes_on_wire"] = client.bytes_on_wire - wire_start
