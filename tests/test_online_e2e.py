@@ -456,7 +456,18 @@ def mounted_readonly(dest: Dest, nodes: dict[str, str]) -> Iterator[dict[str, Pa
         yield where
     finally:
         for point in where.values():
-            sh("umount", point, check=False)
+            _unmount(point)
+
+
+def _unmount(point: Path) -> None:
+    """Unmount for sure: a read-only mount left behind makes the next receiver's read-write
+    mount of the same partition fail (a 422 at its first request), far from the cause."""
+    for _ in range(50):
+        done = subprocess.run(["umount", point], capture_output=True, text=True)
+        if done.returncode == 0 or not os.path.ismount(point):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"{point} stays mounted: {done.stderr.strip()}")
 
 
 def assert_no_differences(source: Source, dest: Dest, nodes: dict[str, str]) -> None:
