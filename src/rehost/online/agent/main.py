@@ -223,7 +223,8 @@ class Agent:
                 "SOURCE_CHANGING",
                 f"{changed} files kept changing during the final pass (each is named in "
                 "log/agent.log)",
-                "stop the services that write them, then run --stage finalize again",
+                "stop the services that write them (or add what may differ, such as their "
+                "scratch files, to Excludes), then run --stage finalize again",
             )
         state = self.load_state()
         state["passes"] = passes
