@@ -37,9 +37,9 @@ LOG_MAX_BYTES = 10 * 1024 * 1024
 LOG_BACKUPS = 5
 CHECK_RETRY_SECONDS = 5.0
 PROGRESS_SECONDS = 30.0
-FINAL_REPEATS = 2
-"""Final passes run again while files change as they are sent, before the finalize gives up."""
 """How often a transfer says how far it is."""
+FINAL_REPEATS = 2
+"""Final passes run again while files change during one, before the finalize gives up."""
 RESUME = "run the same command again to resume"
 log = logging.getLogger("rehost.online")
 
@@ -160,7 +160,7 @@ class Agent:
         say("prepared: {} filesystems".format(len(response.get("filesystems") or {})))
 
     def sync_all(self, what: str, pass_no: int) -> int:
-        """One pass over every migrated filesystem; the files that changed while sent."""
+        """One pass over every migrated filesystem; the entries that changed during it."""
         from rehost.online.agent.transfer import sync_filesystem
 
         plan, _ = plan_disks(self.config, self.layout)
