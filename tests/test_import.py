@@ -345,6 +345,29 @@ def test_a_file_another_import_writes_is_refused(guest_raw: Path, tmp_path: Path
     assert run_import(str(guest_raw), dest, state_dir=tmp_path / "state").verified
 
 
+def test_a_file_still_attached_to_a_loop_device_is_refused(guest_raw: Path, tmp_path: Path) -> None:
+    """An `import --fixup` killed mid-way leaves its destination attached to a loop device,
+    its filesystems mounted. Running the same command again rewrote the file under those
+    mounts, whose cached blocks then went on being written over the new image: a corrupt
+    /boot, reported done. The file is refused, untouched, until it is detached."""
+    dest = tmp_path / "out.raw"
+    dest.write_bytes(b"previous" * 512)
+    os.truncate(dest, guest_raw.stat().st_size)
+    before = sha256_file(dest)
+    loop = subprocess.run(
+        ["losetup", "-f", "--show", dest], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    try:
+        with pytest.raises(DestinationError) as info:
+            run_import(str(guest_raw), dest, state_dir=tmp_path / "state")
+        assert f"attached to {loop}" in info.value.reason
+        assert f"losetup -d {loop}" in info.value.hint
+        assert sha256_file(dest) == before
+    finally:
+        subprocess.run(["losetup", "-d", loop], check=True)
+    assert run_import(str(guest_raw), dest, state_dir=tmp_path / "state").verified
+
+
 def test_a_state_dir_that_cannot_be_written_is_a_typed_error(
     guest_raw: Path, tmp_path: Path
 ) -> None:

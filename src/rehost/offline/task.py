@@ -17,6 +17,7 @@ import errno
 import fcntl
 import os
 import stat
+import subprocess
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -173,6 +174,25 @@ OFFLINE_FIXUP_HINT = (
     "`rehost import --fixup` again: it writes the image again from the start, then retries "
     "the fixups"
 )
+
+
+def _refuse_attached(dest: str) -> None:
+    """A file still attached to a loop device (an `import --fixup` killed mid-way leaves it so,
+    its filesystems mounted) must not be written: the old mounts would go on writing their
+    cached blocks over the new image, which then verifies and is reported done."""
+    try:
+        found = subprocess.run(["losetup", "-j", dest], capture_output=True, text=True).stdout
+    except OSError:  # no losetup: then nothing can have attached it through us either
+        return
+    loops = [line.split(":", 1)[0] for line in found.splitlines() if line.strip()]
+    if loops:
+        raise DestinationError(
+            f"{dest} is attached to {', '.join(loops)}, perhaps by an interrupted `import "
+            "--fixup` that left its filesystems mounted: writing it now would corrupt them",
+            hint=f"once no process uses them, unmount what is mounted from {loops[0]}'s "
+            f"partitions (`findmnt -rn -o TARGET -S {loops[0]}p1` lists them; `umount -R` "
+            f"each) and detach it (`losetup -d {loops[0]}`), then run the import again",
+        )
 
 
 def _fixup(
@@ -485,6 +505,7 @@ class _Import:
                 return
             self._claim = os.open(self.dest, os.O_RDONLY | os.O_CLOEXEC)
             fcntl.flock(self._claim, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _refuse_attached(self.dest)
         except OSError as e:
             if e.errno not in (errno.EBUSY, errno.EWOULDBLOCK):
                 raise DestinationError(f"{self.dest}: {e.strerror}") from e
