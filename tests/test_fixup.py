@@ -756,3 +756,38 @@ def test_chroot_binds_and_cleans_up(tmp_path: Path) -> None:
     assert not (root / "boot/marker").exists()
     assert "chroot: $ true" in logged and "chroot: bound /dev at /dev" in logged
     shutil.rmtree(root)
+
+
+def test_a_chroot_clears_what_an_interrupted_one_left_bound(tmp_path: Path) -> None:
+    """A receiver killed during the fixups leaves /dev, /proc, /sys and /boot bound in the
+    migrated root. The next finalize bound over them, removed only its own layer, and its
+    unmount of the root then failed (target is busy), every time. Here the leftovers are
+    made as a killed run leaves them: binds, without the process."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting needs root")
+    from rehost.mountinfo import mounted_below
+    from rehost.online.receiver import disks
+
+    root = tmp_path / "root"
+    subprocess.run(["cp", "-a", "--reflink=auto", str(bookworm_minbase()), str(root)], check=True)
+    boot = tmp_path / "bootfs"
+    put(boot, "/marker", "the boot filesystem\n")
+    try:
+        for inside, source in (("boot", boot), ("dev", Path("/dev")), ("proc", Path("/proc"))):
+            subprocess.run(["mount", "--bind", str(source), str(root / inside)], check=True)
+        logged: list[str] = []
+        with Chroot(root, {"/boot": boot}, log=logged.append) as run:
+            assert run(["cat", "/boot/marker"]).output == "the boot filesystem\n"
+        assert mounted_below(root) == []
+        assert f"chroot: unmounted what an earlier run left at {root}/dev" in logged
+        # and the receiver's own unmount takes a mount with leftovers below it
+        mnt = tmp_path / "state" / "mnt" / "root"  # where prepare mounts the root
+        mnt.mkdir(parents=True)
+        subprocess.run(["mount", "--bind", str(root), str(mnt)], check=True)
+        subprocess.run(["mount", "--bind", "/proc", str(mnt / "proc")], check=True)
+        disks.finalize(tmp_path / "state")
+        assert mounted_below(mnt) == []
+    finally:
+        for point in sorted(mounted_below(tmp_path), reverse=True):
+            subprocess.run(["umount", "-l", point], capture_output=True)
+    shutil.rmtree(root)

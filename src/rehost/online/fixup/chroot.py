@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
+from rehost.mountinfo import is_mounted, mounted_below
 from rehost.online.fixup.common import FixupFailed, Result, Runner, confined
 
 # A clean, predictable environment: the rescue system's locale and PATH mean nothing inside.
@@ -49,15 +50,6 @@ def _host(argv: Sequence[str], timeout: float = 60) -> Result:
     return Result(proc.returncode, proc.stdout)
 
 
-def _mounted(where: Path) -> bool:
-    target = str(where)
-    for line in Path("/proc/self/mountinfo").read_text().splitlines():
-        point = line.split()[4].replace("\\040", " ").replace("\\011", "\t").replace("\\134", "\\")
-        if point == target:
-            return True
-    return False
-
-
 class Chroot:
     """`with Chroot(root, binds) as run:` mounts, yields a runner into `root`, unmounts.
 
@@ -83,6 +75,7 @@ class Chroot:
             for inside, source in [*self.binds.items(), *((p, Path(p)) for p in SYSTEM_MOUNTS)]:
                 where = confined(self.root, inside)
                 where.mkdir(parents=True, exist_ok=True)
+                self._clear(where)
                 res = _host(["mount", "--bind", str(source), str(where)])
                 if res.returncode != 0:
                     raise FixupFailed(
@@ -94,6 +87,21 @@ class Chroot:
             self._unmount()
             raise
         return self.run
+
+    def _clear(self, where: Path) -> None:
+        """Unmount what an interrupted run left bound here (a receiver killed during the
+        fixups leaves /dev, /proc, /sys bound in the migrated root): bound over it again,
+        it kept the root busy, and every later finalize failed to unmount it."""
+        if not mounted_below(where):
+            return
+        res = _host(["umount", "-R", str(where)])
+        if res.returncode != 0:
+            res = _host(["umount", "-R", "-l", str(where)])
+        if mounted_below(where):
+            raise FixupFailed(
+                "chroot", f"{where} is still mounted from an earlier run", output=res.output
+            )
+        self.log(f"chroot: unmounted what an earlier run left at {where}")
 
     def run(self, argv: Sequence[str]) -> Result:
         self.log("chroot: $ " + " ".join(argv))
@@ -107,7 +115,7 @@ class Chroot:
         while self.mounted:
             where = self.mounted.pop()
             res = _host(["umount", str(where)])
-            if res.returncode != 0 and _mounted(where):
+            if res.returncode != 0 and is_mounted(where):
                 # Something in the chroot still holds it (a daemon a hook started): detach it
                 # so the disks can still be unmounted and the user's system is not left bound.
                 lazy = _host(["umount", "-l", str(where)])

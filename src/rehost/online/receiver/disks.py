@@ -21,13 +21,13 @@ import contextlib
 import json
 import logging
 import os
-import re
 import stat
 import subprocess
 from pathlib import Path
 from typing import Any
 
 from rehost.errors import RehostError
+from rehost.mountinfo import is_mounted
 from rehost.online.protocol import (
     MiB,
     align_down,
@@ -169,15 +169,6 @@ def _in_use(disk: str) -> list[str]:
 def _blkid(dev: str) -> dict[str, str]:
     proc = subprocess.run(["blkid", "-p", "-o", "export", dev], capture_output=True, text=True)
     return dict(line.split("=", 1) for line in proc.stdout.splitlines() if "=" in line)
-
-
-def _mounted_at(where: Path) -> bool:
-    target = str(where)
-    for line in Path("/proc/self/mountinfo").read_text().splitlines():
-        point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), line.split()[4])
-        if point == target:
-            return True
-    return False
 
 
 # -- planning --------------------------------------------------------------------------
@@ -339,7 +330,7 @@ def _mkfs(dev: str, p: Json, size: int, sector: int) -> None:
 
 def _mount(dev: str, fs: str, where: Path) -> None:
     where.mkdir(parents=True, exist_ok=True)
-    if not _mounted_at(where):
+    if not is_mounted(where):
         # nouuid: xfs refuses a second filesystem with a UUID it has mounted, which is the
         # point of a copy (and how tests run source and destination on one host).
         _run("mount", "-t", fs, *(["-o", "nouuid"] if fs == "xfs" else []), dev, str(where))
@@ -388,7 +379,7 @@ def _untouched(record: Json, state_dir: Path) -> bool:
     """Nothing was written to the filesystems prepared before (only lost+found in them)."""
     for fs in record["result"]["filesystems"].values():
         where = Path(fs["mounted_at"])
-        if not _mounted_at(where):
+        if not is_mounted(where):
             try:
                 _mount(fs["device"], _blkid(fs["device"]).get("TYPE", "auto"), where)
             except DiskPrepareFailed:
@@ -446,8 +437,8 @@ def _unmount_leftovers(state_dir: Path) -> None:
     """Unmount what an interrupted prepare() mounted before it could record it."""
     mnt = state_dir / "mnt"
     for where in sorted(mnt.iterdir(), reverse=True) if mnt.is_dir() else []:
-        if _mounted_at(where):
-            _run("umount", str(where))
+        if is_mounted(where):
+            _run("umount", "-R", str(where))
 
 
 def finalize(state_dir: Path) -> None:
@@ -458,6 +449,7 @@ def finalize(state_dir: Path) -> None:
         record = json.loads(record_path.read_text())
         for fs in reversed(list(record["result"]["filesystems"].values())):
             where = Path(fs["mounted_at"])
-            if _mounted_at(where):
-                _run("umount", str(where))
+            if is_mounted(where):
+                # -R: binds an interrupted fixup left inside it would keep it busy for good
+                _run("umount", "-R", str(where))
     _unmount_leftovers(state_dir)
