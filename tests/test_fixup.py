@@ -463,6 +463,10 @@ def test_dhcp_without_a_client_fails(tmp_path: Path, system: str, package: str) 
     assert f"install {package}" in err.reason, err.reason
     assert err.hint is not None and package in err.hint
     assert runner.commands == []  # nothing after the network step ran
+    # what the steps before it changed stays changed, and the error says what it was
+    steps = {c["step"] for c in err.changes}
+    assert "fstab" in steps and steps <= {"fstab", "network"}, err.changes
+    assert err.to_dict()["changes"] == err.changes
 
 
 DHCP_CLIENTS_OK = {

@@ -781,10 +781,13 @@ def test_leaving_migration_mode_only_after_a_successful_finalize(
 
     fixups: list[dict[str, Path]] = []
 
-    def run_fixups(mounts: dict[str, Path], **context: Any) -> None:
+    report = {"distro": "debian", "changes": [{"step": "fstab", "path": "/etc/fstab"}]}
+
+    def run_fixups(mounts: dict[str, Path], **context: Any) -> dict[str, Any]:
         fixups.append(mounts)
         if len(fixups) == 1:
             raise FixupFailed("first try")
+        return report
 
     monkeypatch.setattr(server, "run_fixups", run_fixups)
     rebooted: list[float] = []
@@ -813,10 +816,13 @@ def test_leaving_migration_mode_only_after_a_successful_finalize(
     with pytest.raises(AgentError) as exc:
         client.post_json("/v1/finalize", {})
     assert exc.value.code == "FIXUP_FAILED"
+    # why, not only what: the receiver's "reason" reaches the agent's message
+    assert exc.value.message.endswith("failed with 422: a fixup failed: first try")
     time.sleep(0.3)
     assert thread.is_alive() and rebooted == []  # still in migration mode
     assert client.hello()["protocol"] == PROTOCOL_VERSION
-    assert client.post_json("/v1/finalize", {}) == {"status": "ready to boot"}
+    # the fixups' report goes back to the agent, which logs it
+    assert client.post_json("/v1/finalize", {}) == {"status": "ready to boot", "fixups": report}
     thread.join(timeout=30)
     assert not thread.is_alive() and result == [True]
     assert len(rebooted) == 1 and len(fixups) == 2

@@ -272,11 +272,11 @@ class ReceiverClient:
                 "set Destination.Token to the token the receiver was started with",
             )
         if resp.status >= 400:
+            # a RehostError's answer says what failed in "message" and why in "reason"
+            why = ": ".join(str(obj[k]) for k in ("message", "reason") if obj.get(k))
             raise AgentError(
                 str(obj.get("code") or "RECEIVER_ERROR"),
-                "{} {} failed with {}: {}".format(
-                    method, path, resp.status, obj.get("message", "")
-                ),
+                f"{method} {path} failed with {resp.status}: {why}",
                 str(obj.get("hint") or "see the receiver's log"),
             )
         if not isinstance(obj, dict):

@@ -231,6 +231,15 @@ class Agent:
         self.save_state(state)
         response = self.client.post_json("/v1/finalize", {})
         log.info("finalize: %s", json.dumps(response, sort_keys=True))
+        fixups = response.get("fixups")
+        if isinstance(fixups, dict):
+            say(
+                "boot fixups ({}): {} changes, {} commands (each in log/agent.log)".format(
+                    fixups.get("distro") or "?",
+                    len(fixups.get("changes") or []),
+                    len(fixups.get("commands") or []),
+                )
+            )
         self.mark("finalize")
 
 

@@ -55,6 +55,14 @@ def _check_plan(plan: FixupPlan) -> None:
 
 
 def _apply(ctx: Context) -> FixupReport:
+    try:
+        return _steps(ctx)
+    except FixupFailed as e:  # what was changed before it stays changed: say what it was
+        e.changes = ctx.report.changes_list()
+        raise
+
+
+def _steps(ctx: Context) -> FixupReport:
     ctx.step = "distro"
     distro = detect(ctx)
     ctx.report.distro = distro.name

@@ -17,7 +17,7 @@ import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from rehost.errors import RehostError
 from rehost.online.fixup.plan import FixupPlan
@@ -36,11 +36,14 @@ class FixupFailed(RehostError):
     def __init__(self, step: str, reason: str, *, output: str = "", hint: str | None = None):
         self.step = step
         self.output = output.strip()
+        self.changes: list[dict[str, object]] = []
+        """What the steps before the failure changed (FixupReport.to_dict's changes)."""
         detail = f"{step}: {reason}"
         super().__init__(f"{detail}\n{self.output}" if self.output else detail, hint=hint)
 
-    def to_dict(self) -> dict[str, str]:
-        return {**super().to_dict(), "step": self.step, "output": self.output}
+    def to_dict(self) -> dict[str, Any]:
+        return {**super().to_dict(), "step": self.step, "output": self.output,
+                "changes": self.changes}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -72,14 +75,13 @@ class FixupReport:
     commands: list[list[str]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, object]:
-        return {
-            "distro": self.distro,
-            "changes": [
-                {"step": c.step, "path": c.path, "before": list(c.before), "after": list(c.after)}
-                for c in self.changes
-            ],
-            "commands": self.commands,
-        }
+        return {"distro": self.distro, "changes": self.changes_list(), "commands": self.commands}
+
+    def changes_list(self) -> list[dict[str, object]]:
+        return [
+            {"step": c.step, "path": c.path, "before": list(c.before), "after": list(c.after)}
+            for c in self.changes
+        ]
 
 
 def confined(root: Path, path: str, *, follow_last: bool = True) -> Path:

@@ -275,10 +275,11 @@ class Receiver:
             self.ensure_mounted()
             prepared = self.prepared() or {}
             mounts = {k: Path(v["mounted_at"]) for k, v in prepared.get("filesystems", {}).items()}
+            report = None
             if self.fixups:
                 record_path = self.state_dir / "layout.json"
                 record = json.loads(record_path.read_text()) if record_path.exists() else {}
-                run_fixups(
+                report = run_fixups(
                     mounts,
                     layout=prepared.get("layout"),
                     result=record.get("result"),
@@ -288,7 +289,7 @@ class Receiver:
             disks.finalize(self.state_dir)
             self.mounted = False
         self.finalized.set()
-        return {"status": "ready to boot"}
+        return {"status": "ready to boot", **({"fixups": report} if report is not None else {})}
 
     def status(self) -> dict[str, Any]:
         journals = {}
