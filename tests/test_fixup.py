@@ -740,13 +740,19 @@ def _mounts_under(root: Path) -> list[str]:
     return [ln for ln in Path("/proc/self/mounts").read_text().splitlines() if f" {root}" in ln]
 
 
-def test_chroot_binds_and_cleans_up(tmp_path: Path) -> None:
+def _chroot_tree(tmp_path: Path) -> tuple[Path, Path]:
+    """A copy of the minbase tree, and a directory to bind as its /boot."""
     if os.geteuid() != 0:
         pytest.skip("mounting needs root")
     root = tmp_path / "root"
     subprocess.run(["cp", "-a", "--reflink=auto", str(bookworm_minbase()), str(root)], check=True)
     boot = tmp_path / "bootfs"
     put(boot, "/marker", "the boot filesystem\n")
+    return root, boot
+
+
+def test_chroot_binds_and_cleans_up(tmp_path: Path) -> None:
+    root, boot = _chroot_tree(tmp_path)
     logged: list[str] = []
     with Chroot(root, {"/boot": boot}, log=logged.append) as run:
         assert run(["true"]) == Result(0, "")
@@ -767,15 +773,10 @@ def test_a_chroot_clears_what_an_interrupted_one_left_bound(tmp_path: Path) -> N
     migrated root. The next finalize bound over them, removed only its own layer, and its
     unmount of the root then failed (target is busy), every time. Here the leftovers are
     made as a killed run leaves them: binds, without the process."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting needs root")
     from rehost.mountinfo import mounted_below
     from rehost.online.receiver import disks
 
-    root = tmp_path / "root"
-    subprocess.run(["cp", "-a", "--reflink=auto", str(bookworm_minbase()), str(root)], check=True)
-    boot = tmp_path / "bootfs"
-    put(boot, "/marker", "the boot filesystem\n")
+    root, boot = _chroot_tree(tmp_path)
     try:
         for inside, source in (("boot", boot), ("dev", Path("/dev")), ("proc", Path("/proc"))):
             subprocess.run(["mount", "--bind", str(source), str(root / inside)], check=True)
