@@ -208,12 +208,9 @@ def _fixup(
 
     try:
         report = fixup_disk(dest, firmware=firmware, log=say)
-    except FixupFailed as e:
-        # the steps' own hints speak of the source and the finalize: an online migration's
-        e.hint = OFFLINE_FIXUP_HINT
-        log(f"fixups failed: {e}")
-        raise
     except RehostError as e:
+        if isinstance(e, FixupFailed):  # its steps' hints speak of the source and finalize
+            e.hint = OFFLINE_FIXUP_HINT
         log(f"fixups failed: {e}")
         raise
     return report.to_dict()

@@ -10,7 +10,7 @@ import os
 import re
 from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
-from rehost.online.agent.layout import active_swaps, host_path
+from rehost.online.agent.layout import _relative, _under, active_swaps, host_path
 from rehost.online.protocol import AgentError
 
 DEFAULT_PORT = 443
@@ -201,17 +201,12 @@ def load(path: str) -> Config:
     return parse(raw, path)
 
 
-def _under(path: str, source_root: str) -> Optional[str]:
+def _as_source(path: str, source_root: str) -> Optional[str]:
     """`path` (as the host sees it) as the source sees it, or None when outside source_root.
     Both are resolved: the walk sees real paths, so an agent folder reached through a symlink
     (/root/agent -> /opt/rehost-agent) would not be excluded by its link's name."""
-    root = os.path.realpath(source_root)
-    path = os.path.realpath(path)
-    if root == "/":
-        return path
-    if path == root or path.startswith(root + "/"):
-        return path[len(root) :] or "/"
-    return None
+    root, path = os.path.realpath(source_root), os.path.realpath(path)
+    return _relative(path, root) if _under(path, root) else None
 
 
 def swap_files(proc_swaps: str = "/proc/swaps") -> List[str]:
@@ -228,11 +223,11 @@ def effective_excludes(
     """
     result = list(DEFAULT_EXCLUDES)
     for swap in swap_files(proc_swaps):
-        inner = _under(swap, source_root)
+        inner = _as_source(swap, source_root)
         if inner is not None:
             result.append(inner)
     for folder in agent_dirs:
-        inner = _under(folder, source_root)
+        inner = _as_source(folder, source_root)
         if inner is not None and inner != "/" and inner not in result:
             result.append(inner)
     for pattern in config.excludes:

@@ -34,7 +34,7 @@ ESP_GUID = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"
 # Mounted from block devices but nothing to migrate: read-only images and optical media.
 IGNORED_BLOCK_FS = ("squashfs", "iso9660", "udf", "erofs", "cramfs")
 # Local filesystems that are not on one block device: rehost cannot recreate them.
-UNSUPPORTED_NONBLOCK_FS = ("zfs", "btrfs", "bcachefs", "overlay", "aufs")
+UNSUPPORTED_NONBLOCK_FS = ("zfs", "btrfs", "bcachefs")
 # A running container's root (Docker, containerd, podman): its layers are directories of
 # the filesystem below, which migrates; the union itself is remade when the container starts.
 LAYERED_FS = ("overlay", "aufs")

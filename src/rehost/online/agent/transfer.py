@@ -217,9 +217,9 @@ def _xattrs(path: Union[bytes, int], st: Any) -> Dict[str, bytes]:
     """The extended attributes of the file the walk lstat'ed as `st`, at `path` or, for a
     directory the walk holds open, through its descriptor.
 
-    A file's or directory's are read through a descriptor whose inode is checked: read by
-    path, a directory swapped for a symlink between the lstat and here would lend another
-    file's attributes to this entry (root's security.capability to a user's binary). Only
+    A regular file's are read through a descriptor whose inode is checked: read by path, a
+    directory swapped for a symlink between the lstat and here would lend another file's
+    attributes to this entry (root's security.capability to a user's binary). Only
     where there are any: one listxattr is all most files cost. A device node or FIFO is not
     opened (opening one can act on it); its attributes are read by path.
     """
@@ -233,7 +233,7 @@ def _xattrs(path: Union[bytes, int], st: Any) -> Dict[str, bytes]:
         return _xattr_values(path, names, True)
     if not names:
         return {}
-    if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+    if not stat.S_ISREG(st.st_mode):
         return _xattr_values(path, names, False)
     try:
         fd = os.open(path, _PEEK_FLAGS)

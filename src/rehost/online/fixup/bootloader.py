@@ -114,6 +114,11 @@ def _fix_assignment(ctx: Context, path: str, m: re.Match[str]) -> str:
     return f"{m.group('lead')}{fix_cmdline(ctx, m.group('bare'))}{m.group('tail')}"
 
 
+def grub_defaults(ctx: Context) -> list[str]:
+    """The files update-grub takes GRUB_CMDLINE_LINUX* from."""
+    return ["/etc/default/grub", *ctx.listdir("/etc/default/grub.d", ".cfg")]
+
+
 def _fix_default_grub(ctx: Context) -> None:
     """Fix root=/resume= in the GRUB_CMDLINE_LINUX* that update-grub puts on every entry.
 
@@ -121,7 +126,7 @@ def _fix_default_grub(ctx: Context) -> None:
     value cannot be parsed (concatenations, command substitutions) but names root= or resume=
     is refused rather than left alone.
     """
-    for path in ["/etc/default/grub", *ctx.listdir("/etc/default/grub.d", ".cfg")]:
+    for path in grub_defaults(ctx):
         text = ctx.read(path)
         if text is None:
             continue
@@ -230,9 +235,8 @@ def _fix_lines(ctx: Context, path: str, pattern: re.Pattern[str]) -> list[str]:
     return found
 
 
-def _fix_grubenv(ctx: Context, distro: Distro) -> list[str]:
-    """RHEL 8 BLS entries say `options $kernelopts`; the value lives in grubenv."""
-    path = f"/boot/{distro.grub}/grubenv"
+def _fix_grubenv(ctx: Context, path: str) -> list[str]:
+    """RHEL 8 BLS entries say `options $kernelopts`; the value lives in grubenv at `path`."""
     text = ctx.read(path)
     if text is None:
         raise ctx.fail(f"BLS entries use $kernelopts but {path} is missing")
@@ -282,7 +286,7 @@ def _fix_entries(ctx: Context, distro: Distro, cfg: str) -> None:
     if any("$kernelopts" in a for a in options) or re.search(
         r"^kernelopts=", ctx.read(grubenv) or "", re.M
     ):
-        found += _fix_grubenv(ctx, distro)
+        found += _fix_grubenv(ctx, grubenv)
     _check_no_stale_device(ctx, [cfg, KERNEL_CMDLINE, grubenv, *entries])
     root = ctx.plan.root
     assert root is not None

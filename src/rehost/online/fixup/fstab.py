@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import re
 
+from rehost.mountinfo import unescape
 from rehost.online.fixup.common import Context
 from rehost.online.fixup.plan import SWAP
 
@@ -36,15 +37,11 @@ ZRAM = re.compile(r"^/dev/zram\d+$")
 ESSENTIAL = ("/", "/boot", "/usr", "/var")
 
 
-def _unescape(field: str) -> str:
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
-
-
 def _fix_line(ctx: Context, line: str) -> str:
     fields = line.split()
     if len(fields) < 2 or fields[0].startswith("#") or not BLOCK_SPEC.match(fields[0]):
         return line
-    spec, mount = fields[0], _unescape(fields[1])
+    spec, mount = fields[0], unescape(fields[1])
     swap = len(fields) > 2 and fields[2] == SWAP
     found = ctx.plan.lookup(spec)
     if found is None and swap and ZRAM.match(spec):

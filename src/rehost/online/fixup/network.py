@@ -20,8 +20,9 @@ whichever system the source uses (all that are present are fixed):
 
 ifcfg files keep their DEVICE= unless the plan names the destination's NIC (they cannot match
 by pattern); without NetworkManager, a DEVICE=ethN the destination will not have fails the step.
-An ifupdown bridge, bond or VLAN on the first NIC is moved to the plan's NIC, or fails the step. When the plan lists the source's static addresses, the step fails if any of them
-is still configured in those files (say, in an `up ip addr add` line it cannot interpret).
+An ifupdown bridge, bond or VLAN on the first NIC is moved to the plan's NIC, or fails the step.
+When the plan lists the source's static addresses, the step fails if any of them is still
+configured in those files (say, in an `up ip addr add` line it cannot interpret).
 A static ifupdown stanza's own `up` commands that name an address on its network (a route's
 next hop, an alias) go with it, as that network is the source's.
 
@@ -39,6 +40,7 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Network, IPv6Network, ip_address, ip_interface
 from pathlib import PurePosixPath
 
+from rehost.online.fixup.bootloader import KERNEL_CMDLINE, grub_defaults
 from rehost.online.fixup.common import Context
 
 IPNetwork = IPv4Network | IPv6Network
@@ -95,6 +97,7 @@ def _on_path(*names: str) -> tuple[str, ...]:
 # too (keyfiles, and ifcfg through its ifcfg-rh plugin); the legacy network-scripts run
 # /sbin/dhclient.
 _NM = ("/usr/sbin/NetworkManager", "/sbin/NetworkManager")
+_NETWORKD = ("/usr/lib/systemd/systemd-networkd", "/lib/systemd/systemd-networkd")
 DHCP_CLIENTS = {
     "ifupdown": _Client(
         ("dhclient", "dhcpcd", "udhcpc", "pump"),
@@ -103,14 +106,10 @@ DHCP_CLIENTS = {
     ),
     "netplan": _Client(
         ("systemd-networkd",),
-        ("/usr/lib/systemd/systemd-networkd", "/lib/systemd/systemd-networkd"),
+        _NETWORKD,
         "systemd-networkd (in the systemd package on older releases)",
     ),
-    "networkd": _Client(
-        ("systemd-networkd",),
-        ("/usr/lib/systemd/systemd-networkd", "/lib/systemd/systemd-networkd"),
-        "systemd-networkd",
-    ),
+    "networkd": _Client(("systemd-networkd",), _NETWORKD, "systemd-networkd"),
     "keyfiles": _Client(("NetworkManager",), _NM, "NetworkManager (network-manager on Debian)"),
     "ifcfg": _Client(
         ("NetworkManager", "dhclient"),
@@ -514,9 +513,8 @@ def _sections(text: str) -> dict[str, dict[str, list[str]]]:
     return out
 
 
-def _networkd_ethernet(text: str) -> bool:
+def _networkd_ethernet(parsed: dict[str, dict[str, list[str]]]) -> bool:
     """Whether a .network file configures a physical Ethernet NIC (not lo, a bridge, a port)."""
-    parsed = _sections(text)
     match, network = parsed.get("Match", {}), parsed.get("Network", {})
     names = [n.lstrip("!") for v in match.get("Name", []) for n in v.split()]
     if any(not n.startswith("e") for n in names):
@@ -534,14 +532,14 @@ def _networkd(ctx: Context) -> tuple[list[str], str]:
     dhcp = ""
     for path in paths:
         text = ctx.read(path) or ""
-        if not _networkd_ethernet(text):
+        parsed = _sections(text)
+        if not _networkd_ethernet(parsed):
             continue
         primary = not dhcp
         if primary:
             dhcp = f"{path} ([Network] DHCP=yes)"
         out: list[str] = []
         section = ""
-        has_network = False
         for line in text.splitlines():
             stripped = line.strip()
             if stripped.startswith("["):
@@ -553,7 +551,6 @@ def _networkd(ctx: Context) -> tuple[list[str], str]:
                     # The old NIC's MAC, name or PCI path: match the destination's instead.
                     out.append(f"Name={ctx.plan.nic or NIC_PATTERN}")
                 if section == "Network":
-                    has_network = True
                     out.append("DHCP=yes")
                 continue
             if section in NETWORKD_STATIC_SECTIONS:
@@ -568,9 +565,9 @@ def _networkd(ctx: Context) -> tuple[list[str], str]:
                 if section in NETWORKD_DHCP_SECTIONS and key in NETWORKD_NO_AUTO:
                     continue
             out.append(line)
-        if primary and "Match" not in _sections(text):
+        if primary and "Match" not in parsed:
             out[:0] = ["[Match]", f"Name={ctx.plan.nic or NIC_PATTERN}", ""]
-        if not has_network:
+        if "Network" not in parsed:
             out += ["", "[Network]", "DHCP=yes"]
         ctx.write(path, _join(out, text))
     return paths, dhcp
@@ -650,11 +647,7 @@ def _keeps_kernel_names(ctx: Context) -> bool:
         ctx.path(p, follow_last=False).is_symlink() or ctx.read(p) is not None for p in NAMING_OFF
     ):
         return True
-    for path in [
-        "/etc/default/grub",
-        *ctx.listdir("/etc/default/grub.d", ".cfg"),
-        "/etc/kernel/cmdline",
-    ]:
+    for path in [*grub_defaults(ctx), KERNEL_CMDLINE]:
         for line in (ctx.read(path) or "").splitlines():
             if not _is_comment(line) and re.search(r"(?<![\w.])net\.ifnames=0\b", line):
                 return True

@@ -107,7 +107,7 @@ def _sysfs(dev: str) -> Path:
     return Path(f"/sys/dev/block/{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}").resolve()
 
 
-def _disk_size(dev: str) -> tuple[int, int]:
+def disk_size(dev: str) -> tuple[int, int]:
     """Size in bytes and logical sector size of a destination disk."""
     sys = _sysfs(dev)
     return int((sys / "size").read_text()) * 512, int(
@@ -410,7 +410,7 @@ def prepare(layout: Json, disks: dict[str, str], state_dir: Path) -> Json:
     sizes: dict[tuple[str, int], tuple[int, int]] = {}  # (disk, number) -> (bytes, sector)
     for index, disk in sorted(canonical["disks"].items()):
         dev = disks[index]
-        have, sector = _disk_size(dev)
+        have, sector = disk_size(dev)
         label = disk.get("label") or canonical["label"]
         plan = plan_disk(index, disk, label, have, sector)
         users = _in_use(dev)

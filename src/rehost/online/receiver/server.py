@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import hashlib
 import hmac
 import json
@@ -47,7 +46,6 @@ from rehost.online.receiver.apply import FsApplier
 from rehost.online.receiver.fixup_hook import run_fixups
 from rehost.online.receiver.journal import write_atomic
 
-BLKSSZGET = 0x1268  # ioctl: a block device's logical sector size
 REAP_SECONDS = 0.5  # how often pre-auth deadlines are checked
 EVICT_SECONDS = 1.0  # how long a newcomer waits for the slot of a connection it had cut
 
@@ -204,6 +202,8 @@ class Receiver:
 
     def disk_info(self) -> dict[str, dict[str, Any]]:
         """Each disk's size, and its logical sector size: how far an MBR table reaches."""
+        from rehost.online.receiver import disks
+
         out = {}
         for index, path in self.disks.items():
             size, sector = 0, 512
@@ -212,8 +212,7 @@ class Receiver:
                 try:
                     size = os.lseek(fd, 0, os.SEEK_END)
                     if stat.S_ISBLK(os.fstat(fd).st_mode):
-                        raw = fcntl.ioctl(fd, BLKSSZGET, b"\0" * 4)
-                        sector = int.from_bytes(raw, "little")
+                        sector = disks.disk_size(path)[1]  # what prepare plans with
                 finally:
                     os.close(fd)
             except OSError:
@@ -409,9 +408,10 @@ class _Handler(BaseHTTPRequestHandler):
         given = self.headers.get("Authorization", "")
         want = "Bearer " + self.server.receiver.token
         if hmac.compare_digest(given.encode(), want.encode()):
-            self.connection.settimeout(self.server.request_timeout)
-            self.rfile = self._raw_rfile
-            _PREAUTH.gate.release()
+            if self.rfile is not self._raw_rfile:  # the connection's first authorised request
+                self.connection.settimeout(self.server.request_timeout)
+                self.rfile = self._raw_rfile
+                _PREAUTH.gate.release()
             return True
         self.server.quietly(
             "token",
@@ -644,7 +644,7 @@ class _Server(ThreadingHTTPServer):
         finally:
             gate.release()
 
-    def authenticated(self, gate: _Gate) -> None:
+    def forget(self, gate: _Gate) -> None:
         with self._lock:
             self._gates.discard(gate)
 
@@ -693,7 +693,7 @@ class _Gate:
                 return
             self.open = False
             self.sock.close()  # else the connection outlives its handler's close
-        self.server.authenticated(self)
+        self.server.forget(self)
 
 
 class ReceiverStartFailed(RehostError):
