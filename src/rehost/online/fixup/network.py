@@ -439,8 +439,7 @@ def _ifcfg_values(text: str) -> dict[str, str]:
     return values
 
 
-def _ifcfg_ethernet(text: str) -> bool:
-    values = _ifcfg_values(text)
+def _ifcfg_ethernet(values: dict[str, str]) -> bool:
     return values.get("TYPE", "Ethernet") == "Ethernet" and values.get("DEVICE") != "lo"
 
 
@@ -456,7 +455,7 @@ def _ifcfg(ctx: Context) -> tuple[list[str], str]:
     for path in paths:
         text = ctx.read(path) or ""
         values = _ifcfg_values(text)
-        if not _ifcfg_ethernet(text):
+        if not _ifcfg_ethernet(values):
             continue
         primary, primary_seen = not primary_seen, True
         if primary:
@@ -666,7 +665,7 @@ def _check_ifcfg_name(ctx: Context, paths: list[str]) -> None:
     NetworkManager is left alone: its keyfiles match by pattern and it can configure the
     NIC itself.
     """
-    primary = next((p for p in paths if _ifcfg_ethernet(ctx.read(p) or "")), None)
+    primary = next((p for p in paths if _ifcfg_ethernet(_ifcfg_values(ctx.read(p) or ""))), None)
     if primary is None or ctx.plan.nic or any(_executable(ctx, p) for p in _NM):
         return
     values = _ifcfg_values(ctx.read(primary) or "")
