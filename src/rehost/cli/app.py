@@ -18,7 +18,7 @@ import typer
 from typer.core import TyperGroup
 
 from rehost import __version__
-from rehost.cli.output import end_logging, report_error, setup_logging
+from rehost.cli.output import end_logging, errors_as_json, report_error, setup_logging
 
 COMMANDS: dict[str, str] = {
     "upload": "rehost.cli.upload:upload",
@@ -108,6 +108,7 @@ def _root(
 
 
 def main() -> None:
+    errors_as_json(False)  # until a --json option says otherwise (main may run twice)
     handler = setup_logging()
     try:
         app()  # typer handles usage errors (exit 2) and --help itself

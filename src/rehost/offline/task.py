@@ -480,6 +480,8 @@ class _Import:
             if not is_url(self.source) and _same_file(self.source, self.dest):
                 raise DestinationError(f"{self.dest} is the source image itself")
             self._claim_destination()
+            if not stat.S_ISBLK(os.stat(self.dest).st_mode):  # O_EXCL covers a block device
+                _refuse_attached(self.dest)
             self.disk = open_disk(self.dest)
             return self.disk.size, True
         parent = os.path.dirname(os.path.abspath(self.dest))
@@ -502,7 +504,6 @@ class _Import:
                 return
             self._claim = os.open(self.dest, os.O_RDONLY | os.O_CLOEXEC)
             fcntl.flock(self._claim, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            _refuse_attached(self.dest)
         except OSError as e:
             if e.errno not in (errno.EBUSY, errno.EWOULDBLOCK):
                 raise DestinationError(f"{self.dest}: {e.strerror}") from e
