@@ -7,9 +7,11 @@ here is recorded on a `LoopLab` and undone in reverse order by `close()`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,6 +55,48 @@ def blkid(dev: str, tag: str) -> str:
 
 def _mountinfo() -> list[str]:
     return Path("/proc/self/mountinfo").read_text().splitlines()
+
+
+@dataclass
+class MountNamespace:
+    """A private mount namespace, held by a sleeping process."""
+
+    pid: int
+
+    def cmd(self, *args: str | os.PathLike[str]) -> list[str]:
+        """The argv that runs `args` in this namespace: for tools that cannot read through
+        path() (rsync 3.5's receiver resolves its destination to a path in its own namespace)."""
+        return ["nsenter", f"--mount=/proc/{self.pid}/ns/mnt", *[os.fspath(a) for a in args]]
+
+    def mount(self, *args: str | os.PathLike[str]) -> None:
+        sh(*self.cmd("mount", *args))
+
+    def path(self, where: Path) -> Path:
+        """`where` as this namespace sees it, read from ours."""
+        return Path(f"/proc/{self.pid}/root") / str(where).lstrip("/")
+
+
+@contextlib.contextmanager
+def mount_namespace() -> Iterator[MountNamespace]:
+    """Mount here what must not outlive the test in other namespaces.
+
+    This host's / is private, so a mount in ours is copied into every namespace that an
+    `unshare` or `ip netns exec` makes meanwhile (the other xdist worker's agents and
+    receivers), and our umount does not reach the copies. A read-only copy that lives on makes
+    a later read-write mount of the device fail with EBUSY ("already mounted or mount point
+    busy"): CI saw it. Killing the holder drops every mount made in its namespace."""
+    holder = subprocess.Popen(
+        ["unshare", "--mount", "--propagation", "private", "sleep", "infinity"]
+    )
+    try:
+        ours, deadline = os.readlink("/proc/self/ns/mnt"), time.monotonic() + 10
+        while os.readlink(f"/proc/{holder.pid}/ns/mnt") == ours:  # until unshare has run
+            assert holder.poll() is None and time.monotonic() < deadline, "unshare failed"
+            time.sleep(0.01)
+        yield MountNamespace(holder.pid)
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
 
 
 def kernel_has(fs: str) -> bool:

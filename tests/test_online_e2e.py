@@ -40,7 +40,18 @@ from typing import Any
 import pytest
 
 from edgetree import make_edge_tree, urandom_file
-from loopdisk import BIOS_BOOT, LINUX, SWAP, LoopDisk, LoopLab, Part, blkid, sh
+from loopdisk import (
+    BIOS_BOOT,
+    LINUX,
+    SWAP,
+    LoopDisk,
+    LoopLab,
+    MountNamespace,
+    Part,
+    blkid,
+    mount_namespace,
+    sh,
+)
 from netns import NetnsPair, netns_pair
 from rehost.online.protocol import DELTA_MIN_SIZE, PROTOCOL_VERSION, delta_block_size, partial_name
 
@@ -360,11 +371,12 @@ def payload_left(src: Path, dst: Path | None, excludes: list[str]) -> int:
     return total
 
 
-def rsync_diff(src: Path, dst: Path, excludes: list[str]) -> list[str]:
+def rsync_diff(src: Path, dst: Path, excludes: list[str], ns: MountNamespace) -> list[str]:
     """The issue's oracle for one filesystem (-x: the mounts below are other filesystems;
-    --delete: anything extra on the destination, such as a leftover partial, shows too)."""
+    --delete: anything extra on the destination, such as a leftover partial, shows too), run in
+    the namespace where `dst` is mounted (the source's mounts are there too: it copied ours)."""
     out = subprocess.run(
-        ["rsync", "-aHAXn", "-c", "-x", "--delete", "--itemize-changes", "--numeric-ids",
+        [*ns.cmd("rsync"), "-aHAXn", "-c", "-x", "--delete", "--itemize-changes", "--numeric-ids",
          *[f"--exclude={e}" for e in excludes], f"{src}/", f"{dst}/"],
         capture_output=True, text=True, check=True,
     )  # fmt: skip
@@ -440,44 +452,34 @@ def assert_layout_matches(source: Source, dest: Dest) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def mounted_readonly(dest: Dest, nodes: dict[str, str]) -> Iterator[dict[str, Path]]:
-    """The destination filesystems mounted read-only by the test (the receiver is gone)."""
-    where: dict[str, Path] = {}
-    try:
+def mounted_readonly(
+    dest: Dest, nodes: dict[str, str]
+) -> Iterator[tuple[MountNamespace, dict[str, Path]]]:
+    """The destination filesystems mounted read-only by the test (the receiver is gone), in a
+    mount namespace of their own: a copy of them in another namespace would fail the next
+    receiver's read-write mount (loopdisk.mount_namespace says how). Yields it and where each
+    is mounted in it."""
+    with mount_namespace() as ns:
+        where: dict[str, Path] = {}
         for fs_id, node in nodes.items():
-            point = dest.tmp / "check" / fs_id
-            point.mkdir(parents=True, exist_ok=True)
             fstype = blkid(node, "TYPE")
             if not fstype:
                 continue  # not formatted yet
-            opts = "ro,nouuid" if fstype == "xfs" else "ro"
-            sh("mount", "-t", fstype, "-o", opts, node, point)
+            point = dest.tmp / "check" / fs_id
+            point.mkdir(parents=True, exist_ok=True)
+            ns.mount("-t", fstype, "-o", "ro,nouuid" if fstype == "xfs" else "ro", node, point)
             where[fs_id] = point
-        yield where
-    finally:
-        for point in where.values():
-            _unmount(point)
-
-
-def _unmount(point: Path) -> None:
-    """Unmount for sure: a read-only mount left behind makes the next receiver's read-write
-    mount of the same partition fail (a 422 at its first request), far from the cause."""
-    for _ in range(50):
-        done = subprocess.run(["umount", point], capture_output=True, text=True)
-        if done.returncode == 0 or not os.path.ismount(point):
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"{point} stays mounted: {done.stderr.strip()}")
+        yield ns, where
 
 
 def assert_no_differences(source: Source, dest: Dest, nodes: dict[str, str]) -> None:
-    with mounted_readonly(dest, nodes) as dst:
+    with mounted_readonly(dest, nodes) as (ns, dst):
         assert sorted(dst) == sorted(source.mounts)
         for fs_id, src in source.mounts.items():
             excludes = EXCLUDES if fs_id == "root" else []
-            assert rsync_diff(src, dst[fs_id], excludes) == [], fs_id
-            assert mtime_ns_diff(src, dst[fs_id], excludes) == [], fs_id
-        root = dst["root"]
+            assert rsync_diff(src, dst[fs_id], excludes, ns) == [], fs_id
+            assert mtime_ns_diff(src, ns.path(dst[fs_id]), excludes) == [], fs_id
+        root = ns.path(dst["root"])
         for name in ("tmp", "proc", "run", "dev", "sys"):
             assert os.listdir(root / name) == [], name
             assert os.lstat(root / name).st_mode == os.lstat(source.root / name).st_mode
@@ -521,8 +523,9 @@ def left_now(source: Source, dest: Dest) -> int:
         dest.lab.sync_partitions(disk)
     nodes = {fs_id: dest.disks[k].parts[n] for fs_id, (k, n) in source.parts.items()
              if n in dest.disks[k].parts}  # fmt: skip
-    with mounted_readonly(dest, nodes) as dst:
-        return sum(payload_left(src, dst.get(fs_id), EXCLUDES if fs_id == "root" else [])
+    with mounted_readonly(dest, nodes) as (ns, dst):
+        return sum(payload_left(src, ns.path(dst[fs_id]) if fs_id in dst else None,
+                                EXCLUDES if fs_id == "root" else [])
                    for fs_id, src in source.mounts.items())  # fmt: skip
 
 
