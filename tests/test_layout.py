@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -24,6 +25,7 @@ from loopdisk import (
     Part,
     blkid,
     kernel_has,
+    mount_namespace,
     part_sysfs,
     sh,
 )
@@ -32,6 +34,7 @@ from rehost.online.agent.layout import discover, fs_id_for, parse_table
 from rehost.online.receiver import disks as rdisks
 from rehost.online.receiver.disks import (
     DestinationTooSmall,
+    DiskPrepareFailed,
     LayoutMismatch,
     LayoutUnsupported,
     finalize,
@@ -215,6 +218,32 @@ def test_mbr_root_and_logical_swap(lab: LoopLab, tmp_path: Path) -> None:
     got = sizes(check_copy(layout, "0", big, system))
     assert got[5] == 40 * MiB and got[1] > 200 * MiB
     assert list(result["filesystems"]) == ["root"] and len(result["swap"]) == 1
+
+
+def test_a_mount_in_another_namespace_is_named(lab: LoopLab, tmp_path: Path) -> None:
+    """A partition mounted read-only in another mount namespace makes the receiver's read-write
+    mount fail with a bare EBUSY, and its mkfs too: the error says where that mount is."""
+    system = lab.disk("src0", 200, "dos", MBR_PARTS)
+    root = tmp_path / "R"
+    lab.mount_tree(root, [(system, MBR_PARTS)])
+    layout = discover(str(root))
+    dest, state = lab.disk("dst0", 300), tmp_path / "state"
+    prepare(layout, {"0": dest.dev}, state)
+    finalize(state)
+    lab.sync_partitions(dest)
+    with mount_namespace() as ns:
+        ns.mount("-o", "ro", dest.parts[1], tmp_path)
+        with pytest.raises(DiskPrepareFailed) as err:
+            prepare(layout, {"0": dest.dev}, state)  # the same layout: remounts
+        assert "already mounted or mount point busy" in err.value.reason
+        where = f"{tmp_path} (in the mount namespace of pid {ns.pid}, sleep)"
+        assert err.value.reason.endswith(f"{dest.parts[1]} is mounted elsewhere: {where}")
+        assert err.value.hint.startswith(f"unmount {dest.parts[1]} there")
+        (state / "layout.json").unlink()  # a new layout: the disk is checked before sfdisk
+        with pytest.raises(DiskPrepareFailed, match=rf"{dest.dev} is in use: {re.escape(where)}"):
+            prepare(layout, {"0": dest.dev}, state)
+    assert prepare(layout, {"0": dest.dev}, state)["filesystems"]["root"]["device"] == dest.parts[1]
+    finalize(state)
 
 
 # This test kernel has no vfat: the ESP is then left unmounted on the source, which discover

@@ -6,6 +6,7 @@ twin parsers had drifted (one undid only some of the escapes).
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -31,3 +32,33 @@ def mounted_below(where: Path) -> list[str]:
     """The mount points at `where` or below it."""
     top = str(where).rstrip("/")
     return [p for p in mount_points() if p == top or p.startswith(top + "/")]
+
+
+def mounts_of(devnos: set[str]) -> list[str]:
+    """Where any mount namespace has a device (major:minor) mounted, ours first.
+
+    A mount in another namespace (a container, a killed process's leftovers, a copy that an
+    unshare took) holds the device too: mkfs refuses it, and a read-only one there makes our
+    read-write mount fail with a bare EBUSY. Saying where is the whole diagnosis."""
+    ours = os.readlink("/proc/self/ns/mnt")
+    seen: set[str] = set()
+    found: list[str] = []
+    for proc in [
+        Path("/proc/self"),
+        *sorted(Path("/proc").glob("[0-9]*"), key=lambda p: int(p.name)),
+    ]:
+        try:
+            ns = os.readlink(proc / "ns" / "mnt")
+            if ns in seen:
+                continue
+            seen.add(ns)
+            lines = (proc / "mountinfo").read_text(errors="surrogateescape").splitlines()
+            who = (
+                ""
+                if ns == ours
+                else f" (in the mount namespace of pid {proc.name}, {(proc / 'comm').read_text().strip()})"
+            )
+        except OSError:
+            continue  # gone meanwhile, or a kernel thread's
+        found += [unescape(f[4]) + who for f in map(str.split, lines) if f[2] in devnos]
+    return found

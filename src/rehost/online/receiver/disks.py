@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from rehost.errors import RehostError
-from rehost.mountinfo import is_mounted
+from rehost.mountinfo import is_mounted, mounts_of
 from rehost.online.protocol import (
     MiB,
     align_down,
@@ -150,11 +150,7 @@ def _in_use(disk: str) -> list[str]:
     sys = _sysfs(disk)
     devnos = {(sys / "dev").read_text().strip()}
     devnos |= {(c / "dev").read_text().strip() for c in sys.iterdir() if (c / "partition").exists()}
-    users = []
-    for line in Path("/proc/self/mountinfo").read_text().splitlines():
-        fields = line.split()
-        if fields[2] in devnos:
-            users.append(fields[4])
+    users = mounts_of(devnos)
     for line in Path("/proc/swaps").read_text().splitlines()[1:]:
         name = line.split()[0]
         try:
@@ -330,10 +326,21 @@ def _mkfs(dev: str, p: Json, size: int, sector: int) -> None:
 
 def _mount(dev: str, fs: str, where: Path) -> None:
     where.mkdir(parents=True, exist_ok=True)
-    if not is_mounted(where):
+    if is_mounted(where):
+        return
+    try:
         # nouuid: xfs refuses a second filesystem with a UUID it has mounted, which is the
         # point of a copy (and how tests run source and destination on one host).
         _run("mount", "-t", fs, *(["-o", "nouuid"] if fs == "xfs" else []), dev, str(where))
+    except DiskPrepareFailed as e:
+        rdev = os.stat(dev).st_rdev
+        elsewhere = mounts_of({f"{os.major(rdev)}:{os.minor(rdev)}"})
+        if not elsewhere:
+            raise
+        raise DiskPrepareFailed(
+            f"{e.reason}; {dev} is mounted elsewhere: {', '.join(elsewhere)}",
+            hint=f"unmount {dev} there, or end those processes, then run the agent again",
+        ) from e
 
 
 def _fs_parts(layout: Json, disks: dict[str, str]) -> list[tuple[str, int, Json]]:
