@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -765,6 +766,36 @@ def test_chroot_binds_and_cleans_up(tmp_path: Path) -> None:
     assert _mounts_under(root) == []
     assert not (root / "boot/marker").exists()
     assert "chroot: $ true" in logged and "chroot: bound /dev at /dev" in logged
+    shutil.rmtree(root)
+
+
+def _ends(pid: int, within: float) -> bool:
+    """Whether the process is gone (or a zombie) within `within` seconds: a killed process
+    closes its files before its state says so."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] == "Z":
+                return True
+        except FileNotFoundError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_a_timed_out_chroot_command_ends_with_everything_it_started(tmp_path: Path) -> None:
+    """The timeout killed only `chroot`: what it had started (dracut's children, here a
+    sleep) went on running in the migrated system after the step failed, and kept /dev bound
+    in it busy, so the binds needed a lazy unmount."""
+    root, boot = _chroot_tree(tmp_path)
+    logged: list[str] = []
+    with Chroot(root, {"/boot": boot}, log=logged.append, timeout=2) as run:
+        res = run(["sh", "-c", "cd /dev && sleep 300 & echo $! > /child; echo started; wait"])
+        child = int((root / "child").read_text())
+        assert res == Result(124, "started\ntimed out after 2 s")
+        assert _ends(child, within=10)
+    assert _mounts_under(root) == []
+    assert not [line for line in logged if "unmount failed" in line], logged
     shutil.rmtree(root)
 
 

@@ -12,6 +12,8 @@ Commands go through a `Runner`, so that tests can record them instead of running
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -33,21 +35,31 @@ SYSTEM_MOUNTS = ("/dev", "/proc", "/sys")
 
 
 def _host(argv: Sequence[str], timeout: float = 60) -> Result:
+    """Run a command in a process group of its own: a timeout ends the whole tree it started
+    (dracut's and update-initramfs's children), which would otherwise go on writing into the
+    migrated system after the step failed, and keep its filesystems busy."""
     try:
-        proc = subprocess.run(
+        proc = subprocess.Popen(
             list(argv),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
             errors="replace",
-            timeout=timeout,
+            start_new_session=True,
         )
-    except subprocess.TimeoutExpired as e:
-        out = e.output.decode(errors="replace") if isinstance(e.output, bytes) else e.output
-        return Result(124, f"{out or ''}timed out after {timeout:.0f} s")
     except OSError as e:
         return Result(127, str(e))
-    return Result(proc.returncode, proc.stdout)
+    with proc:
+        try:
+            out, _ = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            try:
+                out, _ = proc.communicate(timeout=10)  # the pipe closes once the group is gone
+            except subprocess.TimeoutExpired as e:  # one left the group (setsid), with the pipe
+                out = e.output.decode(errors="replace") if isinstance(e.output, bytes) else e.output
+            return Result(124, f"{out or ''}timed out after {timeout:.0f} s")
+        return Result(proc.returncode, out)
 
 
 class Chroot:
