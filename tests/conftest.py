@@ -10,6 +10,7 @@ tests/bootimage.py, tests/netns.py).
 from __future__ import annotations
 
 import os
+import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -74,6 +75,30 @@ def _critical_path_priority(request: pytest.FixtureRequest) -> Iterator[None]:
         yield
     finally:
         os.setpriority(os.PRIO_PROCESS, 0, before)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _umounts_reach_every_copy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Make this process's temporary directory a shared mount, so that unmounting what a test
+    mounted there also unmounts the copies that namespaces made meanwhile hold.
+
+    This host's / is private (systemd hosts make it shared). `ip netns exec` copies every mount
+    into its new namespace, the other xdist worker's too, and makes the copies slaves: a copy of
+    a mount in a shared tree then follows its umount; one of a private mount lives on with the
+    process. That kept filesystems mounted after the test's umount: a read-only copy made the
+    next read-write mount of the partition fail with EBUSY (a CI failure), and fsck or a
+    loop-device detach would find them busy. Namespaces the tests make themselves with unshare
+    are slaves for the same reason (loopdisk.mount_namespace, rescuevm)."""
+    if os.geteuid() != 0:
+        yield
+        return
+    base = str(tmp_path_factory.getbasetemp())
+    subprocess.run(["mount", "--bind", base, base], check=True)
+    subprocess.run(["mount", "--make-shared", base], check=True)
+    try:
+        yield
+    finally:
+        subprocess.run(["umount", "-l", base], check=True)
 
 
 @pytest.fixture(scope="session", autouse=True)

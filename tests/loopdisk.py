@@ -81,13 +81,13 @@ def mount_namespace() -> Iterator[MountNamespace]:
     """Mount here what must not outlive the test in other namespaces.
 
     This host's / is private, so a mount in ours is copied into every namespace that an
-    `unshare` or `ip netns exec` makes meanwhile (the other xdist worker's agents and
-    receivers), and our umount does not reach the copies. A read-only copy that lives on makes
-    a later read-write mount of the device fail with EBUSY ("already mounted or mount point
-    busy"): CI saw it. Killing the holder drops every mount made in its namespace."""
-    holder = subprocess.Popen(
-        ["unshare", "--mount", "--propagation", "private", "sleep", "infinity"]
-    )
+    `unshare` or `ip netns exec` makes meanwhile (the other xdist worker's agents, receivers
+    and rescue VM), and our umount reaches those copies only where conftest's shared temporary
+    directory and a slave namespace meet. A read-only copy that lives on makes a later
+    read-write mount of the device fail with EBUSY ("already mounted or mount point busy"): CI
+    saw it. A mount made in this namespace has no copies, and killing the holder drops it.
+    The namespace is a slave, so that our umounts reach the copies of ours that it holds."""
+    holder = subprocess.Popen(["unshare", "--mount", "--propagation", "slave", "sleep", "infinity"])
     try:
         ours, deadline = os.readlink("/proc/self/ns/mnt"), time.monotonic() + 10
         while os.readlink(f"/proc/{holder.pid}/ns/mnt") == ours:  # until unshare has run

@@ -214,7 +214,7 @@ def rescue_receiver(
     try:
         with open(tmp / "virtiofsd.log", "wb") as log:
             vm.virtiofsd = subprocess.Popen(
-                ["unshare", "--mount", "--propagation", "private", "sh", "-c", setup],
+                ["unshare", "--mount", "--propagation", "slave", "sh", "-c", setup],
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
