@@ -43,22 +43,17 @@ def mounts_of(devnos: set[str]) -> list[str]:
     ours = os.readlink("/proc/self/ns/mnt")
     seen: set[str] = set()
     found: list[str] = []
-    for proc in [
-        Path("/proc/self"),
-        *sorted(Path("/proc").glob("[0-9]*"), key=lambda p: int(p.name)),
-    ]:
+    pids = sorted(Path("/proc").glob("[0-9]*"), key=lambda p: int(p.name))
+    for proc in [Path("/proc/self"), *pids]:
         try:
             ns = os.readlink(proc / "ns" / "mnt")
             if ns in seen:
                 continue
             seen.add(ns)
             lines = (proc / "mountinfo").read_text(errors="surrogateescape").splitlines()
-            who = (
-                ""
-                if ns == ours
-                else f" (in the mount namespace of pid {proc.name}, {(proc / 'comm').read_text().strip()})"
-            )
+            comm = (proc / "comm").read_text().strip()
         except OSError:
             continue  # gone meanwhile, or a kernel thread's
-        found += [unescape(f[4]) + who for f in map(str.split, lines) if f[2] in devnos]
+        where = "" if ns == ours else f" (in the mount namespace of pid {proc.name}, {comm})"
+        found += [unescape(f[4]) + where for f in map(str.split, lines) if f[2] in devnos]
     return found

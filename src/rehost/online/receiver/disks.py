@@ -333,7 +333,10 @@ def _mount(dev: str, fs: str, where: Path) -> None:
         # point of a copy (and how tests run source and destination on one host).
         _run("mount", "-t", fs, *(["-o", "nouuid"] if fs == "xfs" else []), dev, str(where))
     except DiskPrepareFailed as e:
-        rdev = os.stat(dev).st_rdev
+        try:
+            rdev = os.stat(dev).st_rdev
+        except OSError:
+            raise e from None
         elsewhere = mounts_of({f"{os.major(rdev)}:{os.minor(rdev)}"})
         if not elsewhere:
             raise
