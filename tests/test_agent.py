@@ -331,6 +331,31 @@ def test_an_entry_too_large_for_a_frame_stops_the_walk(
     assert "Excludes" in exc.value.hint
 
 
+def test_batches_end_at_their_xattr_count_and_a_file_over_1_pib_stops_the_walk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The receiver bounds a manifest's xattrs (as objects they took 15 times their bytes) and
+    a file's size (its END hash costs its block count): the agent ends a batch at
+    BATCH_XATTRS, lowered here to 3, and stops with FILE_TOO_LARGE on a file over the cap
+    (lowered too: no filesystem here holds 1 PiB)."""
+    from rehost.online.agent import transfer
+
+    for k in range(4):
+        (tmp_path / f"f{k}").write_text("x")
+        for n in range(2):
+            os.setxattr(tmp_path / f"f{k}", f"user.n{n}", b"v")
+    monkeypatch.setattr(transfer, "BATCH_XATTRS", 3)
+    batches = [b for b, _ in transfer._batches(transfer._Walker(str(tmp_path), [], None))]
+    assert [[e["p"] for e, _ in b] for b in batches] == [
+        [b"", b"f0", b"f1"], [b"f2", b"f3"]
+    ]  # fmt: skip
+    os.truncate(tmp_path / "f2", 4097)
+    monkeypatch.setattr(transfer, "MAX_FILE_SIZE", 4096)
+    with pytest.raises(AgentError) as exc:
+        list(transfer._batches(transfer._Walker(str(tmp_path), [], None)))
+    assert exc.value.code == "FILE_TOO_LARGE" and str(tmp_path / "f2") in exc.value.message
+
+
 def test_auto_compression_follows_the_link(monkeypatch: pytest.MonkeyPatch) -> None:
     """auto compresses until its first decision, after 0.1 s of streaming summed over short
     streams (gaps between them do not count); then only while the agent mostly waits on

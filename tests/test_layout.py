@@ -31,6 +31,7 @@ from loopdisk import (
 )
 from rehost.online.agent import layout as layout_module
 from rehost.online.agent.layout import discover, fs_id_for, parse_table
+from rehost.online.protocol import valid_fs_id
 from rehost.online.receiver import disks as rdisks
 from rehost.online.receiver.disks import (
     DestinationTooSmall,
@@ -87,6 +88,8 @@ def test_fs_id_for() -> None:
     assert [fs_id_for(m) for m in ("/", "/boot", "/boot/efi")] == ["root", "boot", "efi"]
     assert fs_id_for("/var/lib/my sql") == "data-var-lib-my-sql"
     assert fs_id_for("/data") == "data-data"
+    long = [fs_id_for("/srv/" + "x" * 250 + end) for end in ("a", "b")]
+    assert long[0] != long[1] and all(valid_fs_id(i) for i in long)
 
 
 GPT_PARTS = [
@@ -158,6 +161,9 @@ def test_gpt_bios_xfs_and_data_disk(lab: LoopLab, tmp_path: Path) -> None:
     assert sorted(result["filesystems"]) == ["boot", "data-data", "root"]
     for fs_id, fs in result["filesystems"].items():
         assert fs["mounted_at"] == str(state / "mnt" / fs_id) and is_mount(Path(fs["mounted_at"]))
+        # what the source sends (device nodes, setuid files) is not for the rescue system
+        options = sh("findmnt", "-n", "-o", "OPTIONS", fs["mounted_at"]).strip().split(",")
+        assert {"nodev", "nosuid"} <= set(options), options
     assert result["swap"][0]["uuid"] == blkid(system.parts[3], "UUID")
     xfs_src, xfs_dst = sh("xfs_info", root), sh("xfs_info", state / "mnt/root")
     for key in ("crc=", "reflink=", "bigtime=", "ftype=", "sparse="):
@@ -346,6 +352,15 @@ def test_unsupported_layouts_refused_before_touching_disks(tmp_path: Path) -> No
         prepare(layout, {"0": "/nonexistent"}, tmp_path)
     with pytest.raises(LayoutUnsupported, match="no destination disk"):
         prepare({**layout, "disks": {"1": layout["disks"]["0"]}}, {"0": "/x"}, tmp_path)
+    # the id names the mount point under the state dir: "../../etc" was mounted over /etc
+    for fs_id in ("../../etc", "/etc", "..", "", "a/b", 7, "x" * 201):
+        bad = {**layout, "disks": {"0": {"partitions": [{**part, "fs": "ext4", "fs_id": fs_id}]}}}
+        with pytest.raises(LayoutUnsupported, match="fs_id"):
+            prepare(bad, {"0": "/nonexistent"}, tmp_path)
+    twice = [{**part, "fs": "ext4"}, {**part, "number": 2, "fs": "ext4"}]
+    with pytest.raises(LayoutUnsupported, match="partition 2: fs_id 'root'"):
+        prepare({**layout, "disks": {"0": {"partitions": twice}}}, {"0": "/x"}, tmp_path)
+    assert not (tmp_path / "mnt").exists()
     no_root = discover(str(tmp_path))  # a plain directory on the host's root filesystem
     assert any("no filesystem" in r or "not" in r for r in no_root["unsupported"])
     assert rdisks.LayoutUnsupported.code == "LAYOUT_UNSUPPORTED"

@@ -37,7 +37,9 @@ from edgetree import make_edge_tree, urandom_file
 from netns import NetnsPair, netns_pair
 from rehost.online.protocol import (
     CHUNK_SIZE,
+    DATA,
     DELTA_MIN_SIZE,
+    END,
     ENTRY,
     FileDigest,
     ProtocolError,
@@ -1265,6 +1267,80 @@ def test_a_partial_nothing_resumes_goes_at_the_pass_end(tmp_path: Path) -> None:
     assert sorted(p.name for p in root.iterdir() if p.name.startswith(".rehost-")) == [
         os.fsdecode(partial_name(b"big"))
     ]
+
+
+def _applier(tmp_path: Path) -> tuple[Any, Path, Any]:
+    """An FsApplier on a plain directory, and a function that sends it a manifest."""
+    from rehost.online.receiver.apply import FsApplier
+
+    root = tmp_path / "dst"
+    root.mkdir()
+    applier = FsApplier("root", root, tmp_path / "state")
+    mt = 1_600_000_000_000_000_000
+    meta = {"u": 0, "g": 0, "mt": mt, "at": mt, "x": {}, "m": 0o100644, "s": 0}
+
+    def manifest(*entries: dict[str, Any]) -> dict[str, Any]:
+        frames = [(ENTRY, encode_entry({**meta, **e})[5:]) for e in entries]
+        answer: dict[str, Any] = applier.manifest(frames, "sha256")
+        return answer
+
+    return applier, root, manifest
+
+
+def test_a_file_the_receiver_cannot_size_or_open_keeps_no_descriptor(tmp_path: Path) -> None:
+    """DATA for a size the filesystem cannot hold (32 TiB on this ext4: EFBIG) left its file
+    open, one descriptor per request until the receiver ran out. A device node the agent
+    planted at a file's partial name was opened read-write (truncated, then left open); the
+    partial is now made anew, never opened."""
+    applier, root, manifest = _applier(tmp_path)
+    top = {"i": 0, "p": b"", "t": "d", "m": 0o40755}
+    before = set(os.listdir("/proc/self/fd"))
+    for name in (b"big0", b"big1", b"big2"):
+        manifest({**top, "c": [name]}, {"i": 1, "p": name, "t": "f", "s": 1 << 45})
+        with pytest.raises(OSError) as err:
+            applier.data(applier.batch, iter([(DATA, b'{"i":1}')]))
+        assert err.value.errno == errno.EFBIG
+    assert set(os.listdir("/proc/self/fd")) == before
+    planted = partial_name(b"dev")
+    node = {"i": 2, "p": planted, "t": "c", "m": 0o20600, "r": os.makedev(1, 3)}
+    size = DELTA_MIN_SIZE + 1
+    for first in (10, size):  # the second manifest finds the partial: it is written into
+        manifest({**top, "c": [b"dev", planted]}, {"i": 1, "p": b"dev", "t": "f", "s": first}, node)
+    assert applier.pending[1][3] == "partial", applier.pending
+    assert stat.S_ISCHR(os.lstat(root / os.fsdecode(planted)).st_mode)
+    end = {"i": 1, "hash": FileDigest("sha256", size).hexdigest(), "alg": "sha256"}
+    frames = [(DATA, b'{"i":1}'), (END, json.dumps(end).encode())]
+    assert applier.data(applier.batch, iter(frames))["files"] == 1
+    assert (root / "dev").read_bytes() == bytes(size)
+    assert not (root / os.fsdecode(planted)).exists()
+    assert set(os.listdir("/proc/self/fd")) == before
+
+
+def test_a_manifest_is_bounded_in_xattrs_and_file_sizes(tmp_path: Path) -> None:
+    """One manifest within its byte limit, of files with 65535 2-byte xattr names each, took
+    1 GB as objects; a file size of 2^62 made END hash zeros for about a day."""
+    from rehost.online import protocol
+
+    _, root, manifest = _applier(tmp_path)
+    top = {"i": 0, "p": b"", "t": "d", "m": 0o40755, "c": [b"f"]}
+    many = {f"user.{k:05d}": b"" for k in range(6000)}  # 66,000 bytes of names with NULs
+    with pytest.raises(ProtocolError) as err:
+        manifest(top, {"i": 1, "p": b"f", "t": "f", "x": many})
+    assert err.value.code == "BAD_ENTRY" and "64 KiB" in str(err.value)
+    some = dict(list(many.items())[:5000])
+    count = protocol.MAX_MANIFEST_XATTRS // 5000 + 1
+    files = [{"i": k, "p": b"f%d" % k, "t": "f", "x": some} for k in range(1, count + 1)]
+    with pytest.raises(ProtocolError) as err:
+        manifest({**top, "c": [f["p"] for f in files]}, *files)
+    assert err.value.code == "BAD_FRAME" and "xattrs" in str(err.value)
+    for size, ok in ((protocol.MAX_FILE_SIZE, True), (protocol.MAX_FILE_SIZE + 1, False)):
+        entry = encode_entry({**top, "i": 1, "p": b"f", "t": "f", "s": size, "c": []})
+        if ok:
+            assert decode_entry(entry[5:])["s"] == size
+        else:
+            with pytest.raises(ProtocolError, match="1 PiB"):
+                decode_entry(entry[5:])
+    assert not [p for p in root.iterdir()]
 
 
 def test_attributes_come_from_the_file_the_walk_saw(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 import socket
 import struct
 from typing import IO, Any, Dict, Iterator, List, Optional, Tuple, Union
@@ -32,16 +33,26 @@ MAX_FRAME = 64 * 1024 * 1024
 CHUNK_SIZE = 1024 * 1024
 DELTA_MIN_SIZE = 4 * 1024 * 1024
 BATCH_ENTRIES = 2000
-BATCH_BYTES = 2 * 1024 * 1024  # the agent ends a batch after the entry that reaches it
+# the agent ends a batch after the entry that reaches either
+BATCH_BYTES = 2 * 1024 * 1024
+BATCH_XATTRS = 65536
 # what a receiver accepts: a manifest's entries are kept until its data arrives, so their
-# number and size are bounded; Linux caps an xattr value at 64 KiB (XATTR_SIZE_MAX)
+# number and size are bounded, and their xattrs too (as objects, 2-byte names took 15 times
+# their bytes: 1 GB for one manifest). Linux caps an xattr value at 64 KiB (XATTR_SIZE_MAX)
+# and a file's names, NULs included, at 64 KiB (XATTR_LIST_MAX).
 MAX_MANIFEST_ENTRIES = 10 * BATCH_ENTRIES
 MAX_MANIFEST_BYTES = BATCH_BYTES + MAX_FRAME
 MAX_XATTR_VALUE = 64 * 1024
+MAX_XATTR_NAMES = 64 * 1024
+MAX_MANIFEST_XATTRS = BATCH_XATTRS + MAX_XATTR_NAMES // 2  # one more entry of 1-byte names
+MAX_FILE_SIZE = 1 << 50
+"""1 PiB. The END hash of a file costs its block count, holes included (FileDigest): about
+20 s per side at this size, a day at the 2^62 a size field allows. ext4 holds at most 16 TiB."""
 # a directory's child names go in slices of about this many bytes, one entry each, so that
 # a directory of any size fits in frames (one frame held ~3 million 20-byte names)
 CHILD_SLICE_BYTES = 4 * 1024 * 1024
 PARTIAL_PREFIX = ".rehost-partial-"
+_FS_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}\Z")
 HASH_HEADER = "X-Rehost-Hash"
 
 _HEADER = struct.Struct(">cI")
@@ -467,6 +478,8 @@ def decode_entry(payload: bytes) -> Dict[str, Any]:
             "cont": bool(flags & _FLAG_CONTINUED), "unlisted": bool(flags & _FLAG_UNLISTED),
             "p": path.decode("utf-8", "surrogateescape"), "parts": split_path(path), "x": {},
         }  # type: Dict[str, Any]  # fmt: skip
+        if kind == "f" and s > MAX_FILE_SIZE:
+            raise ProtocolError("BAD_ENTRY", f"a file of {s} bytes (rehost takes up to 1 PiB)")
         if len(payload) == pos + 2 and kind in "fcbps" and payload.endswith(_NO_XATTRS):
             return entry  # the common case: a file without xattrs
         if kind == "l":
@@ -479,11 +492,13 @@ def decode_entry(payload: bytes) -> Dict[str, Any]:
             entry["h"] = split_path(target)
         count = _U16.unpack_from(payload, pos)[0]
         pos += _U16.size
+        names = 0
         for _ in range(count):
             name, pos = _field(payload, pos, _U8)
             value, pos = _field(payload, pos, _U32)
-            if len(value) > MAX_XATTR_VALUE:
-                raise ProtocolError("BAD_ENTRY", f"xattr {name!r} is over 64 KiB")
+            names += len(name) + 1
+            if len(value) > MAX_XATTR_VALUE or names > MAX_XATTR_NAMES:
+                raise ProtocolError("BAD_ENTRY", "xattrs over Linux's 64 KiB of names or value")
             entry["x"][name.decode("utf-8", "surrogateescape")] = value
         if kind == "d":
             entry["c"], pos = ChildNames.decode(payload, pos)
@@ -492,6 +507,13 @@ def decode_entry(payload: bytes) -> Dict[str, Any]:
     if pos != len(payload):
         raise ProtocolError("BAD_ENTRY", "trailing bytes after an entry")
     return entry
+
+
+def valid_fs_id(fs_id: Any) -> bool:
+    """Whether a filesystem id is a plain name: the receiver mounts the filesystem, and keeps
+    its journal, under that name in its state dir (an id of "../../etc" once mounted over
+    the rescue system's /etc)."""
+    return isinstance(fs_id, str) and _FS_ID.match(fs_id) is not None
 
 
 # --- connections ----------------------------------------------------------------------

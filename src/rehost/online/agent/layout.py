@@ -17,6 +17,7 @@ on the first non-ASCII mount point. Each "path" is the host path as os functions
 """
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -53,6 +54,12 @@ def fs_id_for(mount: str) -> str:
     if mount in known:
         return known[mount]
     name = re.sub(r"[^A-Za-z0-9._]+", "-", mount).strip("-.")
+    if len(name) > 180:  # the receiver takes 200 characters (protocol.valid_fs_id)
+        name = (
+            name[:160]
+            + "-"
+            + hashlib.sha256(mount.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+        )
     return "data-" + (name or "x")
 
 

@@ -37,6 +37,7 @@ from urllib.parse import quote
 from rehost.online.protocol import (
     BATCH_BYTES,
     BATCH_ENTRIES,
+    BATCH_XATTRS,
     CHUNK_SIZE,
     CODEC_RAW,
     CODEC_ZLIB,
@@ -44,6 +45,7 @@ from rehost.online.protocol import (
     DATA,
     DELTA,
     END,
+    MAX_FILE_SIZE,
     MAX_FRAME,
     AgentError,
     FileDigest,
@@ -646,7 +648,7 @@ def _batches(walker: _Walker) -> Iterator[_Batch]:
     """The walk cut into manifests: (entries with their paths, ENTRY frames)."""
     batch = []  # type: List[Tuple[Dict[str, Any], bytes]]
     frames = []  # type: List[bytes]
-    size = 0
+    size = xattrs = 0
     for whole, path in walker.walk():
         for entry in child_slices(whole):  # a huge directory lists its names over several
             entry["i"] = len(batch)
@@ -659,12 +661,20 @@ def _batches(walker: _Walker) -> Iterator[_Batch]:
                     hint="remove what it does not need of its extended attributes, or "
                     "exclude it (Excludes) and copy it separately",
                 )
+            if entry["t"] == "f" and entry["s"] > MAX_FILE_SIZE:
+                raise AgentError(
+                    "FILE_TOO_LARGE",
+                    f"{os.fsdecode(path)}: its size is {entry['s']} bytes, and the receiver "
+                    f"takes files of at most {MAX_FILE_SIZE} (1 PiB)",
+                    hint="exclude it (Excludes) and copy it separately",
+                )
             batch.append((entry, path))
             frames.append(frame)
             size += len(frame)
-            if len(batch) >= BATCH_ENTRIES or size >= BATCH_BYTES:
+            xattrs += len(entry.get("x") or ())
+            if len(batch) >= BATCH_ENTRIES or size >= BATCH_BYTES or xattrs >= BATCH_XATTRS:
                 yield batch, frames
-                batch, frames, size = [], [], 0
+                batch, frames, size, xattrs = [], [], 0, 0
     if batch:
         yield batch, frames
 

@@ -16,6 +16,7 @@ manifest's answer). Metadata goes on in the order content → lchown → chmod �
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import hashlib
@@ -46,6 +47,7 @@ from rehost.online.protocol import (
     MAX_FRAME,
     MAX_MANIFEST_BYTES,
     MAX_MANIFEST_ENTRIES,
+    MAX_MANIFEST_XATTRS,
     PARTIAL_PREFIX,
     ChildNames,
     FileDigest,
@@ -412,6 +414,7 @@ class FsApplier:
         deleted = 0
         applied = 0
         size = 0
+        xattrs = 0
         pending_paths: set[bytes] = set()
         new_hash(alg)  # refuse an unknown algorithm before touching anything
         for kind, payload in frames:
@@ -427,6 +430,11 @@ class FsApplier:
                     "BAD_FRAME", f"a manifest's entries take at most {MAX_MANIFEST_BYTES} bytes"
                 )
             entry = decode_entry(payload)
+            xattrs += len(entry["x"])
+            if xattrs > MAX_MANIFEST_XATTRS:
+                raise ProtocolError(
+                    "BAD_FRAME", f"a manifest's entries hold at most {MAX_MANIFEST_XATTRS} xattrs"
+                )
             index = entry["i"]
             parts = entry["parts"]
             t = entry["t"]
@@ -699,8 +707,10 @@ class FsApplier:
         pfd = self._open_dir(parts[:-1])
         name = parts[-1]
         size = entry["s"]
+        fd = -1
         try:
-            flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC
+            # O_NONBLOCK: a FIFO or device planted at the name must not hang the open
+            flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
             if where == "new":
                 # created with its final permission bits (umask allowing), so that chmod is
                 # usually unnecessary; truncated to size at END only if holes remain
@@ -719,13 +729,19 @@ class FsApplier:
                     return incoming
             partial = partial_name(name)
             tmp: bytes | None = partial
-            if not delta:
-                fd = os.open(partial, flags | os.O_CREAT | os.O_TRUNC, 0o600, dir_fd=pfd)
+            if not delta:  # made anew, never opened: whatever holds the name is not a file
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(partial, dir_fd=pfd)
+                fd = os.open(partial, flags | os.O_CREAT | os.O_EXCL, 0o600, dir_fd=pfd)
             elif where == "partial":
                 fd = os.open(partial, flags, dir_fd=pfd)
             else:
                 tmp = None
                 fd = os.open(name, flags, dir_fd=pfd)
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise ProtocolError(
+                    "UNSAFE_PATH", f"{entry['p']}: a delta's base is not a regular file"
+                )
             incoming = _Incoming(fd, pfd, name, tmp, entry, size)
             incoming.delta = delta
             if delta:
@@ -735,6 +751,8 @@ class FsApplier:
             os.ftruncate(fd, size)
             return incoming
         except BaseException:
+            if fd >= 0:
+                os.close(fd)
             os.close(pfd)
             raise
 

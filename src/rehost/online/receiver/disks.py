@@ -38,6 +38,7 @@ from rehost.online.protocol import (
     partition_minimum,
     table_overhead,
     usable_bytes,
+    valid_fs_id,
 )
 
 FORMATS = ("ext2", "ext3", "ext4", "xfs", "vfat", "swap")
@@ -176,6 +177,7 @@ def _canonical(layout: Json) -> Json:
 
 def _check_supported(layout: Json, disks: dict[str, str]) -> None:
     reasons = list(layout.get("unsupported") or [])
+    fs_ids: set[Any] = set()
     if not layout.get("disks"):
         reasons.append("the layout has no disks")
     for index, disk in sorted(layout.get("disks", {}).items()):
@@ -189,6 +191,10 @@ def _check_supported(layout: Json, disks: dict[str, str]) -> None:
         for p in disk.get("partitions", []):
             if p.get("fs") is not None and p["fs"] not in FORMATS:
                 reasons.append(f"disk {index} partition {p['number']}: filesystem {p['fs']}")
+            fs_id = p.get("fs_id")
+            if fs_id is not None and (not valid_fs_id(fs_id) or fs_id in fs_ids):
+                reasons.append(f"disk {index} partition {p['number']}: fs_id {fs_id!r}")
+            fs_ids.add(fs_id)
     if reasons:
         raise LayoutUnsupported("; ".join(reasons))
 
@@ -331,7 +337,10 @@ def _mount(dev: str, fs: str, where: Path) -> None:
     try:
         # nouuid: xfs refuses a second filesystem with a UUID it has mounted, which is the
         # point of a copy (and how tests run source and destination on one host).
-        _run("mount", "-t", fs, *(["-o", "nouuid"] if fs == "xfs" else []), dev, str(where))
+        # nodev, nosuid: the receiver writes what the source sends, device nodes and setuid
+        # files included; none of them is for this rescue system to open or run.
+        opts = "nodev,nosuid,nouuid" if fs == "xfs" else "nodev,nosuid"
+        _run("mount", "-t", fs, "-o", opts, dev, str(where))
     except DiskPrepareFailed as e:
         try:
             rdev = os.stat(dev).st_rdev
