@@ -7,6 +7,7 @@ The read-ahead cache and the retry policy are also tested on an in-memory fake
 from __future__ import annotations
 
 import collections
+import contextlib
 import email.utils
 import gzip
 import http.server
@@ -26,7 +27,7 @@ from mypy_boto3_s3 import S3Client
 
 from helpers import MiB, s3_client, write_guest
 from rehost import objectstore
-from rehost.blob.https import HttpsSource
+from rehost.blob.https import HttpsSource, public_url
 from rehost.blob.readahead import DEFAULT_REQUEST, ReadAheadSource, RetryPolicy, Transient
 from rehost.blob.s3 import S3Source
 from rehost.blob.source import open_source
@@ -514,6 +515,8 @@ SERVER_FAULTS: dict[str, Answer] = {
     "redirect-to-ftp": _redirect("ftp://example.com/disk.img"),
     "101-headers": _headers({f"X-H{i}": "x" for i in range(101)}),
     "a-64KiB-header-line": _headers({"X-Long": "x" * (64 << 10)}),
+    # int() refuses 4,300 digits and more: it was a SystemError_, "a bug in rehost"
+    "a-5000-digit-size": lambda h, n: h.part(DATA, ETAG, content_range="bytes 0-0/" + "9" * 5000),
 }
 
 
@@ -560,6 +563,79 @@ def test_retry_after_is_waited_for(web: Callable[[Answer], str], form: str) -> N
     with HttpsSource(web(answer), retry=retry) as src:
         assert time.monotonic() - began >= 1.5  # not the policy's 0.01 s
         assert src.retries == 1 and src.read(0, 10) == DATA[:10]
+
+
+def test_an_unreadable_retry_after_is_still_retried(web: Callable[[Answer], str]) -> None:
+    """'²' passes str.isdigit() but not float(): a 503 saying so was a SystemError_ ("a bug
+    in rehost") at open, or a damaged image when it came during a metadata read."""
+
+    def answer(h: _Web, n: int) -> None:
+        if n in (1, 3):
+            h.status(503, {"Retry-After": "²"})
+        else:
+            h.part(DATA, ETAG)
+
+    with HttpsSource(web(answer), retry=FAST_RETRY) as src:
+        assert src.read(1000, 100) == DATA[1000:1100]
+        assert src.retries == 2
+
+
+def test_a_read_answered_by_another_server_is_source_changed(web: Callable[[Answer], str]) -> None:
+    """Redirects are followed, and the server that answered at open is pinned like the ETag:
+    another server's copy with the same ETag (here the bytes reversed) was imported and
+    reported verified when the link began to redirect to it after the open."""
+    other = web(lambda h, n: h.part(DATA[::-1], ETAG))
+    first = web(_redirect(other))
+    source = HttpsSource(first)  # at open: followed, and said
+    with source as src:
+        assert src.read(1000, 100) == DATA[::-1][1000:1100]
+        assert source.notes == [
+            f"{public_url(first)} redirects to {other}: the image is read from there, "
+            "and a read that another server answers fails"
+        ]
+    url = web(lambda h, n: h.part(DATA, ETAG) if n == 1 else h.status(307, {"Location": other}))
+    with (
+        pytest.raises(SourceChanged, match=r"answered from .* during the import"),
+        HttpsSource(url, retry=FAST_RETRY) as src,
+    ):
+        src.read(1000, 100)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("head", ["trickled", "100-continue-forever"])
+@pytest.mark.parametrize("when", ["at-open", "reading"])
+def test_a_head_that_does_not_arrive_is_cut(
+    web: Callable[[Answer], str], monkeypatch: pytest.MonkeyPatch, head: str, when: str
+) -> None:
+    """The read timeout bounds each recv: a head trickled a byte at a time, or 100 Continue
+    after 100 Continue, held a read, and --timeout, for hours. A head has MIN_BODY_SECONDS
+    (lowered to 1 s here), then it is cut and retried, and the deadline cuts it too."""
+    monkeypatch.setattr(HttpsSource, "MIN_BODY_SECONDS", 1.0)
+
+    def answer(h: _Web, n: int) -> None:
+        if when == "reading" and h.asked()[1] == 0:
+            h.part(DATA, ETAG)
+            return
+        line = b"HTTP/1.1 100 Continue\r\n\r\n" if head != "trickled" else b""
+        text = line or b"HTTP/1.1 206 Partial Content\r\n" + b"X-Slow: " + b"x" * 60000
+        while not h.server.stop.wait(0.05 if line else 0.02):
+            with contextlib.suppress(OSError):
+                h.wfile.write(line or text[:1])
+                h.wfile.flush()
+            text = text[1:] or text
+
+    began = time.monotonic()
+    with (
+        pytest.raises(SourceUnavailable, match="head was cut short"),
+        HttpsSource(web(answer), retry=FAST_RETRY) as src,
+    ):
+        src.read(1000, 100)
+    assert time.monotonic() - began < 20
+    deadline = time.monotonic() + 2  # the import's --timeout, at open or while reading
+    monkeypatch.setattr(HttpsSource, "MIN_BODY_SECONDS", 60.0)
+    with pytest.raises(TaskTimeout), HttpsSource(web(answer), deadline=deadline) as src:
+        src.read(1000, 100)
+    assert time.monotonic() - deadline < 3
 
 
 @pytest.mark.timeout(60)

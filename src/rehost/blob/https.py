@@ -29,20 +29,27 @@ A presigned URL's query string is its signature: it never appears in `name`,
 in messages or in chained exceptions.
 
 urllib3 comes with botocore; it is used directly, through HTTPS_PROXY/NO_PROXY
-if set, with its own retries off (redirects are followed) since `RetryPolicy`
-does the retrying.
+if set, with its own retries off since `RetryPolicy` does the retrying. Redirects
+are followed (never from https to http), and the server that answered at open is
+pinned like the ETag: a read answered by another one fails with `SourceChanged`,
+since any server can send a matching ETag. A redirect at open is in `notes`.
+
+A head must arrive within MIN_BODY_SECONDS too (the watchdog cuts the connection
+of a wait that overruns, see `_watch_heads`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import email.utils
+import functools
 import http.client
 import re
+import socket
 import threading
 import time
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 from rehost.blob.readahead import (
@@ -84,7 +91,8 @@ UNPINNED_HINT = (
     "and not in others, so it cannot be told whether the object stayed the same; if it was not "
     "replaced, import from a server that sends them consistently, such as the origin store"
 )
-_CONTENT_RANGE = re.compile(r"bytes\s+(?:(\d+)-(\d+)|\*)/(\d+|\*)", re.IGNORECASE)
+# At most 20 digits (2^64 has 20): int() refuses 4,300 and more, as a SystemError_.
+_CONTENT_RANGE = re.compile(r"bytes\s+(?:(\d{1,20})-(\d{1,20})|\*)/(\d{1,20}|\*)", re.IGNORECASE)
 _ERROR_BODY = 16 << 10
 _WATCH_INTERVAL = 0.25
 """Seconds between checks for bodies that overran their time."""
@@ -98,6 +106,13 @@ def public_url(url: str) -> str:
         host = f"[{host}]"
     netloc = f"{host}:{parts.port}" if parts.port else host
     return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def _secrets_of(url: str) -> list[str]:
+    """What of a URL might reveal a signature: the query, and each long value in it."""
+    parts = urlsplit(url)
+    found = [s for s in (parts.query, parts.fragment, parts.password) if s]
+    return found + [v for v in re.split(r"[&=]", parts.query) if len(v) >= 12]
 
 
 def _s3_error(body: bytes) -> str:
@@ -118,6 +133,37 @@ def _pool_manager(scheme: str, host: str, *, maxsize: int, timeout: Timeout) -> 
     if proxy and not urllib.request.proxy_bypass(host):
         return urllib3.ProxyManager(proxy, num_pools=4, maxsize=maxsize, timeout=timeout)
     return urllib3.PoolManager(num_pools=4, maxsize=maxsize, timeout=timeout)
+
+
+_heads = threading.local()
+"""The HttpsSource whose request this thread is making (`source`), and whether the wait
+for that answer's head was cut (`overran`)."""
+
+
+def _watch_heads(manager: PoolManager) -> None:
+    """Make the connections of `manager` ones whose wait for an answer's head the source's
+    watchdog can cut (after MIN_BODY_SECONDS, or at the deadline). The read timeout bounds
+    each recv only: a server trickling its head a byte at a time (a 64 KiB line of each of
+    100 headers, or 100 Continue after 100 Continue) held a read, and --timeout, for hours."""
+    classes = dict(manager.pool_classes_by_scheme)  # the module's own dict: not changed
+    for scheme, pool_cls in list(classes.items()):
+        if getattr(pool_cls, "_rehost_watched", False):
+            continue
+        base: Any = pool_cls.ConnectionCls  # type: ignore[attr-defined]
+
+        class Watched(base):  # type: ignore[misc]
+            def getresponse(self, *args: Any, **kwargs: Any) -> Any:
+                source, sock = getattr(_heads, "source", None), self.sock
+                if source is None or sock is None:
+                    return super().getresponse(*args, **kwargs)
+                cut = functools.partial(sock.shutdown, socket.SHUT_RDWR)
+                with source._cut_after(sock, cut, source.MIN_BODY_SECONDS) as overran:
+                    _heads.overran = overran
+                    return super().getresponse(*args, **kwargs)
+
+        attrs = {"ConnectionCls": Watched, "_rehost_watched": True}
+        classes[scheme] = type(pool_cls.__name__, (pool_cls,), attrs)
+    manager.pool_classes_by_scheme = classes
 
 
 class HttpsSource(ReadAheadSource):
@@ -165,16 +211,18 @@ class HttpsSource(ReadAheadSource):
         self._url = url
         self._name = public_url(url)
         # Whatever might reveal the signature: the query, and each long value in it.
-        self._secrets = [s for s in (parts.query, parts.fragment, parts.password) if s]
-        self._secrets += [v for v in re.split(r"[&=]", parts.query) if len(v) >= 12]
+        self._secrets = _secrets_of(url)
+        self._origin = ""
+        """scheme://host:port of the server that answered at open, redirects followed."""
         self._size = 0
         self.etag = ""
         self.last_modified: str | None = None
         self.notes: list[str] = []
         self._timeout = timeout
-        self._bodies: dict[BaseHTTPResponse, float] = {}
-        """Responses whose body is being read → when it must have arrived."""
-        self._overran: set[BaseHTTPResponse] = set()
+        self._bodies: dict[object, tuple[float, Callable[[], object]]] = {}
+        """What is being read (a response's body, a connection's wait for a head) → when it
+        must have arrived, and how to cut it."""
+        self._overran: set[object] = set()
         self._bodies_lock = threading.Lock()
         self._own_http = pool is None
         self._urllib3_retries = urllib3.Retry(
@@ -189,6 +237,7 @@ class HttpsSource(ReadAheadSource):
                 maxsize=max(8, 2 * self.readahead + 4),
                 timeout=self._timeouts(),
             )
+            _watch_heads(self._http)
             threading.Thread(target=self._watch, name="https-watch", daemon=True).start()
             self._retrying(self._probe, f"{self._name}: open")
             if not self.etag and not self.last_modified:
@@ -224,8 +273,9 @@ class HttpsSource(ReadAheadSource):
         if pinned and self.etag and not self.etag.startswith("W/"):
             headers["If-Match"] = self.etag  # weak ETags never match If-Match: compare instead
         self._count_request()
+        _heads.source, _heads.overran = self, [False]
         try:
-            return self._http.request(
+            resp = self._http.request(
                 "GET",
                 self._url,
                 headers=headers,
@@ -235,7 +285,21 @@ class HttpsSource(ReadAheadSource):
                 timeout=self._timeouts(),
             )
         except Exception as e:
-            raise self._map_exception(e) from None  # the cause's text may hold the signature
+            failure: Exception | None = self._map_exception(e)  # may hold the signature
+        else:
+            failure = None
+        finally:
+            _heads.source = None
+        if _heads.overran[0]:  # what a cut head gave (an error, or a truncated head) is moot
+            if failure is None:
+                self._discard(resp)
+            raise self._overran_error(
+                "its answer's head was cut short",
+                f"it did not arrive within {self.MIN_BODY_SECONDS:.0f}s",
+            )
+        if failure is not None:
+            raise failure from None
+        return resp
 
     def _probe(self) -> None:
         resp = self._request(0, 0, pinned=False)
@@ -254,6 +318,18 @@ class HttpsSource(ReadAheadSource):
                 total = 0
             else:
                 raise self._status_error(resp)
+            self._origin, final = self._answered_from(resp)
+            if final != self._url:
+                if urlsplit(self._url).scheme == "https" and self._origin.startswith("http:"):
+                    raise SourceUnusable(
+                        f"{self._name}: the server redirected from https to plain http",
+                        hint="import from the final https URL of the object",
+                    )
+                self._secrets += _secrets_of(final)
+                self.notes.append(
+                    f"{self._name} redirects to {public_url(final)}: the image is read from "
+                    "there, and a read that another server answers fails"
+                )
             self.etag = resp.headers.get("ETag", "")
             self.last_modified = resp.headers.get("Last-Modified")
             data = self._body(resp, [1])[0] if resp.status == 206 else b""
@@ -267,6 +343,12 @@ class HttpsSource(ReadAheadSource):
         end = start + sum(sizes) - 1
         resp = self._request(start, end, pinned=True)
         try:
+            origin, final = self._answered_from(resp)
+            if origin != self._origin:  # the ETag check would pass on any server's copy
+                raise SourceChanged(
+                    f"{self._name} was answered from {public_url(final)} during the import, "
+                    f"not from {self._origin} as when it was opened"
+                )
             if resp.status != 206:
                 raise self._status_error(resp, reading=True)
             self._check_coding(resp)
@@ -281,51 +363,76 @@ class HttpsSource(ReadAheadSource):
         finally:
             self._discard(resp)
 
+    def _answered_from(self, resp: BaseHTTPResponse) -> tuple[str, str]:
+        """(scheme://host:port, URL) of the server that answered, after the redirects
+        urllib3 followed."""
+        history = resp.retries.history if resp.retries is not None else ()
+        hops = [h.redirect_location for h in history if h.redirect_location]
+        final = hops[-1] if hops else self._url
+        parts = urlsplit(final)
+        return f"{parts.scheme}://{parts.hostname}:{parts.port or ''}", final
+
     def _body(self, resp: BaseHTTPResponse, sizes: Sequence[int]) -> list[bytes]:
         """The body in pieces of `sizes`, read within its time or cut short and `Transient`."""
         length = sum(sizes)
         allowed = max(self.MIN_BODY_SECONDS, length / self.MIN_BODY_RATE)
-        due = time.monotonic() + allowed
-        if self.deadline is not None:
-            due = min(due, self.deadline)
-        with self._bodies_lock:
-            self._bodies[resp] = due
-        try:
-            pieces = [resp.read(n) for n in sizes]
-        except Exception as e:
-            failure: Exception | None = self._map_exception(e)
-        else:
-            failure = None
-        finally:
-            with self._bodies_lock:
-                del self._bodies[resp]
-                overran = resp in self._overran
-                self._overran.discard(resp)
-        if overran:
-            if self._closed.is_set():
-                why = "the source was closed"
-            elif self.time_left() == 0.0:
-                why = "the import's timeout ran out"
-            else:
-                why = f"it took over {allowed:.0f}s (under {self.MIN_BODY_RATE >> 10} KiB/s)"
-            raise Transient(f"{self._name}: a body of {length} bytes was cut short: {why}")
+        failure: Exception | None = None
+        with self._cut_after(resp, resp.shutdown, allowed) as overran:
+            try:
+                pieces = [resp.read(n) for n in sizes]
+            except Exception as e:
+                failure = self._map_exception(e)
+        if overran[0]:
+            raise self._overran_error(
+                f"a body of {length} bytes was cut short",
+                f"it took over {allowed:.0f}s (under {self.MIN_BODY_RATE >> 10} KiB/s)",
+            )
         if failure is not None:
             raise failure
         self._count_bytes(sum(len(p) for p in pieces))
         return pieces
 
+    @contextlib.contextmanager
+    def _cut_after(
+        self, key: object, cut: Callable[[], object], allowed: float
+    ) -> Iterator[list[bool]]:
+        """Let the block read `key` for `allowed` seconds (within the deadline); past them
+        the watchdog calls `cut`. The list yielded holds True afterwards if it did."""
+        due = time.monotonic() + allowed
+        if self.deadline is not None:
+            due = min(due, self.deadline)
+        with self._bodies_lock:
+            self._bodies[key] = (due, cut)
+        overran = [False]
+        try:
+            yield overran
+        finally:
+            with self._bodies_lock:
+                del self._bodies[key]
+                overran[0] = key in self._overran
+                self._overran.discard(key)
+
+    def _overran_error(self, what: str, slow: str) -> Transient:
+        if self._closed.is_set():
+            why = "the source was closed"
+        elif self.time_left() == 0.0:
+            why = "the import's timeout ran out"
+        else:
+            why = slow
+        return Transient(f"{self._name}: {what}: {why}")
+
     def _watch(self) -> None:
-        """Cut the connection of each body that overruns its time, and of all at close:
+        """Cut the connection of each read that overruns its time, and of all at close:
         a blocked recv wakes only when its socket is shut down."""
         while True:
             closed = self._closed.wait(_WATCH_INTERVAL)
             now = time.monotonic()
-            with self._bodies_lock:  # held while cutting: a response is never cut once released
-                for resp, due in self._bodies.items():
-                    if (closed or now >= due) and resp not in self._overran:
-                        self._overran.add(resp)
+            with self._bodies_lock:  # held while cutting: nothing is cut once released
+                for key, (due, cut) in self._bodies.items():
+                    if (closed or now >= due) and key not in self._overran:
+                        self._overran.add(key)
                         with contextlib.suppress(Exception):
-                            resp.shutdown()
+                            cut()
             if closed:
                 return
 
@@ -340,15 +447,16 @@ class HttpsSource(ReadAheadSource):
     def _content_range(self, resp: BaseHTTPResponse, start: int, end: int) -> int:
         header = resp.headers.get("Content-Range", "")
         m = _CONTENT_RANGE.fullmatch(header.strip())
+        shown = header if len(header) <= 100 else header[:100] + "…"
         if not m or m.group(1) is None or m.group(3) == "*":
             raise SourceUnusable(
                 f"{self._name}: the server answered a ranged GET without a usable "
-                f"Content-Range ({header or 'none'})",
+                f"Content-Range ({shown or 'none'})",
                 hint=NO_RANGE_HINT,
             )
         if (int(m.group(1)), int(m.group(2))) != (start, end):
             raise SourceUnusable(
-                f"{self._name}: asked for bytes {start}-{end}, got {header}",
+                f"{self._name}: asked for bytes {start}-{end}, got {shown}",
                 hint=NO_RANGE_HINT,
             )
         return int(m.group(3))
@@ -425,7 +533,7 @@ class HttpsSource(ReadAheadSource):
     def _retry_after(resp: BaseHTTPResponse) -> float | None:
         """Retry-After in seconds: a number of seconds or an HTTP date; None if absent or bad."""
         value = resp.headers.get("Retry-After", "").strip()
-        if value.isdigit():
+        if value.isascii() and value.isdigit():  # isdigit alone takes "²", which float refuses
             return float(value)
         with contextlib.suppress(TypeError, ValueError):
             return email.utils.parsedate_to_datetime(value).timestamp() - time.time()
