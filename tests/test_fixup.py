@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -796,6 +797,48 @@ def test_a_timed_out_chroot_command_ends_with_everything_it_started(tmp_path: Pa
         assert _ends(child, within=10)
     assert _mounts_under(root) == []
     assert not [line for line in logged if "unmount failed" in line], logged
+    shutil.rmtree(root)
+
+
+# Run in a namespace whose mounts are shared, as on a systemd rescue system (this host's are
+# private): a mount the host makes under /dev while the fixups run, and how the chroot's
+# bind of /dev is unmounted.
+_SHARED_DEV = """
+import os, subprocess, sys
+from pathlib import Path
+from rehost.online.fixup.chroot import Chroot
+root = Path(sys.argv[1])
+subprocess.run(["mount", "--make-rshared", "/"], check=True)
+logged = []
+point = Path("/dev/rehost-test-%d" % os.getpid())  # /dev is the host's devtmpfs
+point.mkdir()
+try:
+    with Chroot(root, {}, log=logged.append) as run:
+        subprocess.run(["mount", "-t", "tmpfs", "none", point], check=True)
+        print("seen inside:", f" {point} " in run(["cat", "/proc/self/mounts"]).output)
+    mounts = Path("/proc/self/mounts").read_text()
+    print("host keeps it:", f" {point} " in mounts)
+finally:
+    subprocess.run(["umount", point])
+    point.rmdir()
+print("root clear:", f" {root}/" not in mounts)
+print("unmount failed:", any("unmount failed" in line for line in logged))
+"""
+
+
+def test_the_chroot_binds_stay_apart_from_the_hosts_mounts(tmp_path: Path) -> None:
+    """On a system whose mounts are shared (systemd's default), a bind of /dev joined the
+    host's peer group: a mount the host made under /dev meanwhile appeared in the chroot, kept
+    its bind busy, and the lazy unmount that followed took the host's mount away too. The
+    binds are private now."""
+    root, _ = _chroot_tree(tmp_path)
+    done = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", sys.executable, "-c", _SHARED_DEV, root],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert done.stdout.splitlines() == [
+        "seen inside: False", "host keeps it: True", "root clear: True", "unmount failed: False"
+    ], done.stdout + done.stderr  # fmt: skip
     shutil.rmtree(root)
 
 

@@ -88,7 +88,10 @@ class Chroot:
                 where = confined(self.root, inside)
                 where.mkdir(parents=True, exist_ok=True)
                 self._clear(where)
-                res = _host(["mount", "--bind", str(source), str(where)])
+                # private: on a system whose mounts are shared (systemd's default) a bind
+                # joins its source's peer group, so the host's later mounts below /dev would
+                # show here, keep the bind busy, and go with its lazy unmount
+                res = _host(["mount", "--bind", "--make-private", str(source), str(where)])
                 if res.returncode != 0:
                     raise FixupFailed(
                         "chroot", f"cannot bind {source} to {inside}", output=res.output
