@@ -419,6 +419,9 @@ class _Handler(BaseHTTPRequestHandler):
             self.command, _shown(self.path), self.client_address[0], "a wrong" if given else "no",
         )  # fmt: skip
         self.close_connection = True
+        # the connection ends with this answer: out of its address's count before the client
+        # reads it, so that its next connection finds the slot free (not only usually)
+        _PREAUTH.gate.release()
         self._reply(401, {"code": "TOKEN_REJECTED", "message": "missing or wrong token"})
         return False
 
