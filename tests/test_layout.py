@@ -353,7 +353,7 @@ def test_unsupported_layouts_refused_before_touching_disks(tmp_path: Path) -> No
     with pytest.raises(LayoutUnsupported, match="no destination disk"):
         prepare({**layout, "disks": {"1": layout["disks"]["0"]}}, {"0": "/x"}, tmp_path)
     # the id names the mount point under the state dir: "../../etc" was mounted over /etc
-    for fs_id in ("../../etc", "/etc", "..", "", "a/b", 7, "x" * 201):
+    for fs_id in ("../../etc", "/etc", "..", "", "a/b", 7, ["root"], "x" * 201):
         bad = {**layout, "disks": {"0": {"partitions": [{**part, "fs": "ext4", "fs_id": fs_id}]}}}
         with pytest.raises(LayoutUnsupported, match="fs_id"):
             prepare(bad, {"0": "/nonexistent"}, tmp_path)

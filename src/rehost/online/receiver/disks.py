@@ -177,7 +177,7 @@ def _canonical(layout: Json) -> Json:
 
 def _check_supported(layout: Json, disks: dict[str, str]) -> None:
     reasons = list(layout.get("unsupported") or [])
-    fs_ids: set[Any] = set()
+    fs_ids: set[str] = set()
     if not layout.get("disks"):
         reasons.append("the layout has no disks")
     for index, disk in sorted(layout.get("disks", {}).items()):
@@ -192,9 +192,12 @@ def _check_supported(layout: Json, disks: dict[str, str]) -> None:
             if p.get("fs") is not None and p["fs"] not in FORMATS:
                 reasons.append(f"disk {index} partition {p['number']}: filesystem {p['fs']}")
             fs_id = p.get("fs_id")
-            if fs_id is not None and (not valid_fs_id(fs_id) or fs_id in fs_ids):
+            if fs_id is None:
+                continue
+            if not valid_fs_id(fs_id) or fs_id in fs_ids:  # (not hashable: not valid)
                 reasons.append(f"disk {index} partition {p['number']}: fs_id {fs_id!r}")
-            fs_ids.add(fs_id)
+            else:
+                fs_ids.add(fs_id)
     if reasons:
         raise LayoutUnsupported("; ".join(reasons))
 
