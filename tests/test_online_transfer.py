@@ -1241,34 +1241,6 @@ def test_the_walk_goes_on_when_an_entry_changes_under_it(
     assert walker.changed == 2
 
 
-def test_a_partial_nothing_resumes_goes_at_the_pass_end(tmp_path: Path) -> None:
-    """A large file cut off mid-transfer leaves a partial for the next pass to resume. When
-    by then its name is a directory or a symlink, nothing resumes it, and it stayed in the
-    destination for good; the pass's end removes it. One a file is received into stays."""
-    from rehost.online.receiver.apply import FsApplier
-
-    root = tmp_path / "dst"
-    root.mkdir()
-    for name in (b"big", b"dir", b"was-big"):
-        (root / os.fsdecode(partial_name(name))).write_bytes(os.urandom(4096))
-    applier = FsApplier("root", root, tmp_path / "state")
-    mt = 1_600_000_000_000_000_000
-    meta = {"u": 0, "g": 0, "mt": mt, "at": mt, "x": {}}
-    entries = [
-        {"i": 0, "p": b"", "t": "d", "m": 0o40755, "s": 0, "c": [b"big", b"dir", b"was-big"]},
-        {"i": 1, "p": b"big", "t": "f", "m": 0o100644, "s": 8 * MiB},
-        {"i": 2, "p": b"was-big", "t": "l", "m": 0o120777, "s": 0, "l": b"big"},
-        {"i": 3, "p": b"dir", "t": "d", "m": 0o40755, "s": 0, "c": []},
-    ]
-    frames = [(ENTRY, encode_entry({**meta, **e})[5:]) for e in entries]
-    needs = applier.manifest(frames, "sha256")["needs"]
-    assert [n[0] for n in needs] == [1] and needs[0][-1] == "partial", needs
-    assert applier.finish()["stale_partials"] == 2
-    assert sorted(p.name for p in root.iterdir() if p.name.startswith(".rehost-")) == [
-        os.fsdecode(partial_name(b"big"))
-    ]
-
-
 def _applier(tmp_path: Path) -> tuple[Any, Path, Any]:
     """An FsApplier on a plain directory, and a function that sends it a manifest."""
     from rehost.online.receiver.apply import FsApplier
@@ -1285,6 +1257,26 @@ def _applier(tmp_path: Path) -> tuple[Any, Path, Any]:
         return answer
 
     return applier, root, manifest
+
+
+def test_a_partial_nothing_resumes_goes_at_the_pass_end(tmp_path: Path) -> None:
+    """A large file cut off mid-transfer leaves a partial for the next pass to resume. When
+    by then its name is a directory or a symlink, nothing resumes it, and it stayed in the
+    destination for good; the pass's end removes it. One a file is received into stays."""
+    applier, root, manifest = _applier(tmp_path)
+    for name in (b"big", b"dir", b"was-big"):
+        (root / os.fsdecode(partial_name(name))).write_bytes(os.urandom(4096))
+    needs = manifest(
+        {"i": 0, "p": b"", "t": "d", "m": 0o40755, "s": 0, "c": [b"big", b"dir", b"was-big"]},
+        {"i": 1, "p": b"big", "t": "f", "m": 0o100644, "s": 8 * MiB},
+        {"i": 2, "p": b"was-big", "t": "l", "m": 0o120777, "s": 0, "l": b"big"},
+        {"i": 3, "p": b"dir", "t": "d", "m": 0o40755, "s": 0, "c": []},
+    )["needs"]
+    assert [n[0] for n in needs] == [1] and needs[0][-1] == "partial", needs
+    assert applier.finish()["stale_partials"] == 2
+    assert sorted(p.name for p in root.iterdir() if p.name.startswith(".rehost-")) == [
+        os.fsdecode(partial_name(b"big"))
+    ]
 
 
 def test_a_file_the_receiver_cannot_size_or_open_keeps_no_descriptor(tmp_path: Path) -> None:

@@ -145,25 +145,32 @@ def _watch_heads(manager: PoolManager) -> None:
     watchdog can cut (after MIN_BODY_SECONDS, or at the deadline). The read timeout bounds
     each recv only: a server trickling its head a byte at a time (a 64 KiB line of each of
     100 headers, or 100 Continue after 100 Continue) held a read, and --timeout, for hours."""
-    classes = dict(manager.pool_classes_by_scheme)  # the module's own dict: not changed
-    for scheme, pool_cls in list(classes.items()):
-        if getattr(pool_cls, "_rehost_watched", False):
-            continue
-        base: Any = pool_cls.ConnectionCls  # type: ignore[attr-defined]
+    manager.pool_classes_by_scheme = {  # a copy: the module's own dict is not changed
+        scheme: _watched_pool(pool_cls)
+        for scheme, pool_cls in manager.pool_classes_by_scheme.items()
+    }
 
-        class Watched(base):  # type: ignore[misc]
-            def getresponse(self, *args: Any, **kwargs: Any) -> Any:
-                source, sock = getattr(_heads, "source", None), self.sock
-                if source is None or sock is None:
-                    return super().getresponse(*args, **kwargs)
-                cut = functools.partial(sock.shutdown, socket.SHUT_RDWR)
-                with source._cut_after(sock, cut, source.MIN_BODY_SECONDS) as overran:
-                    _heads.overran = overran
-                    return super().getresponse(*args, **kwargs)
 
-        attrs = {"ConnectionCls": Watched, "_rehost_watched": True}
-        classes[scheme] = type(pool_cls.__name__, (pool_cls,), attrs)
-    manager.pool_classes_by_scheme = classes
+@functools.cache
+def _watched_pool(pool_cls: type) -> type:
+    """`pool_cls` with connections whose `getresponse` the watchdog of the thread's source
+    can cut (made once per class; a class already watched is its own)."""
+    if getattr(pool_cls, "_rehost_watched", False):
+        return pool_cls
+    base: Any = pool_cls.ConnectionCls  # type: ignore[attr-defined]
+
+    class Watched(base):  # type: ignore[misc]
+        def getresponse(self, *args: Any, **kwargs: Any) -> Any:
+            source, sock = getattr(_heads, "source", None), self.sock
+            if source is None or sock is None:
+                return super().getresponse(*args, **kwargs)
+            cut = functools.partial(sock.shutdown, socket.SHUT_RDWR)
+            with source._cut_after(sock, cut, source.MIN_BODY_SECONDS) as overran:
+                _heads.overran = overran
+                return super().getresponse(*args, **kwargs)
+
+    attrs = {"ConnectionCls": Watched, "_rehost_watched": True}
+    return type(pool_cls.__name__, (pool_cls,), attrs)
 
 
 class HttpsSource(ReadAheadSource):

@@ -665,10 +665,10 @@ def _check_ifcfg_name(ctx: Context, paths: list[str]) -> None:
     NetworkManager is left alone: its keyfiles match by pattern and it can configure the
     NIC itself.
     """
-    primary = next((p for p in paths if _ifcfg_ethernet(_ifcfg_values(ctx.read(p) or ""))), None)
+    parsed = ((p, _ifcfg_values(ctx.read(p) or "")) for p in paths)
+    primary, values = next(((p, v) for p, v in parsed if _ifcfg_ethernet(v)), (None, {}))
     if primary is None or ctx.plan.nic or any(_executable(ctx, p) for p in _NM):
         return
-    values = _ifcfg_values(ctx.read(primary) or "")
     device = values.get("DEVICE") or PurePosixPath(primary).name.removeprefix("ifcfg-")
     if not re.fullmatch(r"eth\d+", device) or _keeps_kernel_names(ctx):
         return
