@@ -874,7 +874,8 @@ def test_a_network_cut_is_noticed_by_both_sides(env: Env) -> None:
         result = json.loads(out.strip().splitlines()[-1])
         assert "error" not in result, err
         assert "s: the network to the receiver is cut" in err, err
-        assert "the body ended" in env.receiver.log_text()  # its read gave up by itself
+        # its read gave up by itself, by its keepalives
+        assert "broke off: [Errno 110] Connection timed out" in env.receiver.log_text()
         print(f"the agent finished {took:.1f} s after the cut")
     finally:
         env.pair.run(env.pair.source, [*addr, "add", old, *dev])

@@ -22,6 +22,7 @@ import socket
 import ssl
 import stat
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -45,6 +46,7 @@ from rehost.online.protocol import (
 from rehost.online.receiver.apply import FsApplier
 from rehost.online.receiver.fixup_hook import run_fixups
 from rehost.online.receiver.journal import write_atomic
+from rehost.online.receiver.tls import TlsConnection
 
 REAP_SECONDS = 0.5  # how often pre-auth deadlines are checked
 EVICT_SECONDS = 1.0  # how long a newcomer waits for the slot of a connection it had cut
@@ -637,15 +639,20 @@ class _Server(ThreadingHTTPServer):
         # until the agent's delayed ACK of the headers (40 ms per request)
         request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         keep_alive(request)
+        # it takes the descriptor over: socketserver's own close of `request` is then a no-op
+        tls = TlsConnection(request, self.context)
         try:
             try:
-                tls = self.context.wrap_socket(request, server_side=True)
+                tls.handshake()
             except (ssl.SSLError, OSError) as e:
                 self.quietly("handshake", "TLS handshake with %s failed: %s", ip, e)
                 return
             super().finish_request(tls, client_address)
         finally:
             gate.release()
+            with contextlib.suppress(OSError):
+                tls.shutdown(socket.SHUT_WR)
+            tls.close()
 
     def forget(self, gate: _Gate) -> None:
         with self._lock:
@@ -665,6 +672,10 @@ class _Server(ThreadingHTTPServer):
         super().server_close()
 
     def handle_error(self, request: Any, client_address: Any) -> None:
+        error = sys.exc_info()[1]
+        if isinstance(error, ConnectionError):  # a peer that went away between requests
+            log.debug("connection from %s ended: %s", client_address[0], error)
+            return
         log.warning("connection from %s ended with an error", client_address[0], exc_info=True)
 
 
