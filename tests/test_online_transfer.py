@@ -1827,37 +1827,80 @@ def test_a_directory_listed_in_slices_deletes_after_its_last(
 
 
 def test_a_garbled_or_inflating_chunk_is_bad_frame() -> None:
-    """A chunk whose data does not decode is BAD_FRAME, and so is a zstd frame declaring
-    more than a frame: zstandard allocates and decodes a declared size whatever its
-    max_output_size says, so a few KB could fill the receiver's memory."""
+    """A chunk whose data does not decode is BAD_FRAME, and so is one that decodes to more
+    than a chunk, however it was made to: a zstd frame declaring a huge size or window
+    (zstandard would allocate it), or runs of zeros (a few KB of zstd can fill gigabytes).
+    The receiver never holds more than about a chunk for it."""
     import tracemalloc
     import zlib
 
     import zstandard
 
-    from rehost.online.protocol import CODEC_ZLIB, CODEC_ZSTD, MAX_FRAME
-    from rehost.online.receiver.apply import _decompress
+    from rehost.online.protocol import CHUNK_SIZE, CODEC_ZLIB, CODEC_ZSTD, MAX_FRAME
+    from rehost.online.receiver.apply import _Decoder
 
     bomb = zstandard.ZstdCompressor(write_content_size=True).compress(bytes(MAX_FRAME + 1))
+    stream = zstandard.ZstdCompressor().compressobj()
+    over = stream.compress(bytes(CHUNK_SIZE + 1)) + stream.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)
     header = bytes.fromhex("28b52ffd e0") + (1 << 60).to_bytes(8, "little") + bytes(3)
     cases = [
         (CODEC_ZLIB, b"\x78\x9c not deflate"),
         (CODEC_ZLIB, zlib.compress(b"data")[:-1] + b"\0"),  # a wrong check value
+        (CODEC_ZLIB, zlib.compress(bytes(CHUNK_SIZE + 1))),
         (CODEC_ZSTD, b"not zstd"),
         (CODEC_ZSTD, bomb),
+        (CODEC_ZSTD, over),
         (CODEC_ZSTD, header),
     ]
     tracemalloc.start()
     try:
         for codec, data in cases:
             with pytest.raises(ProtocolError) as exc:
-                _decompress(codec, memoryview(data))
+                _Decoder().decode(codec, memoryview(data))
             assert exc.value.code == "BAD_FRAME", (codec, exc.value)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    assert peak < MiB, peak
-    assert bytes(_decompress(CODEC_ZSTD, memoryview(zstandard.compress(b"ok")))) == b"ok"
+    assert peak < 4 * MiB, peak
+
+
+def test_zstd_chunks_are_one_stream_per_data_stream() -> None:
+    """The agent's chunks of one data stream, zstd against what came before (incompressible
+    ones too, as zstd's stored blocks), decode in order to exactly what was read; a chunk
+    skipped as raw does not disturb the stream; a new data stream starts afresh."""
+    from rehost.online.agent.transfer import _Compressor
+    from rehost.online.protocol import CHUNK_SIZE, CODEC_RAW, CODEC_ZSTD
+    from rehost.online.receiver.apply import _Decoder
+
+    rng = random.Random(7)
+    text = b" ".join(b"word%d" % rng.randrange(400) for _ in range(300_000))
+    pieces = [
+        text[:CHUNK_SIZE],
+        os.urandom(CHUNK_SIZE),
+        bytes(CHUNK_SIZE),
+        text[5:4000],
+        b"x" * 100,
+    ]
+    pieces += [os.urandom(rng.randrange(64, CHUNK_SIZE)) for _ in range(12)]  # until it skips
+    pieces += [text[i : i + 20_000] for i in range(0, 400_000, 20_000)]
+    packer = _Compressor("auto")  # no client: the link counts as slow, so it compresses
+    for _stream in range(2):
+        packer.new_stream()
+        decoder = _Decoder()
+        codecs = set()
+        for data in pieces:
+            codec, packed = packer.pack(data)
+            codecs.add(codec)
+            assert bytes(decoder.decode(codec, memoryview(packed))) == data
+        packer.end_stream()
+        assert codecs == {CODEC_ZSTD, CODEC_RAW}
+    # later text pieces compress against the first one: a small file's worth of gain
+    later = text[5000:25000]
+    packer.new_stream()
+    alone = len(packer.pack(later)[1])
+    packer.new_stream()
+    packer.pack(text[:CHUNK_SIZE])
+    assert len(packer.pack(later)[1]) < alone / 2
 
 
 def test_receiver_bounds_what_a_manifest_may_hold(

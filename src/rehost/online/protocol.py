@@ -15,7 +15,7 @@ import socket
 import struct
 from typing import IO, Any, Dict, Iterator, List, Optional, Tuple, Union
 
-PROTOCOL_VERSION = 5
+PROTOCOL_VERSION = 6
 
 ENTRY = b"E"
 DATA = b"D"
@@ -27,7 +27,12 @@ FRAME_TYPES = (ENTRY, DATA, DELTA, CHUNK, END)
 CODEC_RAW = 0
 CODEC_ZLIB = 1
 CODEC_ZSTD = 2
+"""The next piece of the data stream's one zstd stream (protocol 6): chunks decode in order,
+each flushed to a block boundary, so small files compress against what came before them
+(the Debian tree: 2.36 against 2.10 as independent frames, at level 3)."""
 CODEC_ZERO = 3  # data is a u64 length of zeros: a hole or zero run inside a delta
+ZSTD_WINDOW_MAX = 8 * 1024 * 1024
+"""The largest zstd window a receiver accepts: it holds one per data stream."""
 
 MAX_FRAME = 64 * 1024 * 1024
 CHUNK_SIZE = 1024 * 1024

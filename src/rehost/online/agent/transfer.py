@@ -64,6 +64,9 @@ from rehost.online.protocol import (
 
 try:
     import zstandard as _zstd
+
+    if not hasattr(_zstd, "COMPRESSOBJ_FLUSH_BLOCK"):  # too old to stream (before 0.9)
+        _zstd = None  # type: ignore[assignment]
 except ImportError:  # pragma: no cover - depends on the source host
     _zstd = None  # type: ignore[assignment]
 
@@ -92,7 +95,9 @@ _KINDS = {
 
 
 class _Compressor:
-    """Per-chunk compression that is kept only when it saves at least 10%.
+    """Compression of a data stream's chunks: with zstandard, one zstd stream per data
+    stream (CODEC_ZSTD: small files compress against what came before them); else zlib per
+    chunk, kept only when it saves at least 10%.
 
     In "auto" mode a run of chunks that do not compress (media, archives) makes it try only
     every 16th chunk, so incompressible data costs little CPU; and compression is used only
@@ -116,6 +121,7 @@ class _Compressor:
         self.mode = mode
         # level 3 (zstd's default): "auto" compresses only on slow links, where the ratio pays
         self.zstd = _zstd.ZstdCompressor(level=3) if _zstd is not None else None
+        self.stream = None  # type: Any  # the data stream's zstd compressobj
         self.misses = 0
         self.skipped = 0
         self.client = client
@@ -130,11 +136,14 @@ class _Compressor:
         return (time.monotonic(), self.client.send_wait, self.client.payload_bytes)
 
     def new_stream(self) -> None:
-        """A data stream starts: the link is judged only on time spent streaming."""
+        """A data stream starts: the link is judged only on time spent streaming, and
+        its zstd chunks are one stream, as the receiver decodes them."""
+        self.stream = None
         if self.client is not None:
             self.mark = self._counters()
 
     def end_stream(self) -> None:
+        self.stream = None
         if self.client is not None and self.mark is not None:
             self.window = self._since_decision()
             self.mark = None
@@ -169,12 +178,17 @@ class _Compressor:
             if self.skipped % 16:
                 return CODEC_RAW, data
         if self.zstd is not None:
-            codec, packed = CODEC_ZSTD, self.zstd.compress(data)
-        else:
-            codec, packed = CODEC_ZLIB, zlib.compress(data, 1)
-        if self.mode == "zstd" or len(packed) <= len(data) * 0.9:
+            if self.stream is None:
+                self.stream = self.zstd.compressobj()
+            packed = self.stream.compress(data) + self.stream.flush(_zstd.COMPRESSOBJ_FLUSH_BLOCK)
+            self.misses = 0 if len(packed) <= len(data) * 0.9 else self.misses + 1
+            # the receiver's decoder must see what the stream has seen: it goes as zstd
+            # either way (zstd stores a block that does not compress, for 3 bytes)
+            return CODEC_ZSTD, packed
+        packed = zlib.compress(data, 1)
+        if len(packed) <= len(data) * 0.9:
             self.misses = 0
-            return codec, packed
+            return CODEC_ZLIB, packed
         self.misses += 1
         return CODEC_RAW, data
 

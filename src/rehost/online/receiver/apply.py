@@ -27,7 +27,7 @@ import zlib
 from collections import OrderedDict
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, cast
+from typing import IO, Any, cast
 
 import zstandard
 
@@ -44,11 +44,11 @@ from rehost.online.protocol import (
     END,
     ENTRY,
     HASH_HEX,
-    MAX_FRAME,
     MAX_MANIFEST_BYTES,
     MAX_MANIFEST_ENTRIES,
     MAX_MANIFEST_XATTRS,
     PARTIAL_PREFIX,
+    ZSTD_WINDOW_MAX,
     ChildNames,
     FileDigest,
     ProtocolError,
@@ -146,29 +146,54 @@ def _proc(dir_fd: int, name: bytes) -> bytes:
     return b"/proc/self/fd/%d/%s" % (dir_fd, name)
 
 
-def _decompress(codec: int, data: memoryview) -> bytes | memoryview:
-    """A chunk's data, decoded to at most a frame's size: a garbled chunk is BAD_FRAME."""
-    if codec == CODEC_RAW:
-        return data
-    if codec == CODEC_ZLIB:
-        d = zlib.decompressobj()
-        try:
-            out = d.decompress(data, MAX_FRAME)
-        except zlib.error as e:
-            raise ProtocolError("BAD_FRAME", f"bad zlib chunk: {e}") from None
-        if d.unconsumed_tail:
-            raise ProtocolError("BAD_FRAME", "a zlib chunk inflates past the frame limit")
-        return out
-    if codec == CODEC_ZSTD:
-        try:
-            # zstandard allocates and decodes a frame's declared size whatever
-            # max_output_size says: a 6 KB chunk could fill gigabytes
-            if zstandard.frame_content_size(data) > MAX_FRAME:
-                raise ProtocolError("BAD_FRAME", "a zstd chunk declares more than a frame")
-            return zstandard.ZstdDecompressor().decompress(data, max_output_size=MAX_FRAME)
-        except zstandard.ZstdError as e:
-            raise ProtocolError("BAD_FRAME", f"bad zstd chunk: {e}") from None
-    raise ProtocolError("BAD_FRAME", f"unknown codec {codec}")
+_ZSTD_WRITE = CHUNK_SIZE + 128 * 1024
+"""The zstd decoder's output per step. zstandard's writer stops once a chunk's input is
+consumed, and what did not fit in that step's output would come out with the next chunk:
+a chunk (at most CHUNK_SIZE) always fits in one step."""
+
+
+class _Decoder:
+    """A data stream's chunks, decoded: zlib chunks stand alone; zstd chunks continue the
+    stream's one zstd stream (CODEC_ZSTD). A chunk that decodes to more than CHUNK_SIZE, or
+    is garbled, is BAD_FRAME, and no more than that is ever held."""
+
+    def __init__(self) -> None:
+        self._zstd: Any = None  # the stream's decoder, from its first zstd chunk
+        self._out: list[bytes] = []
+        self._size = 0
+
+    def write(self, data: Any) -> int:
+        """The zstd decoder's output, one step at a time."""
+        self._size += len(data)
+        if self._size > CHUNK_SIZE:
+            raise ProtocolError("BAD_FRAME", "a zstd chunk decodes to more than a chunk")
+        self._out.append(bytes(data))
+        return len(data)
+
+    def decode(self, codec: int, data: memoryview) -> bytes | memoryview:
+        if codec == CODEC_RAW:
+            return data
+        if codec == CODEC_ZLIB:
+            d = zlib.decompressobj()
+            try:
+                out = d.decompress(data, CHUNK_SIZE)
+            except zlib.error as e:
+                raise ProtocolError("BAD_FRAME", f"bad zlib chunk: {e}") from None
+            if d.unconsumed_tail:
+                raise ProtocolError("BAD_FRAME", "a zlib chunk decodes to more than a chunk")
+            return out
+        if codec == CODEC_ZSTD:
+            if self._zstd is None:
+                self._zstd = zstandard.ZstdDecompressor(
+                    max_window_size=ZSTD_WINDOW_MAX
+                ).stream_writer(cast("IO[bytes]", self), write_size=_ZSTD_WRITE, closefd=False)
+            self._out, self._size = [], 0
+            try:
+                self._zstd.write(data)
+            except zstandard.ZstdError as e:
+                raise ProtocolError("BAD_FRAME", f"bad zstd chunk: {e}") from None
+            return b"".join(self._out)
+        raise ProtocolError("BAD_FRAME", f"unknown codec {codec}")
 
 
 def _meta_matches(entry: dict[str, Any], kind: str, st: os.stat_result) -> bool:
@@ -641,6 +666,7 @@ class FsApplier:
         failed: list[int] = []
         cur: _Incoming | None = None
         digest: FileDigest | None = None  # a DATA file's, while its blocks come in order
+        decoder = _Decoder()
         try:
             for kind, payload in frames:
                 if kind in (DATA, DELTA):
@@ -660,7 +686,7 @@ class FsApplier:
                             _punch(cur.fd, offset, length)
                             cur.note_piece(self.alg, offset, length, None)
                         continue
-                    data = _decompress(codec, body)
+                    data = decoder.decode(codec, body)
                     if offset + len(data) > cur.size:
                         raise ProtocolError("BAD_FRAME", "a chunk past the file's size")
                     _pwrite_all(cur.fd, data, offset)
