@@ -3,6 +3,7 @@ byte, against a real client SSLSocket over a real socket pair."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import socket
@@ -79,8 +80,8 @@ def test_a_stream_of_many_records_reads_back_exactly(pair: Connect) -> None:
             tls.sendall(data[pos : pos + size])
             pos += size
         tls.sendall(data[pos:])
-        tls.setblocking(False)  # close_notify, without waiting for the answer
-        with pytest.raises(ssl.SSLWantReadError):
+        # close_notify; the server does not answer one, it reads to the end and closes
+        with contextlib.suppress(ssl.SSLError, OSError):
             tls.unwrap()
 
     conn = pair(client)
