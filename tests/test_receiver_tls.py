@@ -10,7 +10,6 @@ import socket
 import ssl
 import threading
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import pytest
 
@@ -165,7 +164,7 @@ def test_a_peer_gone_in_the_handshake_is_an_error(context: ssl.SSLContext) -> No
         conn.handshake()
 
 
-def test_the_descriptor_is_taken_over(context: ssl.SSLContext, tmp_path: Path) -> None:
+def test_the_descriptor_is_taken_over(context: ssl.SSLContext) -> None:
     """The accepted socket is left detached: closing it (as socketserver does) cannot close
     the descriptor the connection now owns."""
     theirs, ours = socket.socketpair()

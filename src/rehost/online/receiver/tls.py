@@ -84,6 +84,7 @@ class TlsConnection(socket.socket):
                 break
         return got
 
+    # recv, send and sendall too: none of the socket's own may reach the wire around TLS
     def recv(self, bufsize: int, flags: int = 0) -> bytes:
         buf = bytearray(bufsize)
         return bytes(buf[: self.recv_into(buf, bufsize, flags)])
@@ -97,5 +98,6 @@ class TlsConnection(socket.socket):
             self._flush()
 
     def send(self, data: Any, flags: int = 0) -> int:
-        self.sendall(data, flags)
-        return len(memoryview(data).cast("B"))
+        view = memoryview(data).cast("B")
+        self.sendall(view, flags)
+        return len(view)
