@@ -152,23 +152,34 @@ consumed, and what did not fit in that step's output would come out with the nex
 a chunk (at most CHUNK_SIZE) always fits in one step."""
 
 
+class _Sink:
+    """Where a zstd stream's decoder writes one chunk's output, a step at a time."""
+
+    def __init__(self) -> None:
+        self.out: list[bytes] = []
+        self.size = 0
+
+    def write(self, data: Any) -> int:
+        self.size += len(data)
+        if self.size > CHUNK_SIZE:
+            raise ProtocolError("BAD_FRAME", "a zstd chunk decodes to more than a chunk")
+        self.out.append(bytes(data))
+        return len(data)
+
+
 class _Decoder:
     """A data stream's chunks, decoded: zlib chunks stand alone; zstd chunks continue the
     stream's one zstd stream (CODEC_ZSTD). A chunk that decodes to more than CHUNK_SIZE, or
-    is garbled, is BAD_FRAME, and no more than that is ever held."""
+    is garbled, is BAD_FRAME, and no more than that is ever held.
+
+    The zstd writer writes to a `_Sink`, not to this object: zstandard's writer is not
+    tracked by Python's cycle collector, so a cycle through it would keep its decoder
+    (about 1 MB of native memory) for the life of the receiver, one per data request.
+    """
 
     def __init__(self) -> None:
         self._zstd: Any = None  # the stream's decoder, from its first zstd chunk
-        self._out: list[bytes] = []
-        self._size = 0
-
-    def write(self, data: Any) -> int:
-        """The zstd decoder's output, one step at a time."""
-        self._size += len(data)
-        if self._size > CHUNK_SIZE:
-            raise ProtocolError("BAD_FRAME", "a zstd chunk decodes to more than a chunk")
-        self._out.append(bytes(data))
-        return len(data)
+        self._sink = _Sink()
 
     def decode(self, codec: int, data: memoryview) -> bytes | memoryview:
         if codec == CODEC_RAW:
@@ -183,16 +194,17 @@ class _Decoder:
                 raise ProtocolError("BAD_FRAME", "a zlib chunk decodes to more than a chunk")
             return out
         if codec == CODEC_ZSTD:
+            sink = self._sink
             if self._zstd is None:
                 self._zstd = zstandard.ZstdDecompressor(
                     max_window_size=ZSTD_WINDOW_MAX
-                ).stream_writer(cast("IO[bytes]", self), write_size=_ZSTD_WRITE, closefd=False)
-            self._out, self._size = [], 0
+                ).stream_writer(cast("IO[bytes]", sink), write_size=_ZSTD_WRITE, closefd=False)
+            sink.out, sink.size = [], 0
             try:
                 self._zstd.write(data)
             except zstandard.ZstdError as e:
                 raise ProtocolError("BAD_FRAME", f"bad zstd chunk: {e}") from None
-            return b"".join(self._out)
+            return b"".join(sink.out)
         raise ProtocolError("BAD_FRAME", f"unknown codec {codec}")
 
 
