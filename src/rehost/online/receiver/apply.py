@@ -308,6 +308,9 @@ class FsApplier:
         # the destination lacks, created under its name)
         self.pending: dict[int, tuple[dict[str, Any], list[bytes], str, str, list[Any]]] = {}
         self.deferred: list[tuple[dict[str, Any], list[bytes]]] = []
+        # directories this manifest made: nothing else is in them, so their files, links
+        # and nodes need no lstat (28,000 failing ones were 3% of a full copy's receiver)
+        self.fresh: set[tuple[bytes, ...]] = set()
         self.xattr_warned = False
         self.alg = "sha256"
         # directories resolved recently, by path: entries arrive in walk order, so most
@@ -446,6 +449,7 @@ class FsApplier:
         self._drop_dirs()  # the destination may have changed between requests
         self.pending = {}
         self.deferred = []
+        self.fresh = set()
         needs: list[list[Any]] = []
         dirs: list[tuple[str, int, int]] = []
         deleted = 0
@@ -513,6 +517,7 @@ class FsApplier:
                     st = None
                 if st is None:
                     os.mkdir(name, 0o700, dir_fd=pfd)
+                    self.fresh.add(tuple(parts))
             finally:
                 os.close(pfd)
         fd = self._open_dir(parts)
@@ -587,7 +592,7 @@ class FsApplier:
         pfd = borrowed if borrowed is not None else self._open_dir(parts[:-1])
         try:
             name = parts[-1]
-            st = _lstat(pfd, name)
+            st = None if tuple(parts[:-1]) in self.fresh else _lstat(pfd, name)
             if st is not None and stat.S_IFMT(st.st_mode) != _FMT[t]:
                 _rmtree(pfd, name)
                 st = None
