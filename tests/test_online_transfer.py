@@ -1623,6 +1623,98 @@ def test_new_small_file_written_in_place_is_resent_after_an_interruption(tmp_pat
     applier.close()
 
 
+def test_a_small_file_goes_as_one_file_frame(tmp_path: Path) -> None:
+    """A file of at most a chunk and no holes goes as one FILE frame (protocol 7), its
+    zeros as no data; a sparse one, a larger one and a delta go as DATA/DELTA, CHUNKs and
+    END. The receiver lands each byte-exact (the zero file sparse) and refuses a FILE that
+    is garbled, not asked for, longer than its size or inside another file."""
+    import io
+    from types import SimpleNamespace
+
+    from rehost.online.agent import transfer
+    from rehost.online.protocol import FILE, file_head, read_frames
+    from rehost.online.receiver.apply import FsApplier
+
+    src, root = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    root.mkdir()
+    files = {
+        "small": os.urandom(10_000),
+        "zeros": bytes(5000),
+        "empty": b"",
+        "chunk": os.urandom(CHUNK_SIZE),
+        "big": os.urandom(CHUNK_SIZE + 1),
+    }
+    for name, content in files.items():
+        (src / name).write_bytes(content)
+    with open(src / "sparse", "wb") as f:
+        f.truncate(CHUNK_SIZE)
+        f.write(b"head")
+    files["sparse"] = b"head" + bytes(CHUNK_SIZE - 4)
+    names = sorted(files)
+    mt = 1_600_000_000_123_456_789
+    entries = [{"i": 0, "p": b"", "t": "d", "m": 0o40755, "u": 0, "g": 0, "s": 0, "mt": mt,
+                "at": mt, "x": {}, "c": [n.encode() for n in names]}]  # fmt: skip
+    entries += [{"i": k, "p": n.encode(), "t": "f", "m": 0o100640, "u": 0, "g": 0,
+                 "s": len(files[n]), "mt": mt, "at": mt, "x": {}}
+                for k, n in enumerate(names, 1)]  # fmt: skip
+    applier = FsApplier("root", root, tmp_path / "state")
+    client = SimpleNamespace(hash_alg="xxh128", payload_bytes=0)
+    stats = dict.fromkeys(["bytes_sent", "files_sent", "delta_files", "unreadable", "changed"], 0)
+    sender = transfer._Sender(client, transfer._Compressor("auto"), stats, None)
+    needs = applier.manifest([(ENTRY, encode_entry(e)[5:]) for e in entries], "xxh128")["needs"]
+    assert len(needs) == len(names)
+    kinds: dict[str, list[bytes]] = {}
+    wire = bytearray()
+    sender.compressor.new_stream()
+    for need in needs:
+        path = os.fsencode(src / names[need[0] - 1])
+        st = os.stat(path)
+        ident = transfer._identity(st)
+        frames = list(sender.frames(need[0], path, st.st_size, need, ident))
+        wire += b"".join(b"".join(f) if isinstance(f, tuple) else f for f in frames)
+        kinds[names[need[0] - 1]] = [(f[0] if isinstance(f, tuple) else f)[:1] for f in frames]
+    sender.compressor.end_stream()
+    for name in ("small", "zeros", "empty", "chunk"):
+        assert kinds[name] == [FILE], (name, kinds[name])
+    assert kinds["big"][0] == kinds["sparse"][0] == DATA
+    got = applier.data(applier.batch, read_frames(io.BytesIO(bytes(wire))))
+    # the sparse file sends its one data page
+    assert got == {"files": 6, "bytes": 10_000 + 2 * CHUNK_SIZE + 1 + 4096, "failed": []}
+    for name in names:
+        assert (root / name).read_bytes() == files[name], name
+        assert os.stat(root / name).st_mtime_ns == mt
+    assert os.stat(root / "zeros").st_blocks == 0
+
+    # a FILE the receiver must refuse, each after a manifest that asks for "small" again
+    small = files["small"]
+
+    def frame(index: int, digest: str, data: bytes) -> tuple[bytes, bytes]:
+        return FILE, (file_head(index, 0, digest, len(data)) + data)[5:]
+
+    def asked() -> int:
+        (root / "small").unlink(missing_ok=True)
+        answer = applier.manifest([(ENTRY, encode_entry(e)[5:]) for e in entries], "xxh128")
+        return int(next(n[0] for n in answer["needs"] if names[n[0] - 1] == "small"))
+
+    i = asked()
+    right = hashlib.sha256(small).hexdigest()  # the manifest chose xxh128: no match
+    assert applier.data(applier.batch, iter([frame(i, right, small)]))["failed"] == [i]
+    cases: list[list[tuple[bytes, bytes]]] = [
+        [frame(i + 100, "ab", small)],  # not asked for
+        [frame(i, "ab", small + b"x")],  # longer than its size
+        [(DATA, b'{"i":%d}' % i), frame(i, "ab", small)],  # inside another file
+        [(FILE, b"\0\0")],  # short
+        [(FILE, file_head(i, 0, "not hex!", 0)[5:])],
+    ]
+    for bad in cases:
+        i = asked()
+        with pytest.raises(ProtocolError) as exc:
+            applier.data(applier.batch, iter(bad))
+        assert exc.value.code == "BAD_FRAME", (bad[0][1][:20], exc.value)
+    applier.close()
+
+
 def test_delta_end_hash_is_checked_over_block_hashes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -15,14 +15,18 @@ import socket
 import struct
 from typing import IO, Any, Dict, Iterator, List, Optional, Tuple, Union
 
-PROTOCOL_VERSION = 6
+PROTOCOL_VERSION = 7
 
 ENTRY = b"E"
 DATA = b"D"
 DELTA = b"T"
 CHUNK = b"C"
 END = b"Z"
-FRAME_TYPES = (ENTRY, DATA, DELTA, CHUNK, END)
+FILE = b"F"
+"""A whole file of at most CHUNK_SIZE bytes and no holes in one frame: DATA, its one CHUNK
+and END (protocol 7). Three frames per small file cost each side about a tenth of its CPU
+in a full copy of many small files."""
+FRAME_TYPES = (ENTRY, DATA, DELTA, CHUNK, END, FILE)
 
 CODEC_RAW = 0
 CODEC_ZLIB = 1
@@ -62,6 +66,7 @@ HASH_HEADER = "X-Rehost-Hash"
 
 _HEADER = struct.Struct(">cI")
 _CHUNK_HEAD = struct.Struct(">QB")
+_FILE_HEAD = struct.Struct(">IBB")  # index, codec, the hash's length; the hash, then data
 _U64 = struct.Struct(">Q")
 
 try:
@@ -169,6 +174,28 @@ def decode_chunk(payload: bytes) -> Tuple[int, int, memoryview]:
         raise ProtocolError("BAD_FRAME", "short chunk frame")
     offset, codec = _CHUNK_HEAD.unpack_from(payload)
     return offset, codec, memoryview(payload)[_CHUNK_HEAD.size :]
+
+
+def file_head(index: int, codec: int, digest: str, length: int) -> bytes:
+    """The first bytes of a FILE frame whose data (`length` bytes) follows them."""
+    hexed = digest.encode("ascii")
+    return (
+        _HEADER.pack(FILE, _FILE_HEAD.size + len(hexed) + length)
+        + _FILE_HEAD.pack(index, codec, len(hexed))
+        + hexed
+    )
+
+
+def decode_file(payload: bytes) -> Tuple[int, int, str, memoryview]:
+    """(index, codec, hash, data) of a FILE frame's payload; data is a view, not a copy."""
+    if len(payload) < _FILE_HEAD.size:
+        raise ProtocolError("BAD_FRAME", "short file frame")
+    index, codec, length = _FILE_HEAD.unpack_from(payload)
+    start = _FILE_HEAD.size + length
+    digest = payload[_FILE_HEAD.size : start]
+    if len(digest) != length or not digest.isalnum():
+        raise ProtocolError("BAD_FRAME", "a file frame's hash is not hex")
+    return index, codec, digest.decode("ascii"), memoryview(payload)[start:]
 
 
 def zero_length(data: Union[bytes, memoryview]) -> int:

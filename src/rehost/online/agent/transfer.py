@@ -54,8 +54,10 @@ from rehost.online.protocol import (
     child_slices,
     chunk_frame,
     chunk_head,
+    data_segments,
     encode_entry,
     encode_frame,
+    file_head,
     is_zero,
     iter_data,
     path_to_wire,
@@ -517,13 +519,34 @@ class _Sender:
         self.blank: Set[int] = set()
         """Entries of the batch sent with no hash (unreadable): rejected by the receiver."""
 
-    def _chunk(self, off: int, data: bytes) -> Frame:
-        codec, packed = self.compressor.pack(data)
+    def _pack(self, data: bytes) -> Tuple[int, bytes]:
         self.client.payload_bytes += len(data)
         self.stats["bytes_sent"] += len(data)
+        return self.compressor.pack(data)
+
+    def _chunk(self, off: int, data: bytes) -> Frame:
+        codec, packed = self._pack(data)
         if len(packed) >= _UNJOINED:
             return chunk_head(off, codec, len(packed)), packed
         return chunk_frame(off, codec, packed)
+
+    def _file(self, fd: int, index: int, size: int, alg: str) -> Optional[Frame]:
+        """A file of at most one chunk and no holes as one FILE frame, its zeros not sent
+        (the receiver's truncate leaves them a hole); None for any other, or a read error
+        (the DATA path then says what it is)."""
+        if size > CHUNK_SIZE:
+            return None
+        try:
+            if data_segments(fd, size) != ([(0, size)] if size else []):
+                return None
+            data = os.pread(fd, size, 0) if size else b""
+        except OSError:
+            return None
+        digest = FileDigest(alg, size)
+        digest.feed(0, data)
+        codec, packed = (CODEC_RAW, b"") if is_zero(data) else self._pack(data)
+        head = file_head(index, codec, digest.hexdigest(), len(packed))
+        return (head, packed) if len(packed) >= _UNJOINED else head + packed
 
     def frames(
         self, index: int, path: bytes, size: int, need: List[Any], ident: Tuple[int, ...]
@@ -543,6 +566,11 @@ class _Sender:
             return
         alg = str(self.client.hash_alg)  # chosen at the connection's hello
         try:
+            whole = self._file(fd, index, size, alg) if need[1] != "delta" else None
+            if whole is not None:
+                yield whole
+                self.stats["files_sent"] += 1
+                return
             try:
                 digest = yield from self._content(fd, index, size, need, alg)
                 self.stats["files_sent"] += 1

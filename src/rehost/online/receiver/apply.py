@@ -43,6 +43,7 @@ from rehost.online.protocol import (
     DELTA_MIN_SIZE,
     END,
     ENTRY,
+    FILE,
     HASH_HEX,
     MAX_MANIFEST_BYTES,
     MAX_MANIFEST_ENTRIES,
@@ -57,6 +58,7 @@ from rehost.online.protocol import (
     blocks_digest,
     decode_chunk,
     decode_entry,
+    decode_file,
     decode_json,
     delta_block_size,
     feed_zeros,
@@ -723,12 +725,28 @@ class FsApplier:
                         got = digest.hexdigest()
                     else:
                         got = file_digest(cur.fd, cur.size, alg)
-                    if got == end.get("hash"):
-                        self._commit_file(cur)
+                    if self._settle(cur, got == end.get("hash")):
                         files += 1
                     else:
-                        self._reject_file(cur)
                         failed.append(required_int(end, "i"))
+                    cur = None
+                elif kind == FILE:
+                    if cur is not None:
+                        raise ProtocolError("BAD_FRAME", "a file began before the last ended")
+                    index, codec, want, body = decode_file(payload)
+                    cur = self._open_incoming(index, False)
+                    data = decoder.decode(codec, body)
+                    if len(data) > cur.size:
+                        raise ProtocolError("BAD_FRAME", "a chunk past the file's size")
+                    if data:
+                        _pwrite_all(cur.fd, data, 0)
+                        received += len(data)
+                    whole = FileDigest(self.alg, cur.size)
+                    whole.feed(0, data)
+                    if self._settle(cur, whole.hexdigest() == want):
+                        files += 1
+                    else:
+                        failed.append(index)
                     cur = None
         finally:
             if cur is not None:  # the stream broke off inside a file
@@ -831,6 +849,14 @@ class FsApplier:
             os.chmod(cur.fd, mode)
         self._set_xattrs(entry, cur.fd, {})
         os.utime(cur.fd, ns=(entry["at"], entry["mt"]))
+
+    def _settle(self, cur: _Incoming, matched: bool) -> bool:
+        """Commit a received file whose hash matched; else leave it to be resent."""
+        if matched:
+            self._commit_file(cur)
+        else:
+            self._reject_file(cur)
+        return matched
 
     def _reject_file(self, cur: _Incoming) -> None:
         """A hash mismatch (the source changed while read): make the next pass resend it."""
