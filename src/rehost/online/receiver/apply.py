@@ -210,6 +210,17 @@ class _Decoder:
         raise ProtocolError("BAD_FRAME", f"unknown codec {codec}")
 
 
+def _land(
+    cur: _Incoming, decoder: _Decoder, offset: int, codec: int, body: memoryview
+) -> bytes | memoryview:
+    """A chunk's data, decoded and written at `offset` of the file being received."""
+    data = decoder.decode(codec, body)
+    if offset + len(data) > cur.size:
+        raise ProtocolError("BAD_FRAME", "a chunk past the file's size")
+    _pwrite_all(cur.fd, data, offset)
+    return data
+
+
 def _meta_matches(entry: dict[str, Any], kind: str, st: os.stat_result) -> bool:
     """Owner, mode (not for symlinks) and times (not for directories) are as the entry says."""
     return (
@@ -688,9 +699,9 @@ class FsApplier:
         decoder = _Decoder()
         try:
             for kind, payload in frames:
+                if cur is not None and kind in (DATA, DELTA, FILE):
+                    raise ProtocolError("BAD_FRAME", "a file began before the last ended")
                 if kind in (DATA, DELTA):
-                    if cur is not None:
-                        raise ProtocolError("BAD_FRAME", "a file began before the last ended")
                     cur = self._open_incoming(_header_index(payload), kind == DELTA)
                     digest = FileDigest(self.alg, cur.size) if kind == DATA else None
                 elif kind == CHUNK:
@@ -705,10 +716,7 @@ class FsApplier:
                             _punch(cur.fd, offset, length)
                             cur.note_piece(self.alg, offset, length, None)
                         continue
-                    data = decoder.decode(codec, body)
-                    if offset + len(data) > cur.size:
-                        raise ProtocolError("BAD_FRAME", "a chunk past the file's size")
-                    _pwrite_all(cur.fd, data, offset)
+                    data = _land(cur, decoder, offset, codec, body)
                     received += len(data)
                     if cur.delta:
                         cur.note_piece(self.alg, offset, len(data), data)
@@ -731,16 +739,10 @@ class FsApplier:
                         failed.append(required_int(end, "i"))
                     cur = None
                 elif kind == FILE:
-                    if cur is not None:
-                        raise ProtocolError("BAD_FRAME", "a file began before the last ended")
                     index, codec, want, body = decode_file(payload)
                     cur = self._open_incoming(index, False)
-                    data = decoder.decode(codec, body)
-                    if len(data) > cur.size:
-                        raise ProtocolError("BAD_FRAME", "a chunk past the file's size")
-                    if data:
-                        _pwrite_all(cur.fd, data, 0)
-                        received += len(data)
+                    data = _land(cur, decoder, 0, codec, body)
+                    received += len(data)
                     whole = FileDigest(self.alg, cur.size)
                     whole.feed(0, data)
                     if self._settle(cur, whole.hexdigest() == want):
