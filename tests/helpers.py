@@ -8,7 +8,7 @@ import random
 import subprocess
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from mypy_boto3_s3 import S3Client
@@ -116,22 +116,21 @@ class RemoteFile(ReadAheadSource):
         self.in_flight = self.max_in_flight = self.split_reads = 0
         self._counting = threading.Lock()
 
-    def _fetch(self, start: int, sizes: Sequence[int]) -> list[bytes]:
+    def _fetch(self, start: int, sizes: Sequence[int], deliver: Callable[[bytes], None]) -> None:
         self._count_request()
         with self._counting:
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
             time.sleep(self.delay)
-            pieces = []
             for n in sizes:
-                pieces.append(self._file.read(start, n))
+                piece = self._file.read(start, n)
+                self._count_bytes(len(piece))
+                deliver(piece)
                 start += n
         finally:
             with self._counting:
                 self.in_flight -= 1
-        self._count_bytes(sum(map(len, pieces)))
-        return pieces
 
     def read_parts(self, offset: int, length: int) -> list[bytes | memoryview]:
         parts = super().read_parts(offset, length)

@@ -819,7 +819,7 @@ class FakeRemote(ReadAheadSource):
             pos += len(piece)
         return bytes(out)
 
-    def _fetch(self, start: int, sizes: Sequence[int]) -> list[bytes]:
+    def _fetch(self, start: int, sizes: Sequence[int], deliver: Callable[[bytes], None]) -> None:
         self._count_request()
         length = sum(sizes)
         with self.fake_lock:
@@ -828,12 +828,11 @@ class FakeRemote(ReadAheadSource):
         if fault is not None:
             raise fault
         time.sleep(self.delay)
-        pieces = []
         for n in sizes:
-            pieces.append(self.content(start, min(n, self._size - start)))
+            piece = self.content(start, min(n, self._size - start))
+            self._count_bytes(len(piece))
+            deliver(piece)
             start += n
-        self._count_bytes(sum(len(p) for p in pieces))
-        return pieces
 
 
 def test_concurrent_readers_of_one_chunk_share_one_fetch() -> None:
@@ -875,16 +874,67 @@ def test_short_bodies_are_retried() -> None:
     class Short(FakeRemote):
         shorted = False
 
-        def _fetch(self, start: int, sizes: Sequence[int]) -> list[bytes]:
-            pieces = super()._fetch(start, sizes)
-            if not self.shorted:
-                self.shorted = True
-                pieces[-1] = pieces[-1][:-1]
-            return pieces
+        def _fetch(
+            self, start: int, sizes: Sequence[int], deliver: Callable[[bytes], None]
+        ) -> None:
+            last = len(sizes) - 1
+
+            def cut(piece: bytes) -> None:
+                nonlocal last
+                if not self.shorted and last == 0:
+                    self.shorted = True
+                    piece = piece[:-1]
+                last -= 1
+                deliver(piece)
+
+            super()._fetch(start, sizes, cut)
 
     with Short(4 * MiB, chunk_size=MiB, cache_bytes=2 * MiB, retry=FAST_RETRY) as src:
         assert src.read(0, 3 * MiB) == FakeRemote.content(0, 3 * MiB)
         assert src.retries == 1
+
+
+def test_a_body_cut_midway_is_resumed_from_the_first_piece_not_delivered() -> None:
+    """A request's pieces reach readers as they arrive; a retry after a cut asks only for
+    the rest, and readers of the pieces already delivered do not wait for it."""
+
+    class Cut(FakeRemote):
+        cuts = 1
+
+        def _fetch(
+            self, start: int, sizes: Sequence[int], deliver: Callable[[bytes], None]
+        ) -> None:
+            def cut(piece: bytes) -> None:
+                deliver(piece)
+                if self.cuts and len(sizes) > 2:
+                    self.cuts -= 1
+                    raise Transient("connection reset after the first piece")
+
+            super()._fetch(start, sizes, cut)
+
+    src = Cut(64 * MiB, chunk_size=MiB, readahead=8, cache_bytes=16 * MiB, retry=FAST_RETRY)
+    with src:
+        step = 256 * KiB
+        for off in range(0, 16 * MiB, step):
+            assert src.read(off, step) == FakeRemote.content(off, step)
+        assert src.retries == 1
+        # The retry asked for the cut request's range less its first (delivered) chunk.
+        assert any((s + MiB, n - MiB) in src.fetches for s, n in src.fetches if n > 2 * MiB)
+        assert max(src.fetches.values()) == 1
+
+
+def test_a_fault_after_the_last_piece_costs_no_refetch() -> None:
+    class LateFault(FakeRemote):
+        def _fetch(
+            self, start: int, sizes: Sequence[int], deliver: Callable[[bytes], None]
+        ) -> None:
+            super()._fetch(start, sizes, deliver)
+            raise Transient("reset while closing the body")
+
+    with LateFault(4 * MiB, chunk_size=MiB, cache_bytes=4 * MiB, retry=FAST_RETRY) as src:
+        assert src.read(0, 2 * MiB) == FakeRemote.content(0, 2 * MiB)
+        assert src.retries >= 1  # each request faulted, and none was sent again
+        assert max(src.fetches.values()) == 1 and src.requests == len(src.fetches)
 
 
 def test_retries_give_up_and_permanent_errors_are_not_retried() -> None:
@@ -912,11 +962,13 @@ def test_a_slow_attempt_that_fails_is_still_retried() -> None:
     as one that overran its time) is retried, not given up on because it was slow."""
 
     class SlowFault(FakeRemote):
-        def _fetch(self, start: int, sizes: Sequence[int]) -> list[bytes]:
+        def _fetch(
+            self, start: int, sizes: Sequence[int], deliver: Callable[[bytes], None]
+        ) -> None:
             if not self.retries:
                 time.sleep(0.3)
                 raise Transient("cut after a slow transfer")
-            return super()._fetch(start, sizes)
+            super()._fetch(start, sizes, deliver)
 
     retry = RetryPolicy(attempts=4, base_delay=0.01, max_delay=0.05, deadline=0.2)
     with SlowFault(MiB, chunk_size=MiB, cache_bytes=2 * MiB, retry=retry) as src:
@@ -971,7 +1023,7 @@ def test_interleaved_or_strided_reads_fetch_the_object_about_once(streams: int) 
     regions of the object (64 regions: each read 1 MiB past the last, a sparse stride).
     Before, read-ahead evicted itself and fetched the object many times over."""
     size, step = 64 * MiB, 64 * KiB
-    # A cache with room for each region's chunk or small block, as the default's 72 MiB has
+    # A cache with room for each region's chunk or small block, as the default's 136 MiB has
     # for 8 streams of 4 MiB chunks.
     src = FakeRemote(size, chunk_size=MiB, readahead=4, cache_bytes=24 * MiB)
     region = size // streams

@@ -339,14 +339,17 @@ class HttpsSource(ReadAheadSource):
                 )
             self.etag = resp.headers.get("ETag", "")
             self.last_modified = resp.headers.get("Last-Modified")
-            data = self._body(resp, [1])[0] if resp.status == 206 else b""
+            probe: list[bytes] = [b""]
+            if resp.status == 206:
+                self._body(resp, [1], lambda piece: probe.__setitem__(0, piece))
+            data = probe[0]
         finally:
             self._discard(resp)
         if resp.status == 206 and len(data) != 1:
             raise Transient(f"{self._name}: short body ({len(data)} of 1 byte)")
         self._size = total
 
-    def _fetch(self, start: int, sizes: Sequence[int]) -> list[bytes]:
+    def _fetch(self, start: int, sizes: Sequence[int], deliver: Callable[[bytes], None]) -> None:
         end = start + sum(sizes) - 1
         resp = self._request(start, end, pinned=True)
         try:
@@ -366,7 +369,7 @@ class HttpsSource(ReadAheadSource):
                     f"{self._name} was replaced during the import "
                     f"(its size changed from {self._size} to {total} bytes)"
                 )
-            return self._body(resp, sizes)
+            self._body(resp, sizes, deliver)
         finally:
             self._discard(resp)
 
@@ -379,14 +382,20 @@ class HttpsSource(ReadAheadSource):
         parts = urlsplit(final)
         return f"{parts.scheme}://{parts.hostname}:{parts.port or ''}", final
 
-    def _body(self, resp: BaseHTTPResponse, sizes: Sequence[int]) -> list[bytes]:
-        """The body in pieces of `sizes`, read within its time or cut short and `Transient`."""
+    def _body(
+        self, resp: BaseHTTPResponse, sizes: Sequence[int], deliver: Callable[[bytes], None]
+    ) -> None:
+        """The body in pieces of `sizes` to `deliver`, read within its time or cut short and
+        `Transient`."""
         length = sum(sizes)
         allowed = max(self.MIN_BODY_SECONDS, length / self.MIN_BODY_RATE)
         failure: Exception | None = None
         with self._cut_after(resp, resp.shutdown, allowed) as overran:
             try:
-                pieces = [resp.read(n) for n in sizes]
+                for n in sizes:
+                    piece = resp.read(n)
+                    self._count_bytes(len(piece))
+                    deliver(piece)
             except Exception as e:
                 failure = self._map_exception(e)
         if overran[0]:
@@ -396,8 +405,6 @@ class HttpsSource(ReadAheadSource):
             )
         if failure is not None:
             raise failure
-        self._count_bytes(sum(len(p) for p in pieces))
-        return pieces
 
     @contextlib.contextmanager
     def _cut_after(

@@ -23,7 +23,7 @@ Botocore's own retries are off: `RetryPolicy` retries, with one budget.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from rehost.blob.readahead import (
@@ -154,7 +154,7 @@ class S3Source(ReadAheadSource):
             return True
         return True
 
-    def _fetch(self, start: int, sizes: Sequence[int]) -> list[bytes]:
+    def _fetch(self, start: int, sizes: Sequence[int], deliver: Callable[[bytes], None]) -> None:
         from botocore.exceptions import ClientError
 
         self._count_request()
@@ -169,7 +169,10 @@ class S3Source(ReadAheadSource):
                 got = resp.get("ETag")
                 if self.etag and got and got != self.etag:
                     raise self._changed(got)
-                pieces = [body.read(n) for n in sizes]
+                for n in sizes:
+                    piece = body.read(n)
+                    self._count_bytes(len(piece))
+                    deliver(piece)
             finally:
                 body.close()
         except ClientError as e:
@@ -178,8 +181,6 @@ class S3Source(ReadAheadSource):
             raise
         except Exception as e:
             raise self._map_other(e) from e
-        self._count_bytes(sum(len(p) for p in pieces))
-        return pieces
 
     def _changed(self, new_etag: str | None) -> SourceChanged:
         return SourceChanged(
