@@ -51,6 +51,17 @@ def timed(argv: Sequence[str], before: Callable[[], None] | None = None) -> tupl
     return elapsed, usage.ru_maxrss * 1024
 
 
+def reclaim_stalls() -> int:
+    """Allocations so far that had to reclaim memory first (allocstall_* in /proc/vmstat).
+
+    Once the page cache fills memory, writing a 2 GiB destination into tmpfs makes the
+    writer reclaim pages itself: one import here went from 1.3 to 5.8 s of sys time. A
+    row whose count grew was measured so, and its figures are not comparable.
+    """
+    with open("/proc/vmstat") as f:
+        return sum(int(v) for k, v in (line.split() for line in f) if k.startswith("allocstall_"))
+
+
 @functools.cache
 def byte_compile_rehost() -> None:
     """Time rehost as installed from a wheel, whose bytecode pip compiles.

@@ -10,8 +10,11 @@ alternating, times for each:
 Prints, as min/median over the runs, the times and the ratios import time /
 download-then-convert time and, for raw and uncompressed images, rehost's
 throughput over the single-stream GET's; what one more import fetched from the
-store, as a multiple of the object's size; then rehost's peak RSS and the load
-average (1 min) before and after each format's runs: the machine is shared.
+store, as a multiple of the object's size; then rehost's peak RSS, the load
+average (1 min) before and after each format's runs (the machine is shared), and
+how many allocations meanwhile had to reclaim memory first (`stalls`: above 0, the
+page cache was full and the writes paid for evicting it; `sync; echo 1 >
+/proc/sys/vm/drop_caches` before the benchmark avoids that).
 
     .venv/bin/python bench/import.py [--size-mib 2048] [--runs 3] [--only raw,...] [--pin]
 
@@ -30,7 +33,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import alternate, local_store
+from common import alternate, local_store, reclaim_stalls
 from rehost.sample import write_sample_disk
 
 FORMATS: dict[str, list[str]] = {
@@ -102,7 +105,7 @@ def main() -> None:
             print("# each figure is min/median")
             print(f"{'format':<16}{'object MiB':>11}{'import s':>12}{'dl+convert s':>14}"
                   f"{'GET s':>12}{'ratio':>12}{'vs GET':>12}{'fetched':>9}{'import RSS':>12}"
-                  f"{'load':>11}")  # fmt: skip
+                  f"{'load':>11}{'stalls':>8}")  # fmt: skip
             for name in names:
                 img = raw if name == "raw" else work / f"guest.{name}"
                 if name != "raw":
@@ -111,7 +114,7 @@ def main() -> None:
                 size = img.stat().st_size
                 if name != "raw":
                     img.unlink()
-                load_before = os.getloadavg()[0]
+                load_before, stalls = os.getloadavg()[0], reclaim_stalls()
                 t = alternate(
                     {
                         "import": [
@@ -144,7 +147,8 @@ def main() -> None:
                     f"{_pair(g.minimum / i.minimum, g.median / i.median):>12}"
                     f"{fetched:>8.2f}x"
                     f"{max(i.max_rss) / 2**20:>8.0f} MiB"
-                    f"{load_before:>6.1f}>{os.getloadavg()[0]:.1f}",
+                    f"{load_before:>6.1f}>{os.getloadavg()[0]:.1f}"
+                    f"{reclaim_stalls() - stalls:>8}",
                     flush=True,
                 )
         finally:
