@@ -931,7 +931,8 @@ def test_a_fault_after_the_last_piece_costs_no_refetch() -> None:
             super()._fetch(start, sizes, deliver)
             raise Transient("reset while closing the body")
 
-    with LateFault(4 * MiB, chunk_size=MiB, cache_bytes=4 * MiB, retry=FAST_RETRY) as src:
+    src = LateFault(4 * MiB, chunk_size=MiB, cache_bytes=4 * MiB, retry=FAST_RETRY)
+    with src:
         assert src.read(0, 2 * MiB) == FakeRemote.content(0, 2 * MiB)
         assert src.retries >= 1  # each request faulted, and none was sent again
         assert max(src.fetches.values()) == 1 and src.requests == len(src.fetches)

@@ -339,10 +339,10 @@ class HttpsSource(ReadAheadSource):
                 )
             self.etag = resp.headers.get("ETag", "")
             self.last_modified = resp.headers.get("Last-Modified")
-            probe: list[bytes] = [b""]
+            probe: list[bytes] = []
             if resp.status == 206:
-                self._body(resp, [1], lambda piece: probe.__setitem__(0, piece))
-            data = probe[0]
+                self._body(resp, [1], probe.append)
+            data = probe[0] if probe else b""
         finally:
             self._discard(resp)
         if resp.status == 206 and len(data) != 1:
