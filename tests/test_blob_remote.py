@@ -678,16 +678,18 @@ def test_a_trickling_server_fails_after_retries(
 def test_timeout_stops_an_import_from_a_stalled_server(
     web: Callable[[Answer], str], tmp_path: Path, stall: str
 ) -> None:
-    """Past 16 MiB (but for the end, which the precheck reads) the server stops answering, or
-    trickles a byte every 0.1 s: --timeout 5 ends it with TASK_TIMEOUT, the import resumable,
-    well before the 30 s socket timeout, the retries or the bodies' time bound would."""
+    """To a request that reaches past 16 MiB (but for the end, which the precheck reads) the
+    server stops answering, or trickles a byte every 0.1 s: --timeout 5 ends it with
+    TASK_TIMEOUT, the import resumable, well before the 30 s socket timeout, the retries or
+    the bodies' time bound would. (Judged by the request's end, not its start: a read-ahead
+    request may span most of the 64 MiB.)"""
     data = _guest(tmp_path, 64 * MiB)
     stalled = threading.Event()
     stalled.set()
 
     def answer(h: _Web, n: int) -> None:
         start, end = h.asked()
-        if not stalled.is_set() or not 16 * MiB <= start < len(data) - MiB:
+        if not stalled.is_set() or not (end >= 16 * MiB and start < len(data) - MiB):
             h.part(data, ETAG)
             return
         if stall != "before-the-answer":

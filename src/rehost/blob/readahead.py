@@ -7,7 +7,7 @@ full round trip, and small pieces would be dominated by per-request overhead.
 So the object is cached in aligned chunks (4 MiB by default) that serve many
 reads, and once the reads look like a stream the next chunks are fetched ahead
 of the readers, several requests in flight to keep the link busy. A read
-continues a stream when it lands within a request of where recent reads
+continues a stream when it lands within 32 MiB of where recent reads
 reached (threads arrive slightly out of order); the read-ahead depth grows with
 the bytes the stream has consumed (one chunk once it has read an eighth of a
 chunk, up to `readahead` chunks). Reads that do not look like a stream
@@ -69,6 +69,8 @@ DENSE = 4
 DENSITY_SPAN = 64 * MiB
 """...judged over about its last DENSITY_SPAN bytes, so that it can change its mind."""
 ACTIVE_READS = 64
+NEAR = 32 * MiB
+"""A read continues a stream when it lands within NEAR of where the stream's reads reached."""
 """A stream served by chunks, read within the last ACTIVE_READS reads, shares the cache."""
 
 T = TypeVar("T")
@@ -227,6 +229,10 @@ class ReadAheadSource:
         self._group = max(1, min(request_size // chunk_size, room // 2))
         """Chunks per read-ahead request; requests start on a multiple of it."""
         self.readahead = min(readahead, room - (self._group - 1))
+        self._near = min(NEAR, chunk_size * self._group)
+        """Not the whole request: a sweep that restarts a request's length back (a qcow2
+        whose adjacent clusters lie 2 MiB apart, read row by row) is a new stream, not a
+        dense one that should be fetched again in whole chunks."""
         self.cache_limit = cache_bytes
         self.retry = retry or RetryPolicy()
         self.deadline = deadline
@@ -394,14 +400,13 @@ class ReadAheadSource:
     def _note_stream(self, offset: int, end: int) -> int:
         """Bytes consumed by the stream this read continues (or starts); 0 if it is sparse.
 
-        A read continues a stream when it starts within a request of the stream's
+        A read continues a stream when it starts within `_near` of the stream's
         frontier, before or after it: threads reading in roughly increasing order
         arrive slightly out of order.
         """
-        C = self.chunk_size * self._group
 
         def near(s: _Stream) -> bool:
-            return abs(offset - s.frontier) <= C
+            return abs(offset - s.frontier) <= self._near
 
         with self._lock:
             self._reads += 1
