@@ -1625,8 +1625,9 @@ def test_new_small_file_written_in_place_is_resent_after_an_interruption(tmp_pat
 
 def test_a_small_file_goes_as_one_file_frame(tmp_path: Path) -> None:
     """A file of at most a chunk and no holes goes as one FILE frame (protocol 7), its
-    zeros as no data; a sparse one and a larger one go as DATA, CHUNKs and END. The receiver lands each byte-exact (the zero file sparse) and refuses a FILE that
-    is garbled, not asked for, longer than its size or inside another file."""
+    zeros as no data; a sparse one and a larger one go as DATA, CHUNKs and END. The
+    receiver lands each byte-exact (the zero file sparse) and refuses a FILE that is
+    garbled, not asked for, longer than its size or inside another file."""
     import io
     from types import SimpleNamespace
 

@@ -577,9 +577,8 @@ class ReadAheadSource:
             self._retrying(
                 attempt, f"{self._name}: bytes {first.start}-{last.start + last.size - 1}"
             )
-        except BaseException as exc:
-            rest = {id(e) for _, e in items[done:]}
-            self._fill_failed(items[done:], [c for c in cached if id(c[1]) in rest], exc)
+        except BaseException as exc:  # what was delivered stays cached
+            self._fill_failed(items[done:], [c for c in cached if not c[1].future.done()], exc)
 
     def _fill_failed(
         self,

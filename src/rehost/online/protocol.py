@@ -804,6 +804,13 @@ class FileDigest:
         return str(self.hash.hexdigest())
 
 
+def whole_digest(alg: str, size: int, data: Union[bytes, memoryview]) -> str:
+    """FileDigest of a file of `size` bytes whose data from 0 is `data` (a FILE frame's)."""
+    digest = FileDigest(alg, size)
+    digest.feed(0, data)
+    return digest.hexdigest()
+
+
 def file_digest(fd: int, size: int, alg: str) -> str:
     """FileDigest of what a file holds, re-read."""
     digest = FileDigest(alg, size)

@@ -61,6 +61,7 @@ from rehost.online.protocol import (
     is_zero,
     iter_data,
     path_to_wire,
+    whole_digest,
     zero_frame,
 )
 
@@ -542,10 +543,8 @@ class _Sender:
             data = os.pread(fd, size, 0) if size else b""
         except OSError:
             return None
-        digest = FileDigest(alg, size)
-        digest.feed(0, data)
         codec, packed = (CODEC_RAW, b"") if is_zero(data) else self._pack(data)
-        head = file_head(index, codec, digest.hexdigest(), len(packed))
+        head = file_head(index, codec, whole_digest(alg, size, data), len(packed))
         return (head, packed) if len(packed) >= _UNJOINED else head + packed
 
     def frames(

@@ -67,6 +67,7 @@ from rehost.online.protocol import (
     partial_name,
     required_int,
     split_relpath,
+    whole_digest,
     zero_block_hash,
     zero_length,
 )
@@ -743,9 +744,7 @@ class FsApplier:
                     cur = self._open_incoming(index, False)
                     data = _land(cur, decoder, 0, codec, body)
                     received += len(data)
-                    whole = FileDigest(self.alg, cur.size)
-                    whole.feed(0, data)
-                    if self._settle(cur, whole.hexdigest() == want):
+                    if self._settle(cur, whole_digest(self.alg, cur.size, data) == want):
                         files += 1
                     else:
                         failed.append(index)
