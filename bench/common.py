@@ -14,7 +14,7 @@ import statistics
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,7 +75,7 @@ def byte_compile_rehost() -> None:
 
 
 def alternate(
-    commands: dict[str, Sequence[str]], runs: int, before: Callable[[], None] | None = None
+    commands: Mapping[str, Sequence[str]], runs: int, before: Callable[[], None] | None = None
 ) -> dict[str, Timing]:
     """Run each command `runs` times, interleaved, and collect their timings."""
     byte_compile_rehost()
