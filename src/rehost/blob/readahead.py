@@ -310,9 +310,11 @@ class ReadAheadSource:
     def read_parts(self, offset: int, length: int) -> list[bytes | memoryview]:
         """What `read` returns, as the cached pieces that hold it (uncopied) or copies.
 
-        A piece under half its entry is copied: a view keeps the whole 4 MiB chunk alive,
+        A piece under a quarter of its entry is copied: a view keeps the whole chunk alive,
         and a batch of scattered small reads would otherwise hold one chunk per read. So
-        what the pieces keep alive stays within twice the bytes read.
+        what the pieces keep alive stays within four times the bytes read. (Not half: a
+        vhd's 2 MiB blocks lie 512 bytes apart, so every other one spans two 4 MiB chunks
+        as a piece just under half of one, and half the image was copied.)
         """
         return self._pieces(offset, length, keep_views=False)
 
@@ -339,7 +341,7 @@ class ReadAheadSource:
             lo, hi = pos - start, min(end - start, len(data))
             if lo == 0 and hi == len(data):
                 parts.append(data)
-            elif keep_views or 2 * (hi - lo) >= len(data):
+            elif keep_views or 4 * (hi - lo) >= len(data):
                 parts.append(memoryview(data)[lo:hi])
             else:
                 parts.append(data[lo:hi])
