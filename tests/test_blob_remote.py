@@ -1049,3 +1049,7 @@ def test_read_parts_copies_a_small_piece_rather_than_pin_its_chunk() -> None:
         spanning = src.read_parts(6 * MiB - 100 * KiB, 900 * KiB)  # 100 KiB, then 800 KiB
         assert [type(p) for p in spanning] == [bytes, memoryview]
         assert b"".join(spanning) == FakeRemote.content(6 * MiB - 100 * KiB, 900 * KiB)
+        # a vhd's block: half a chunk less a sector, then a sector of the next chunk
+        block = src.read_parts(7 * MiB + 512 * KiB + 512, 512 * KiB)
+        assert [type(p) for p in block] == [memoryview, bytes]
+        assert b"".join(block) == FakeRemote.content(7 * MiB + 512 * KiB + 512, 512 * KiB)
