@@ -69,9 +69,9 @@ DENSE = 4
 DENSITY_SPAN = 64 * MiB
 """...judged over about its last DENSITY_SPAN bytes, so that it can change its mind."""
 ACTIVE_READS = 64
+"""A stream served by chunks, read within the last ACTIVE_READS reads, shares the cache."""
 NEAR = 32 * MiB
 """A read continues a stream when it lands within NEAR of where the stream's reads reached."""
-"""A stream served by chunks, read within the last ACTIVE_READS reads, shares the cache."""
 
 T = TypeVar("T")
 
