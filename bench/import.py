@@ -15,11 +15,10 @@ Prints, as min/median over the runs, the times and the ratios import time /
 download-then-convert time and, for raw and uncompressed images, rehost's
 throughput over the single-stream GET's, and the floor's (for raw and vhd: when even the
 floor falls short of a target, what is missing is the machine's, not the import's); what
-one more import fetched from the
-store, as a multiple of the object's size; then rehost's peak RSS, the load
-average (1 min) before and after each format's runs (the machine is shared), and
-how many allocations meanwhile had to reclaim memory first (`stalls`: above 0, the
-page cache was full and the writes paid for evicting it; `sync; echo 1 >
+one more import fetched from the store, as a multiple of the object's size; then rehost's
+peak RSS, the load average (1 min) before and after each format's runs (the machine is
+shared), and how many allocations meanwhile had to reclaim memory first (`stalls`: above
+0, the page cache was full and the writes paid for evicting it; `sync; echo 1 >
 /proc/sys/vm/drop_caches` before the benchmark avoids that).
 
     .venv/bin/python bench/import.py [--size-mib 2048] [--runs 3] [--only raw,...] [--pin]

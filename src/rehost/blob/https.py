@@ -392,10 +392,7 @@ class HttpsSource(ReadAheadSource):
         failure: Exception | None = None
         with self._cut_after(resp, resp.shutdown, allowed) as overran:
             try:
-                for n in sizes:
-                    piece = resp.read(n)
-                    self._count_bytes(len(piece))
-                    deliver(piece)
+                self._read_body(resp.read, sizes, deliver)
             except Exception as e:
                 failure = self._map_exception(e)
         if overran[0]:

@@ -196,8 +196,8 @@ class ReadAheadSource:
     `deliver` as consecutive pieces of those sizes, each as soon as it is read from the
     body (so no piece is a copy, and readers start on the first chunk of a request while
     the rest arrives), or raises `Transient` (retried from the first piece not delivered)
-    or a `RehostError` (raised to the reader); and it calls `_count_request`/`_count_bytes`
-    for every request and body piece it receives.
+    or a `RehostError` (raised to the reader); and it calls `_count_request` for every
+    request and reads bodies with `_read_body` (or calls `_count_bytes` for each piece).
     `request_size` caps the bytes of one read-ahead request.
 
     Counters: `bytes_fetched` (body bytes received, read-ahead included),
@@ -268,6 +268,16 @@ class ReadAheadSource:
     def _count_bytes(self, n: int) -> None:
         with self._lock:
             self.bytes_fetched += n
+
+    def _read_body(
+        self, read: Callable[[int], bytes], sizes: Sequence[int], deliver: Callable[[bytes], None]
+    ) -> None:
+        """A response body, by `read(n)`, as pieces of `sizes`: each counted and delivered
+        as soon as it is read."""
+        for n in sizes:
+            piece = read(n)
+            self._count_bytes(len(piece))
+            deliver(piece)
 
     def _retrying(self, fn: Callable[[], T], what: str) -> T:
         def attempt() -> T:

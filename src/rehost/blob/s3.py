@@ -169,10 +169,7 @@ class S3Source(ReadAheadSource):
                 got = resp.get("ETag")
                 if self.etag and got and got != self.etag:
                     raise self._changed(got)
-                for n in sizes:
-                    piece = body.read(n)
-                    self._count_bytes(len(piece))
-                    deliver(piece)
+                self._read_body(body.read, sizes, deliver)
             finally:
                 body.close()
         except ClientError as e:
